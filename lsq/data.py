@@ -1,0 +1,378 @@
+"""Data sets and loaders: the embedded digits, CIFAR-10/100, and ImageNet.
+
+Small data sets (digits, CIFAR) follow KellerJordan/airbench: the whole set lives on the
+training device as one uint8 tensor (N, C, H, W) and `DeviceLoader` augments it a batch at a
+time with a single gather (random crop from a zero-padded copy, with the horizontal flip folded
+into the column index), then converts to float and normalizes. No per-image Python, no workers.
+
+ImageNet is too large for that and uses torchvision's ImageFolder and DataLoader, wrapped so
+that batches arrive on the device.
+
+Every random draw of the data path (shuffle order, crop offsets, flips) comes from the
+CPU `torch.Generator` the trainer passes in, drawn at the start of each epoch. So saving
+`generator.get_state()` between epochs and restoring it resumes a run bit-identically on CPU.
+(ImageNet with workers=0 is the exception: torchvision's transforms then draw from torch's
+global RNG, which the trainer seeds.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
+
+from .config import ConfigError, TrialConfig
+
+# Per-channel pixel mean/std of the training sets (values in 0..1).
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+TEST_BATCH = 500  # evaluation batch size for the small sets (at least the training batch size)
+
+_CACHE: dict[str, dict[str, torch.Tensor]] = {}  # processed digits, once per process
+
+
+@dataclass
+class Data:
+    train: "DeviceLoader | DeviceDataLoader"  # (images, labels) on device; one pass = one epoch
+    test: "DeviceLoader | DeviceDataLoader"  # same, unshuffled, no augmentation
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int
+    test_size: int
+
+
+# ------------------------------------------------------------------------------ small-data path
+class DeviceLoader:
+    """Batches of a uint8 image tensor held on the device, augmented on the device.
+
+    Yields (float32 normalized images (B, C, H, W), int64 labels (B,)), both on the device.
+    pad > 0: random crop of the original size from a copy zero-padded by `pad` on each side.
+    flip: random horizontal flip with p = 0.5.
+    """
+
+    def __init__(self, images, labels, mean, std, batch_size, generator=None, shuffle=False,
+                 pad=0, flip=False, drop_last=False, channels_last=False):
+        assert images.dtype == torch.uint8 and images.ndim == 4
+        assert generator is not None or not (shuffle or pad or flip), "randomness needs a generator"
+        device = images.device
+        self.n, self.c, self.h, self.w = images.shape
+        self.labels = labels.to(device=device, dtype=torch.int64)
+        self.batch_size, self.generator = batch_size, generator
+        self.shuffle, self.pad, self.flip, self.drop_last = shuffle, pad, flip, drop_last
+        self.channels_last = channels_last
+        # Keep only the padded copy; `images` is a view of its centre.
+        self.padded = F.pad(images, (pad,) * 4) if pad else images
+        # (x/255 - mean)/std  ==  x * scale + shift, per channel.
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * self.std)
+        self.shift = -self.mean / self.std
+        # Row/column offsets inside a crop window, and all channels, for the gather.
+        self.rows = torch.arange(self.h, device=device)
+        self.cols = torch.arange(self.w, device=device)
+        self.chans = torch.arange(self.c, device=device).view(1, -1, 1, 1)
+
+    @property
+    def images(self) -> torch.Tensor:
+        p = self.pad
+        return self.padded[:, :, p:p + self.h, p:p + self.w] if p else self.padded
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        g, n, b, p = self.generator, self.n, self.batch_size, self.pad
+        # Draw the whole epoch's randomness now (CPU generator), then move it over in one copy.
+        # The generator's state after the epoch then does not depend on how far we iterate.
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        dy = dx = flip = torch.zeros(n, dtype=torch.int64)
+        if p:
+            dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=g)
+        if self.flip:
+            flip = torch.randint(0, 2, (n,), generator=g)
+        plan = torch.stack([order, dy, dx, flip], 1).to(self.padded.device)
+        augment = bool(p or self.flip)
+        for k in range(len(self)):
+            i, y0, x0, f = plan[k * b:(k + 1) * b].unbind(1)
+            if augment:
+                # One gather does crop and flip: image i, all channels, rows y0 + r, and
+                # columns x0 + c (or x0 + W-1-c where flipped).
+                cols = torch.where(f.bool()[:, None], self.cols.flip(0), self.cols)
+                x = self.padded[i.view(-1, 1, 1, 1), self.chans,
+                                (y0[:, None] + self.rows).view(-1, 1, self.h, 1),
+                                (x0[:, None] + cols).view(-1, 1, 1, self.w)]
+            elif self.shuffle:
+                x = self.padded[i]
+            else:
+                x = self.padded[k * b:(k + 1) * b]  # a view, no copy
+            yield self.normalize(x), self.labels[i]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 (x/255 - mean)/std, in the requested memory format."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=fmt)
+        return torch.addcmul(self.shift, x, self.scale, out=x)  # one fused multiply-add, in place
+
+
+def _small_data(train, test, mean, std, num_classes, cfg, device, generator, pad, flip, channels_last):
+    """Data for a small set given CPU uint8 tensors train = (images, labels), test = (...)."""
+    (xtr, ytr), (xte, yte) = train, test
+    n, b = len(xtr), cfg.batch_size
+    common = dict(mean=mean, std=std, generator=generator, channels_last=channels_last)
+    train_loader = DeviceLoader(xtr.to(device), ytr.to(device), batch_size=b, shuffle=True,
+                                pad=pad, flip=flip, drop_last=n >= b, **common)
+    test_loader = DeviceLoader(xte.to(device), yte.to(device), batch_size=max(b, TEST_BATCH), **common)
+    _, c, h, _ = xtr.shape
+    return Data(train_loader, test_loader, num_classes, c, h, n, len(xte))
+
+
+# ------------------------------------------------------------------------------------- digits
+def digits_split():
+    """Indices (train, test) into sklearn's load_digits(): stratified 80/20, fixed for every seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    return train_test_split(range(len(y)), test_size=0.2, stratify=y, random_state=0)
+
+
+def _digits() -> dict[str, torch.Tensor]:
+    """The digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), cached."""
+    if "digits" not in _CACHE:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+        y = torch.tensor(d.target, dtype=torch.int64)
+        tr, te = (torch.tensor(i) for i in digits_split())
+        _CACHE["digits"] = {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+    return _CACHE["digits"]
+
+
+def _load_digits(cfg, device, generator, channels_last):
+    d = _digits()
+    x = d["x_train"].float() / 255  # normalize with the training set's own statistics
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    return _small_data((d["x_train"], d["y_train"]), (d["x_test"], d["y_test"]), mean, std, 10,
+                       cfg, device, generator, pad=2, flip=False, channels_last=channels_last)
+
+
+# -------------------------------------------------------------------------------------- CIFAR
+def _missing(cfg, what: str, looked: str, extra: str = "") -> ConfigError:
+    return ConfigError(
+        f"key 'data_dir' = {cfg.data_dir!r}: no {what} found: looked for {looked}{extra}; "
+        f"unpack it there or pass --set data_dir=<folder>"
+    )
+
+
+def _check_dir(cfg) -> str:
+    root = os.path.abspath(os.path.expanduser(cfg.data_dir))
+    if not os.path.isdir(root):
+        raise ConfigError(
+            f"key 'data_dir' = {cfg.data_dir!r}: no such folder ({root}); "
+            f"pass --set data_dir=<folder holding {cfg.dataset}>"
+        )
+    return root
+
+
+def _torchvision_cifar(name: str, root: str, download: bool):
+    """(train, test) as CPU uint8 (N, 3, 32, 32) images and int64 labels, in torchvision's format."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    out = []
+    for train in (True, False):
+        ds = cls(root=root, train=train, download=download)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        out.append((x, torch.tensor(ds.targets, dtype=torch.int64)))
+    return out
+
+
+def _download(name: str, root: str):
+    """One download attempt through torchvision (usually fails: no network)."""
+    return _torchvision_cifar(name, root, download=True)
+
+
+def _classes(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _decode_folder(folder: str, classes: list[str]):
+    """Decode an ImageFolder split: uint8 (N, 3, H, W) images and int64 labels, in sorted order."""
+    images, labels = [], []
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for label, name in enumerate(classes):
+            sub = os.path.join(folder, name)
+            for f in sorted(os.listdir(sub)):
+                if f.lower().endswith(IMAGE_EXTS):
+                    with open(os.path.join(sub, f), "rb") as fh:
+                        raw = torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8)
+                    images.append(decode_image(raw, mode=ImageReadMode.RGB))
+                    labels.append(label)
+    if not images:
+        raise ConfigError(f"ImageFolder {folder}: no {'/'.join(IMAGE_EXTS)} images in its class folders")
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) > 1:
+        raise ConfigError(f"ImageFolder {folder}: images differ in size ({sorted(shapes)[:3]}...); expected all 32x32")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _cache_file(root: str, split: str) -> str:
+    """data_dir/.lsq_cache_<split>.pt if data_dir is writable, else under ~/.cache/lsq."""
+    if os.access(root, os.W_OK):
+        return os.path.join(root, f".lsq_cache_{split}.pt")
+    key = hashlib.sha1(root.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~"), ".cache", "lsq", key, f".lsq_cache_{split}.pt")
+
+
+def _folder_split(root: str, split: str, classes: list[str]):
+    """An ImageFolder split decoded once, then read back from a uint8 tensor cache file."""
+    folder, cache = os.path.join(root, split), _cache_file(root, split)
+    # The cache is fresh if newer than the split folder and every class folder (adding or
+    # removing an image touches its class folder).
+    newest = max(os.path.getmtime(p) for p in [folder] + [os.path.join(folder, c) for c in classes])
+    if os.path.isfile(cache) and os.path.getmtime(cache) > newest:
+        try:
+            d = torch.load(cache, weights_only=True)
+            if d["classes"] == classes:
+                return d["images"], d["labels"]
+        except Exception:
+            pass  # unreadable cache: decode again and overwrite it
+    images, labels = _decode_folder(folder, classes)
+    _save_atomic({"images": images, "labels": labels, "classes": classes}, cache)
+    return images, labels
+
+
+def _save_atomic(obj, path: str) -> None:
+    """Best effort: torch.save to a temp file beside `path`, then rename it into place, so a
+    concurrent reader (another trial) sees the old file or the whole new one."""
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; others sharing data_dir may read it
+        os.replace(tmp, path)
+    except OSError:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_cifar(cfg, device, generator, channels_last):
+    name, root = cfg.dataset, _check_dir(cfg)
+    want, human = CIFAR_CLASSES[name], CIFAR_NAMES[name]
+    tv_folder = os.path.join(root, CIFAR_FOLDERS[name])
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(tv_folder):  # 1. torchvision's own format
+        try:
+            train, test = _torchvision_cifar(name, root, download=False)
+        except Exception as e:
+            raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {tv_folder} is not a readable "
+                              f"{human} in torchvision's format: {e}") from None
+    elif os.path.isdir(train_dir) and os.path.isdir(test_dir):  # 2. an ImageFolder tree
+        classes = _classes(train_dir)
+        if len(classes) != want or _classes(test_dir) != classes:
+            raise ConfigError(
+                f"key 'data_dir' = {cfg.data_dir!r}: ImageFolder {train_dir} has {len(classes)} class "
+                f"folders (test: {len(_classes(test_dir))}); {human} needs the same {want} in train/ and test/"
+            )
+        train, test = (_folder_split(root, s, classes) for s in ("train", "test"))
+    else:  # 3. one download attempt
+        try:
+            train, test = _download(name, root)
+        except Exception as e:
+            looked = (f"{tv_folder} (torchvision format) and {train_dir}/<class>/*.jpg + "
+                      f"{test_dir}/<class>/*.jpg (ImageFolder)")
+            raise _missing(cfg, human, looked, f"; download failed: {type(e).__name__}: {e}") from None
+    x = train[0]
+    if tuple(x.shape[1:]) != (3, 32, 32):
+        raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {human} images must be 3x32x32, got {tuple(x.shape[1:])}")
+    mean, std = CIFAR_STATS[name]
+    return _small_data(train, test, mean, std, want, cfg, device, generator,
+                       pad=4, flip=True, channels_last=channels_last)
+
+
+# ----------------------------------------------------------------------------------- ImageNet
+class DeviceDataLoader:
+    """A torch DataLoader whose batches arrive on the device, reseeded from the trainer's
+    generator at the start of every epoch (shuffle order and the workers' seeds)."""
+
+    def __init__(self, loader, device, generator=None, channels_last=False):
+        self.loader, self.device, self.generator = loader, device, generator
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.generator is not None:  # the loader's sampler holds the same loader.generator
+            self.loader.generator.manual_seed(int(torch.randint(2**62, (), generator=self.generator)))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.loader:
+            yield (x.to(self.device, non_blocking=True, memory_format=fmt),
+                   y.to(self.device, non_blocking=True))
+
+
+def _load_imagenet(cfg, device, generator, channels_last):
+    root = _check_dir(cfg)
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+        raise _missing(cfg, "ImageNet", f"{train_dir}/<class>/*.JPEG and {val_dir}/<class>/*.JPEG (ImageFolder; "
+                       "val/ sorted into class folders)")
+    normalize = T.Normalize(*IMAGENET_STATS)
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    try:
+        train = torchvision.datasets.ImageFolder(train_dir, transform=train_tf)
+        val = torchvision.datasets.ImageFolder(val_dir, transform=val_tf)
+    except (FileNotFoundError, RuntimeError) as e:  # e.g. a class folder without images
+        raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: not a usable ImageNet ImageFolder: {e}") from None
+    if val.classes != train.classes:
+        raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {val_dir} and {train_dir} hold different class folders")
+    b = cfg.batch_size
+    common = dict(num_workers=cfg.workers, pin_memory=torch.device(device).type == "cuda")
+    # ImageNet evaluates at the training batch size: 500 float 224x224 images per batch, times
+    # the workers' prefetch, would be several GB of shared memory.
+    train_loader = torch.utils.data.DataLoader(train, batch_size=b, shuffle=True, drop_last=len(train) >= b,
+                                               generator=torch.Generator(), **common)
+    # Evaluation draws nothing from `generator`; its own fixed generator keeps torch's global RNG untouched.
+    val_loader = torch.utils.data.DataLoader(val, batch_size=b, shuffle=False,
+                                             generator=torch.Generator().manual_seed(0), **common)
+    return Data(DeviceDataLoader(train_loader, device, generator, channels_last),
+                DeviceDataLoader(val_loader, device, None, channels_last),
+                len(train.classes), 3, 224, len(train), len(val))
+
+
+# -------------------------------------------------------------------------------- entry point
+def load_data(cfg: TrialConfig, device: torch.device, generator: torch.Generator,
+              channels_last: bool = False) -> Data:
+    """The train and test loaders of cfg.dataset on `device`. All randomness from `generator`."""
+    device = torch.device(device)
+    if cfg.dataset == "digits":
+        return _load_digits(cfg, device, generator, channels_last)
+    if cfg.dataset in CIFAR_STATS:
+        return _load_cifar(cfg, device, generator, channels_last)
+    if cfg.dataset == "imagenet":
+        return _load_imagenet(cfg, device, generator, channels_last)
+    raise ConfigError(f"key 'dataset' = {cfg.dataset!r}: unknown; allowed: digits, cifar10, cifar100, imagenet")

@@ -1,0 +1,281 @@
+"""The trainer for one trial. No Ray here: it runs on a bare GPU box with only PyTorch.
+
+    cfg -> data, FP32 model (+ init_from weights) -> quantize_model(BitPolicy) -> SGD + schedule
+        -> for each epoch: train_one_epoch, evaluate -> metrics (+ a checkpoint, by the caller)
+
+The checkpoint is a dict in the layout of torchvision's reference scripts (`model`, `optimizer`,
+`lr_scheduler`, `epoch`) plus ours (`best_top1`, `config`, `history`, `rng`). It is loaded
+with weights_only=True. Restoring it continues at the next epoch, bit-identical on the CPU.
+
+Single run from the shell, with the original project's flags:
+
+    python -m lsq.train --epochs 120 --lr 0.01 --bit 4 --dataset cifar10 \\
+        --data_dir data/cifar10 --init_from checkpoint/cifar10_resnet_fp32.pth --wd 1e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, TrialConfig, coerce
+from .data import load_data
+from .models import build_model, load_fp32
+from .policy import BitPolicy, describe, quantize_model
+
+CHECKPOINT_VERSION = 1
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or a stored one is unreadable or belongs elsewhere."""
+
+
+def pick_device(cfg: TrialConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("key 'device' = 'cuda': no CUDA device is available here (allowed: auto, cpu)")
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, wd: float, step_wd: bool = False) -> list[dict]:
+    """Weight decay on weights; LSQ step sizes excluded unless step_wd (BN params decay as usual)."""
+    steps = [p for n, p in model.named_parameters() if n.endswith(".step")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith(".step")]
+    return [{"params": rest, "weight_decay": wd},
+            {"params": steps, "weight_decay": wd if step_wd else 0.0}]
+
+
+def lr_factor(cfg: TrialConfig, epoch: int) -> float:
+    """LR multiplier for a 0-based epoch: linear warm-up, then cosine without restarts or step."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    e, span = epoch - cfg.warmup_epochs, max(1, cfg.epochs - cfg.warmup_epochs)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * e / span))
+    return cfg.lr_gamma ** (e // cfg.lr_step_size)
+
+
+class Trainer:
+    """One trial: build everything from a TrialConfig, then yield metrics epoch by epoch."""
+
+    def __init__(self, cfg: TrialConfig, log=None):
+        self.cfg, self.log = cfg, log or (lambda msg: None)
+        self.device = pick_device(cfg)
+        cuda = self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # every draw of the data path
+        self.data = load_data(cfg, self.device, self.generator, channels_last=cuda)
+
+        model = build_model(cfg.model, self.data.num_classes, self.data.in_channels)
+        if cfg.init_from:
+            load_fp32(model, cfg.init_from, cfg.model)
+        policy = BitPolicy(cfg.w_bits, cfg.a_bits, cfg.first, cfg.last)
+        quantize_model(model, policy, grad_scale_n=cfg.grad_scale_n, grad_scale=cfg.grad_scale)
+        self.model = model.to(self.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+        self.optimizer = torch.optim.SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        self.epoch = 0  # epochs completed
+        self.best_top1 = 0.0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ one epoch
+    def train_one_epoch(self) -> float:
+        self.model.train()
+        total, count = torch.zeros((), device=self.device), 0
+        for step, (images, labels) in enumerate(self.data.train):
+            with self.autocast():
+                loss = F.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach() * len(labels)
+            count += len(labels)
+            if step % 50 == 0 and not torch.isfinite(total):  # a sync every 50 steps, not every step
+                break
+        train_loss = float(total) / max(count, 1)
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss became {train_loss} in epoch {self.epoch + 1}")
+        return train_loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        k = min(5, self.data.num_classes)
+        loss, top1, topk = (torch.zeros((), device=self.device) for _ in range(3))
+        n = 0
+        for images, labels in self.data.test:
+            with self.autocast():
+                logits = self.model(images).float()
+            loss += F.cross_entropy(logits, labels, reduction="sum")
+            hits = logits.topk(k, dim=1).indices == labels[:, None]
+            top1 += hits[:, 0].sum()
+            topk += hits.any(dim=1).sum()
+            n += len(labels)
+        return {"top1": 100.0 * float(top1) / n, "top5": 100.0 * float(topk) / n, "loss": float(loss) / n}
+
+    def epochs(self):
+        """Train the remaining epochs; yield the metrics of each as it completes."""
+        while self.epoch < self.cfg.epochs:
+            lr = self.optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            train_loss = self.train_one_epoch()
+            train_seconds = time.perf_counter() - t0
+            metrics = self.evaluate()
+            self.lr_scheduler.step()
+            self.epoch += 1
+            self.best_top1 = max(self.best_top1, metrics["top1"])
+            metrics = {"epoch": self.epoch, **metrics, "train_loss": train_loss, "best_top1": self.best_top1,
+                       "lr": lr, "epoch_seconds": time.perf_counter() - t0,
+                       "images_per_second": self.data.train_size / train_seconds}
+            self.history.append(metrics)
+            yield metrics
+
+    def layers(self) -> list[dict]:
+        """Per-layer diagnostics: bits, learned step sizes, weight quantization error."""
+        return describe(self.model).to_dict("records")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": self.epoch,
+                "best_top1": self.best_top1, "config": self.cfg.to_dict(), "history": self.history,
+                "rng": rng, "version": CHECKPOINT_VERSION}
+
+    def save(self, path: str) -> None:
+        """Write atomically: a crash or a full disk never leaves a half-written checkpoint."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+
+    def load(self, path: str) -> None:
+        state = read_checkpoint(path)
+        if not same_trial(state.get("config"), self.cfg):
+            raise CheckpointError(f"checkpoint {path} was written by a different trial config")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epoch, self.best_top1 = int(state["epoch"]), float(state["best_top1"])
+        self.history = list(state.get("history", []))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["data"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+# keys that may differ between a checkpoint and the run that resumes it
+_RESUMABLE_CHANGES = ("data_dir", "epochs", "workers", "device", "init_from")
+
+
+def same_trial(stored: dict | None, cfg: TrialConfig) -> bool:
+    if not isinstance(stored, dict):
+        return False
+    def fixed(d):
+        return {k: v for k, v in d.items() if k not in _RESUMABLE_CHANGES}
+    return fixed(stored) == fixed(cfg.to_dict())
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a trainer checkpoint safely (weights_only=True); CheckpointError if it is unusable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, or a pickle that would run code
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+    missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "rng") if not (isinstance(state, dict) and k in state)]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def format_metrics(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.4g}  train_loss {m['train_loss']:.4f}  "
+            f"loss {m['loss']:.4f}  top1 {m['top1']:6.2f}  top5 {m['top5']:6.2f}  "
+            f"best {m['best_top1']:6.2f}  {m['epoch_seconds']:.1f}s  {m['images_per_second']:.0f} img/s")
+
+
+# ---------------------------------------------------------------------- command line
+def parse_args(argv=None) -> tuple[TrialConfig, argparse.Namespace]:
+    """Flags come from TrialConfig, so the CLI never defines a key or a default of its own."""
+    p = argparse.ArgumentParser(prog="python -m lsq.train", description="Train one LSQ trial, no Ray.",
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrialConfig):
+        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
+        p.add_argument(*sorted(names), dest=f.name, metavar=f.name.upper(),
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    p.add_argument("--bit", help="sets both --w_bits and --a_bits (the original project's flag)")
+    p.add_argument("--save", metavar="PATH", help="write the final checkpoint here")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrialConfig) if hasattr(args, f.name)}
+    if hasattr(args, "bit"):
+        values.setdefault("w_bits", args.bit)
+        values.setdefault("a_bits", args.bit)
+    # command-line strings: parse each value for its key (e.g. '4', 'None', '1e-4', 'true')
+    values = {k: coerce(k, _cli_value(v), "command line") for k, v in values.items()}
+    return TrialConfig.from_dict(values, where="command line"), args
+
+
+def _cli_value(v: str):
+    if v.lower() in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def main(argv=None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cfg, args = parse_args(argv)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        trainer = Trainer(cfg)
+        print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({trainer.device}); first={cfg.first} last={cfg.last}; "
+              f"{trainer.data.train_size} train / {trainer.data.test_size} test images", flush=True)
+        for m in trainer.epochs():
+            print(format_metrics(m, cfg.epochs), flush=True)
+        if getattr(args, "save", None):
+            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+            trainer.save(args.save)
+            print(f"saved {args.save}")
+        return 0
+    except (ConfigError, CheckpointError, DivergedError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""lsq/data.py: the digits split, on-device augmentation, CIFAR ImageFolder + cache, ImageNet.
+
+Expected values are recomputed independently here (sklearn's split, plain slicing for crops,
+the published CIFAR statistics) rather than read back from the loader.
+"""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torchvision.io import encode_jpeg, encode_png
+
+from lsq import data as D
+from lsq.config import ConfigError, TrialConfig
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def cfg(**kw):
+    return TrialConfig.from_dict(kw)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def to_uint8(x, mean, std):
+    """Undo (x/255 - mean)/std with the given per-channel statistics."""
+    mean, std = (torch.as_tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+    u = (x.double() * std + mean) * 255
+    assert (u - u.round()).abs().max() < 1e-3  # really was an integer image
+    return u.round().to(torch.uint8)
+
+
+def windows(images, pad, flip):
+    """(N, K, C, H, W): every crop of each image zero-padded by `pad`, and their mirrors if flip."""
+    _, _, h, w = images.shape
+    p = F.pad(images, (pad,) * 4)
+    out = [p[:, :, y:y + h, x:x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    if flip:
+        out += [o.flip(3) for o in out]
+    return torch.stack(out, 1)
+
+
+def expected_digits():
+    """The digits split and 16x16 uint8 test images, computed here from sklearn."""
+    d = load_digits()
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0)
+    x = torch.tensor(d.images[te], dtype=torch.float32)[:, None] * 255 / 16
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).round().to(torch.uint8)
+    return d, tr, te, x
+
+
+# ------------------------------------------------------------------------------------- digits
+def test_digits_shapes_split_and_test_set():
+    d, tr, te, x_test = expected_digits()
+    data = D.load_data(cfg(dataset="digits", batch_size=64), CPU, gen())
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 16)
+    assert (data.train_size, data.test_size) == (1437, 360) == (len(tr), len(te))
+    assert (len(data.train), len(data.test)) == (1437 // 64, 1)
+
+    x, y = next(iter(data.train))
+    assert x.shape == (64, 1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.device == y.device == CPU
+
+    # The split: disjoint, complete, the same as sklearn's stratified split.
+    train_idx, test_idx = D.digits_split()
+    assert sorted(train_idx) == sorted(tr) and sorted(test_idx) == sorted(te)
+    assert not set(train_idx) & set(test_idx) and len(set(train_idx) | set(test_idx)) == 1797
+    # Stratified: every class has ~20% of its images in the test set.
+    per_class, in_test = np.bincount(d.target), np.bincount(d.target[te], minlength=10)
+    assert np.all(np.abs(in_test - 0.2 * per_class) <= 1)
+
+    # Test set: unshuffled, in split order, normalized with the *training* images' statistics.
+    xt, yt = epoch(data.test)
+    assert torch.equal(yt, torch.tensor(d.target[te]))
+    train_u8 = torch.tensor(d.images[tr], dtype=torch.float32)[:, None] * 255 / 16
+    train_u8 = F.interpolate(train_u8, size=(16, 16), mode="bilinear", align_corners=False).round()
+    m, s = (train_u8 / 255).mean().item(), (train_u8 / 255).std().item()
+    torch.testing.assert_close(xt, (x_test.float() / 255 - m) / s, atol=1e-5, rtol=0)
+    assert x_test.max() == 255 and x_test.min() == 0
+
+
+def test_digits_same_split_for_every_seed():
+    a = D.load_data(cfg(dataset="digits", seed=0), CPU, gen(0))
+    b = D.load_data(cfg(dataset="digits", seed=7), CPU, gen(7))
+    assert torch.equal(a.train.images, b.train.images)
+    assert all(torch.equal(u, v) for u, v in zip(epoch(a.test), epoch(b.test)))
+
+
+def test_digits_train_set_normalized():
+    t = D.load_data(cfg(dataset="digits"), CPU, gen()).train
+    plain = D.DeviceLoader(t.images, t.labels, t.mean, t.std, batch_size=t.n)  # no augmentation
+    x, _ = epoch(plain)
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+def test_digits_epoch_covers_train_set():
+    d, tr, _, _ = expected_digits()
+    data = D.load_data(cfg(dataset="digits", batch_size=479), CPU, gen())  # 1437 = 3 * 479
+    for _ in range(2):
+        _, y = epoch(data.train)
+        assert np.array_equal(np.bincount(y.numpy(), minlength=10), np.bincount(d.target[tr], minlength=10))
+
+
+def test_digits_augmentation_is_a_shift_never_a_flip():
+    t = D.load_data(cfg(dataset="digits", batch_size=64), CPU, gen(1)).train
+    x, y = epoch(t)
+    u = to_uint8(x, t.mean.flatten(), t.std.flatten())
+    # Every (label, crop) that a 2-pixel shift of a training image can give, without flips.
+    win = windows(t.images, 2, flip=False)
+    allowed = {(int(lbl), w.numpy().tobytes()) for lbl, ws in zip(t.labels, win) for w in ws}
+    assert all((int(lbl), img.numpy().tobytes()) in allowed for lbl, img in zip(y, u))
+    # ...and the shifts are really applied: few crops are the centred original.
+    centred = {img.numpy().tobytes() for img in t.images}
+    assert sum(img.numpy().tobytes() in centred for img in u) < 0.2 * len(u)
+
+
+# ------------------------------------------------------------------------ DeviceLoader itself
+def test_crops_and_flips_are_exact_windows():
+    n, pad = 40, 2
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=gen(5))
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    loader = D.DeviceLoader(images, torch.arange(n), mean, std, batch_size=16, generator=gen(),
+                            shuffle=True, pad=pad, flip=True)
+    x, y = epoch(loader)
+    assert len(y) == n and sorted(y.tolist()) == list(range(n))  # drop_last off: all of them
+    u = to_uint8(x, mean, std)
+    win = windows(images, pad, flip=True)  # (N, 50, C, H, W); index k: offset k % 25, mirrored k >= 25
+    hits = [(w == img).flatten(1).all(1).nonzero().flatten().tolist() for w, img in zip(win[y], u)]
+    assert all(hits), "an augmented image is not a window of its own source image"
+    kinds = [h[0] for h in hits]
+    assert any(k >= 25 for k in kinds) and any(k < 25 for k in kinds)  # flipped and not
+    assert len({k % 25 for k in kinds}) > 10  # many different offsets
+
+
+def test_each_image_once_per_epoch_with_its_label():
+    n = 200  # image i is constant i+1; a 2-pixel crop of an 8x8 image keeps its centre
+    images = (torch.arange(n) + 1).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    labels = torch.arange(n) % 7
+    for drop_last, count in ((True, 192), (False, 200)):
+        loader = D.DeviceLoader(images, labels, (0.0,), (1 / 255,), batch_size=64, generator=gen(),
+                                shuffle=True, pad=2, drop_last=drop_last)
+        assert len(loader) == (3 if drop_last else 4)
+        orders = []
+        for _ in range(2):
+            x, y = epoch(loader)
+            idx = x.round().long().amax(dim=(1, 2, 3)) - 1
+            assert len(idx) == count and len(set(idx.tolist())) == count  # no image twice
+            assert torch.equal(y, labels[idx])  # labels travel with their images
+            orders.append(idx)
+        assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
+
+
+def test_same_generator_state_same_batches():
+    g = gen(3)
+    data = D.load_data(cfg(dataset="digits", batch_size=100), CPU, g)
+    state = g.get_state()
+    e1, e2 = epoch(data.train), epoch(data.train)
+    g.set_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(e1, epoch(data.train)))
+    after_e1 = g.get_state()
+    assert all(torch.equal(a, b) for a, b in zip(e2, epoch(data.train)))
+    assert not torch.equal(e1[0], e2[0])  # a new epoch is a new shuffle and new crops
+    # Resume: restoring the state saved between epochs replays the next epoch, even when
+    # the previous epoch was cut short.
+    g.set_state(state)
+    next(iter(data.train))
+    assert torch.equal(g.get_state(), after_e1)
+    assert torch.equal(epoch(data.train)[0], e2[0])
+    # Another seed, other batches; test batches never depend on the generator.
+    other = D.load_data(cfg(dataset="digits", batch_size=100), CPU, gen(4))
+    assert not torch.equal(epoch(other.train)[0], e1[0])
+    assert torch.equal(epoch(other.test)[0], epoch(data.test)[0])
+
+
+def test_partial_batch():
+    big = D.load_data(cfg(dataset="digits", batch_size=2000), CPU, gen())
+    assert len(big.train) == 1 and len(next(iter(big.train))[1]) == 1437  # batch > set: keep it
+    assert all(len(y) == 64 for _, y in D.load_data(cfg(dataset="digits", batch_size=64), CPU, gen()).train)
+
+
+# -------------------------------------------------------------------------------------- CIFAR
+def write_tree(root, splits, classes, size=32, fmt="png"):
+    """An ImageFolder tree of random images; returns {split: (uint8 images, labels)} in sorted order."""
+    g, out = gen(9), {}
+    for split, per_class in splits.items():
+        xs, ys = [], []
+        for label, name in enumerate(sorted(classes)):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(per_class):
+                img = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+                raw = encode_png(img) if fmt == "png" else encode_jpeg(img)
+                (root / split / name / f"{i:04d}.{fmt}").write_bytes(raw.numpy().tobytes())
+                xs.append(img)
+                ys.append(label)
+        out[split] = (torch.stack(xs), torch.tensor(ys))
+    return out
+
+
+@pytest.fixture
+def cifar_tree(tmp_path):
+    classes = [f"class{c}" for c in (3, 1, 0, 2, 9, 4, 8, 5, 7, 6)]  # created out of order
+    return tmp_path, write_tree(tmp_path, {"train": 3, "test": 2}, classes)
+
+
+def test_cifar_image_folder(cifar_tree):
+    root, written = cifar_tree
+    data = D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8), CPU, gen())
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32)
+    assert (data.train_size, data.test_size, len(data.train), len(data.test)) == (30, 20, 3, 1)
+    # Test set: the PNGs, in sorted class order, with CIFAR-10's published statistics.
+    x, y = epoch(data.test)
+    assert torch.equal(y, written["test"][1])
+    assert torch.equal(to_uint8(x, CIFAR10_MEAN, CIFAR10_STD), written["test"][0])
+    # Train set: 4-pixel crops of its own image, some mirrored.
+    x, y = epoch(data.train)
+    src, lbl = written["train"]
+    allowed = windows(src, 4, flip=True)  # (30, 162, ...); index k >= 81 is mirrored
+    u = to_uint8(x, CIFAR10_MEAN, CIFAR10_STD)
+    kinds = []
+    for img, label in zip(u, y):
+        hits = [(i, k) for i in (lbl == label).nonzero().flatten().tolist()
+                for k in (allowed[i] == img).flatten(1).all(1).nonzero().flatten().tolist()]
+        assert hits, "augmented image is not a window of a training image of its class"
+        kinds.append(hits[0][1])
+    assert any(k >= 81 for k in kinds) and any(k < 81 for k in kinds)
+
+    # channels_last: same values, NHWC memory (3 channels, so the two layouts differ).
+    cl = D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8), CPU, gen(), channels_last=True)
+    (xa, _), (xb, _) = next(iter(data.train)), next(iter(cl.train))
+    assert xa.is_contiguous() and xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
+    assert torch.equal(xb, next(iter(D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8),
+                                                 CPU, gen()).train))[0])
+
+
+def test_cifar_cache_written_and_reused(cifar_tree, monkeypatch):
+    root, written = cifar_tree
+    c = cfg(dataset="cifar10", data_dir=str(root), batch_size=8)
+    first = epoch(D.load_data(c, CPU, gen()).test)
+    assert (root / ".lsq_cache_train.pt").is_file() and (root / ".lsq_cache_test.pt").is_file()
+    assert not [p for p in os.listdir(root) if p.endswith(".tmp")]
+
+    decode = D._decode_folder
+    calls = []
+    monkeypatch.setattr(D, "_decode_folder", lambda *a: calls.append(a[0]) or decode(*a))
+    again = D.load_data(c, CPU, gen())
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(first, epoch(again.test)))
+
+    # A new image makes the train cache stale (its class folder is newer than the cache).
+    new = root / "train" / "class0" / "extra.png"
+    new.write_bytes(encode_png(written["train"][0][0]).numpy().tobytes())
+    later = time.time() + 5
+    os.utime(root / "train" / "class0", (later, later))
+    assert D.load_data(c, CPU, gen()).train_size == 31
+    assert calls == [str(root / "train")]
+
+
+def test_cifar_cache_outside_read_only_folder(cifar_tree, monkeypatch, tmp_path_factory):
+    root, _ = cifar_tree
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(root) else real_access(p, m))
+    D.load_data(cfg(dataset="cifar10", data_dir=str(root)), CPU, gen())
+    assert not (root / ".lsq_cache_train.pt").exists()
+    (key,) = os.listdir(home / ".cache" / "lsq")
+    assert sorted(os.listdir(home / ".cache" / "lsq" / key)) == [".lsq_cache_test.pt", ".lsq_cache_train.pt"]
+
+
+def test_cifar_errors(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=r"'data_dir'.*nope"):
+        D.load_data(cfg(dataset="cifar10", data_dir=str(missing)), CPU, gen())
+
+    def no_network(name, root):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(D, "_download", no_network)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as e:
+        D.load_data(cfg(dataset="cifar100", data_dir=str(empty)), CPU, gen())
+    msg = str(e.value)
+    for part in ("'data_dir'", str(empty), "cifar-100-python", "torchvision format", "ImageFolder",
+                 "no network here", "CIFAR-100"):
+        assert part in msg, (part, msg)
+
+    few = tmp_path / "few"
+    write_tree(few, {"train": 1, "test": 1}, ["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"3 class folders.*needs the same 10"):
+        D.load_data(cfg(dataset="cifar10", data_dir=str(few)), CPU, gen())
+
+    broken = tmp_path / "broken"
+    (broken / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="torchvision's format"):
+        D.load_data(cfg(dataset="cifar10", data_dir=str(broken)), CPU, gen())
+
+
+# ----------------------------------------------------------------------------------- ImageNet
+def test_imagenet_image_folder(tmp_path):
+    write_tree(tmp_path, {"train": 3, "val": 2}, ["n01", "n02"], size=64, fmt="jpg")
+    data = D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path), workers=0, batch_size=4), CPU, gen())
+    assert (data.num_classes, data.in_channels, data.image_size, data.train_size, data.test_size) == (2, 3, 224, 6, 4)
+    assert len(data.train) == 1  # 6 // 4, last partial batch dropped
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and x.device == CPU
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    x, y = epoch(data.test)
+    assert x.shape == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1]
+
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match=r"no ImageNet found.*val"):
+        D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path / "other")), CPU, gen())

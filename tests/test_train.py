@@ -1,0 +1,158 @@
+"""The trainer without Ray: accuracy on digits, init_from, exact resume, the single-run CLI."""
+
+import math
+
+import pytest
+import torch
+
+from lsq.config import ConfigError, TrialConfig
+from lsq.policy import BitPolicy, describe, init_steps, quantize_model
+from lsq.train import CheckpointError, DivergedError, Trainer, lr_factor, main, param_groups, parse_args
+
+FAST = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 1}
+
+
+def run(cfg):
+    trainer = Trainer(TrialConfig.from_dict(cfg))
+    return trainer, list(trainer.epochs())
+
+
+@pytest.fixture(scope="module")
+def fp32_checkpoint(tmp_path_factory):
+    """An FP32 resnet20 trained on digits, saved as the trainer's checkpoint dict."""
+    trainer, history = run({**FAST, "w_bits": None, "a_bits": None, "epochs": 6})
+    path = tmp_path_factory.mktemp("fp32") / "fp32.pt"
+    trainer.save(str(path))
+    return path, trainer, history
+
+
+def test_fp32_learns_digits(fp32_checkpoint):
+    _, _, history = fp32_checkpoint
+    assert history[-1]["top1"] >= 95.0
+    assert [m["epoch"] for m in history] == list(range(1, 7))
+    for m in history:
+        assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_second"] > 0
+
+
+def test_init_from_w8a8_keeps_fp32_accuracy(fp32_checkpoint):
+    """An FP32 state_dict loaded and quantized at W8A8 stays within 1 point of FP32 (no training)."""
+    path, fp32, _ = fp32_checkpoint
+    fp32_top1 = fp32.evaluate()["top1"]
+    for key in ("model", "state_dict", None):  # the three accepted checkpoint layouts
+        state = fp32.model.state_dict()
+        blob = state if key is None else {key: state}
+        p = path.parent / f"layout-{key}.pt"
+        torch.save(blob, p)
+        trainer = Trainer(TrialConfig.from_dict({**FAST, "w_bits": 8, "a_bits": 8, "init_from": str(p)}))
+        images, _ = next(iter(trainer.data.train))
+        init_steps(trainer.model, images)
+        q_top1 = trainer.evaluate()["top1"]
+        assert abs(q_top1 - fp32_top1) <= 1.0, (key, q_top1, fp32_top1)
+        table = describe(trainer.model)
+        assert (table.w_bits == 8).all() and (table.a_bits == 8).all()
+
+
+def test_init_from_mismatch_names_keys(tmp_path):
+    state = Trainer(TrialConfig.from_dict({**FAST, "w_bits": None, "a_bits": None})).model.state_dict()
+    state["bogus.weight"] = torch.zeros(1)
+    del state["fc.bias"]
+    p = tmp_path / "bad.pt"
+    torch.save(state, p)
+    with pytest.raises(ConfigError, match=r"missing keys: fc\.bias.*unexpected keys: bogus\.weight"):
+        Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
+
+
+def test_w4a4_close_to_fp32_and_resume_is_exact(tmp_path):
+    """Stop after epoch 1, restore into a fresh trainer: the same metrics to the last bit."""
+    cfg = {**FAST, "w_bits": 4, "a_bits": 4}
+    _, full = run(cfg)
+
+    first = Trainer(TrialConfig.from_dict(cfg))
+    epochs = first.epochs()
+    head = [next(epochs)]
+    first.save(str(tmp_path / "ep1.pt"))
+    del first, epochs
+
+    resumed = Trainer(TrialConfig.from_dict(cfg))
+    resumed.load(str(tmp_path / "ep1.pt"))
+    tail = list(resumed.epochs())
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("epoch_seconds", "images_per_second")} for m in ms]
+    assert strip(head + tail) == strip(full)
+    assert [m["epoch"] for m in tail] == [2, 3]
+    # the restored quantizers did not re-initialize: steps equal the uninterrupted run's path
+    assert all(bool(q.initialized) for q in resumed.model.modules() if hasattr(q, "initialized"))
+
+
+def test_checkpoint_of_other_trial_is_refused(tmp_path):
+    a = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1}))
+    a.save(str(tmp_path / "a.pt"))
+    b = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1, "w_bits": 2, "a_bits": 2}))
+    with pytest.raises(CheckpointError, match="different trial config"):
+        b.load(str(tmp_path / "a.pt"))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    a = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1}))
+    a.save(str(tmp_path / "a.pt"))
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        a.load(str(tmp_path / "cut.pt"))
+
+
+def test_divergence_is_detected():
+    trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1, "lr": 1e12, "w_bits": None, "a_bits": None}))
+    with pytest.raises(DivergedError, match="training loss became"):
+        list(trainer.epochs())
+
+
+def test_step_sizes_excluded_from_weight_decay():
+    model = quantize_model(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2)),
+                           BitPolicy(4, 4))
+    steps = {id(p) for n, p in model.named_parameters() if n.endswith("step")}
+    groups = param_groups(model, wd=1e-4)
+    assert {id(p) for p in groups[1]["params"]} == steps and groups[1]["weight_decay"] == 0.0
+    assert not steps & {id(p) for p in groups[0]["params"]} and groups[0]["weight_decay"] == 1e-4
+    assert param_groups(model, wd=1e-4, step_wd=True)[1]["weight_decay"] == 1e-4
+
+
+def test_lr_schedules():
+    cos = TrialConfig.from_dict({"epochs": 10, "warmup_epochs": 2})
+    assert lr_factor(cos, 0) == pytest.approx(1 / 3) and lr_factor(cos, 1) == pytest.approx(2 / 3)
+    assert lr_factor(cos, 2) == 1.0
+    assert lr_factor(cos, 6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    step = TrialConfig.from_dict({"epochs": 90, "schedule": "step", "lr_step_size": 30, "lr_gamma": 0.1})
+    assert [lr_factor(step, e) for e in (0, 29, 30, 60)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_cli_accepts_original_flags(tmp_path):
+    ckpt = tmp_path / "fp32.pth"
+    ckpt.write_bytes(b"")
+    cfg, args = parse_args(["--epochs", "120", "--lr", "0.01", "--bit", "4", "--dataset", "cifar10",
+                            "--data_dir", str(tmp_path), "--init_from", str(ckpt), "--wd", "1e-4"])
+    assert (cfg.epochs, cfg.lr, cfg.w_bits, cfg.a_bits, cfg.dataset, cfg.wd) == (120, 0.01, 4, 4, "cifar10", 1e-4)
+    assert cfg.init_from == str(ckpt)
+    cfg, _ = parse_args(["--w-bits", "32", "--a_bits", "2", "--first", "w8_a_fp32", "--nesterov", "true"])
+    assert (cfg.w_bits, cfg.a_bits, cfg.first, cfg.nesterov) == (None, 2, "w8_a_fp32", True)
+
+
+def test_cli_runs_and_saves(tmp_path, capsys):
+    out = tmp_path / "ck" / "last.pt"
+    assert main(["--epochs", "1", "--bit", "8", "--batch_size", "256", "--save", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch   1/1" in printed and "top1" in printed and out.is_file()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--bit", "9"], "key 'w_bits' = 9"),
+    (["--wd", "-1"], "key 'wd' = -1.0: must be >= 0"),
+    (["--lr", "0"], "key 'lr' = 0"),
+    (["--model", "resnt20"], "did you mean 'resnet20'"),
+    (["--dataset", "cifar10"], "key 'data_dir' is required"),
+    (["--first", "w8a9"], "key 'first'"),
+    (["--init_from", "/nonexistent/x.pth"], "no such file"),
+])
+def test_cli_bad_input(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
