@@ -1,12 +1,13 @@
 # `make sweep` and `make test` do all the set-up on a fresh machine: a virtual environment
-# from requirements.txt is created the first time (no network needed beyond the local wheels).
+# from requirements.txt (+ requirements-export.txt: onnx, onnxruntime, so the export tests run)
+# is created the first time.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt requirements-export.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-export.txt
 	touch $@
 
 .PHONY: venv sweep test train

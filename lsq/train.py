@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         trainer = Trainer(cfg)
-        print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({trainer.device}); first={cfg.first} last={cfg.last}; "
+        print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({trainer.device}); first={cfg.normalized().first} last={cfg.normalized().last}; "
               f"{trainer.data.train_size} train / {trainer.data.test_size} test images", flush=True)
         for m in trainer.epochs():
             print(format_metrics(m, cfg.epochs), flush=True)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 from ray import tune
 
 from .config import TrialConfig
-from .train import DivergedError, Trainer
+from .train import CheckpointError, DivergedError, Trainer
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LAYERS_FILE = "layers.json"
@@ -39,15 +40,44 @@ def _threads() -> int:
     return max(1, int(cpus)) if cpus else torch.get_num_threads()
 
 
+def _candidates(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The given checkpoint, then the trial's older ones (newest first) as fallbacks."""
+    import pyarrow.fs as pafs
+
+    parent, name = os.path.split(checkpoint.path.rstrip("/"))
+    try:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+        older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    except OSError:
+        older = []
+    return [checkpoint] + [tune.Checkpoint(os.path.join(parent, n), checkpoint.filesystem) for n in older]
+
+
+def restore(trainer: Trainer, checkpoint: tune.Checkpoint | None) -> None:
+    """Continue from the latest readable checkpoint; a corrupt one falls back to the one before
+    it, and with none readable the trial restarts from scratch with a warning."""
+    if checkpoint is None:
+        return
+    for candidate in _candidates(checkpoint):
+        try:
+            with candidate.as_directory() as d:
+                trainer.load(os.path.join(d, CHECKPOINT_FILE))
+        except (CheckpointError, OSError) as e:
+            warnings.warn(f"skipping checkpoint {candidate.path}: {e}")
+            continue
+        if candidate is not checkpoint:
+            warnings.warn(f"resumed from the older checkpoint {candidate.path} (epoch {trainer.epoch})")
+        return
+    warnings.warn(f"no readable checkpoint for this trial (latest: {checkpoint.path}); restarting from epoch 0")
+
+
 def train_lsq(config: dict) -> None:
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
     torch.set_num_threads(_threads())
     trainer = Trainer(cfg)
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.load(os.path.join(d, CHECKPOINT_FILE))
+    restore(trainer, tune.get_checkpoint())
 
     try:
         for metrics in trainer.epochs():
