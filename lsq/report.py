@@ -1,0 +1,527 @@
+"""Reports: a stored experiment folder -> results.parquet/.csv, table.md, layers.md/.csv, a plot.
+
+Reads only what Tune and the trainable left in storage, so it works with no Ray running, on a
+partial or interrupted sweep, and on any machine that can read the storage (a local folder or
+a URI pyarrow understands, e.g. s3://bucket/runs/smoke):
+
+    <experiment>/experiment_state-*.json   Tune's snapshot: every trial, its status, its folder
+    <experiment>/sweep.json                written by sweep.py: space, resources, merged cells
+    <experiment>/<trial>/params.json       the trial's config (TrialConfig keys)
+    <experiment>/<trial>/result.json       one JSON line per reported epoch
+    <experiment>/<trial>/error.txt         Tune's record of each crash
+    <experiment>/<trial>/checkpoint_N/     checkpoint.pt + layers.json (per-layer diagnostics)
+
+Status of a trial: TERMINATED (all epochs done), FAILED (the trainer gave up, e.g. a NaN loss:
+`failed_reason`), ERROR (crashed more often than max_failures), STOPPED (early stopping),
+RUNNING (started, not finished: running now or interrupted) or PENDING (not started).
+
+Everything goes to `<reports>/<name>/`, each file written to a temporary name in the same
+folder and renamed, so a crash mid-report never leaves a truncated table. No Ray here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from .config import PRESET_WORDS, PRESETS, TrialConfig
+
+SWEEP_FILE = "sweep.json"
+LAYERS_FILE = "layers.json"
+FILES = ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv", "accuracy_vs_bits.png")
+RESULT_COLUMNS = ["trial_id", "trial_name", "status", "epochs_done", "best_top1", "final_top1", "best_top5",
+                  "final_top5", "gpu_hours", "wall_seconds", "error", "checkpoint"]
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+@dataclass
+class Report:
+    folder: str
+    results: pd.DataFrame
+    layers: pd.DataFrame
+    table_md: str
+    files: list[str]
+
+
+# ----------------------------------------------------------------------------- storage
+class Storage:
+    """Read-only access to an experiment folder on a local disk or a pyarrow filesystem."""
+
+    def __init__(self, path: str):
+        if "://" in path:
+            self.fs, self.root = pafs.FileSystem.from_uri(path)
+            self.display = path.rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
+            self.display = self.root
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if "://" in self.display else os.path.join(self.root, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return posixpath.join(self.display, *parts) if "://" in self.display else self.join(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
+
+    def listdir(self, *parts: str) -> list[tuple[str, bool]]:
+        """(name, is_dir) of the entries of a folder; [] when it does not exist."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.join(*parts), allow_not_found=True))
+        except OSError:
+            return []
+        return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
+
+    def read_text(self, *parts: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self.join(*parts)) as f:
+                return f.read().decode("utf-8", errors="replace")
+        except (FileNotFoundError, OSError):
+            return None
+
+    def read_json(self, *parts: str):
+        text = self.read_text(*parts)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return None
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Write one small file (sweep.json) into the experiment folder."""
+        path = self.join(*parts)
+        if "://" not in self.display:
+            atomic_write(path, text)
+            return
+        self.fs.create_dir(posixpath.dirname(path))
+        with self.fs.open_output_stream(path) as f:  # object stores replace a whole object at once
+            f.write(text.encode("utf-8"))
+
+
+def experiment_exists(path: str) -> bool:
+    """A Tune experiment is stored there (its snapshot or its tuner state)."""
+    st = Storage(path)
+    return any(n.startswith("experiment_state") or n == "tuner.pkl" for n, _ in st.listdir())
+
+
+def write_meta(path: str, meta: dict) -> None:
+    Storage(path).write_text(json.dumps(meta, indent=2, default=str), SWEEP_FILE)
+
+
+def read_meta(path: str) -> dict:
+    meta = Storage(path).read_json(SWEEP_FILE)
+    return meta if isinstance(meta, dict) else {}
+
+
+# ----------------------------------------------------------------------------- collecting
+def _tune_state(st: Storage) -> list[dict]:
+    """Trials in Tune's latest experiment snapshot: trial_id, status, folder, config."""
+    names = sorted(n for n, is_dir in st.listdir() if n.startswith("experiment_state") and n.endswith(".json"))
+    if not names:
+        return []
+    state = st.read_json(names[-1]) or {}
+    trials = []
+    for entry in state.get("trial_data", []):
+        try:
+            info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+        except (json.JSONDecodeError, TypeError, IndexError):
+            continue
+        trials.append({"trial_id": info.get("trial_id"), "status": info.get("status"),
+                       "folder": info.get("relative_logdir"), "name": info.get("custom_trial_name"),
+                       "config": info.get("config") if isinstance(info.get("config"), dict) else {}})
+    return trials
+
+
+def _results(st: Storage, folder: str) -> list[dict]:
+    """The reported rows of one trial, one per epoch (the last report of an epoch wins, so an
+    epoch repeated after a resume counts once), plus a final `failed_reason` row if any."""
+    text = st.read_text(folder, "result.json") or ""
+    by_epoch, failed = {}, None
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if row.get("failed_reason"):
+            failed = row
+        elif "top1" in row and "epoch" in row:
+            by_epoch[row["epoch"]] = row
+    rows = [by_epoch[e] for e in sorted(by_epoch)]
+    return rows + ([failed] if failed else [])
+
+
+def _last_error(st: Storage, folder: str) -> str | None:
+    text = st.read_text(folder, "error.txt")
+    if not text:
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    failures = [ln for ln in lines if ln.startswith("Failure #")]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+    message = errors[-1] if errors else lines[-1]
+    return f"{message} ({len(failures)} failure{'s' * (len(failures) != 1)})" if failures else message
+
+
+def _latest_checkpoint(st: Storage, folder: str) -> str | None:
+    found = [(int(m.group(1)), n) for n, is_dir in st.listdir(folder)
+             if is_dir and (m := _CHECKPOINT_DIR.match(n))]
+    return max(found)[1] if found else None
+
+
+def _config(values: dict) -> TrialConfig:
+    """A TrialConfig from stored values, without re-checking files that live on other machines."""
+    known = {k: values[k] for k in TrialConfig.keys() if k in values}
+    return TrialConfig(**known)
+
+
+def row_config(row: pd.Series) -> TrialConfig:
+    """The TrialConfig of a results row (pandas NA -> None, numpy scalars -> Python)."""
+    return _config({k: _plain(row[k]) for k in TrialConfig.keys()})
+
+
+def _status(tune_status: str | None, done: int, epochs: int, failed: str | None, started: bool) -> str:
+    """What became of a trial, from its own results first and Tune's last snapshot second."""
+    if failed:
+        return "FAILED"      # the trainer gave up (e.g. a NaN loss) and said why
+    if done >= epochs:
+        return "TERMINATED"  # every epoch done
+    if tune_status == "ERROR":
+        return "ERROR"       # crashed more often than max_failures allows
+    if tune_status == "TERMINATED" and started:
+        return "STOPPED"     # early stopping (ASHA) ended it before its last epoch
+    if started or tune_status in ("RUNNING", "PAUSED"):
+        return "RUNNING"     # running now, or interrupted: --resume continues it
+    return "PENDING"
+
+
+def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(one row per trial, one row per trial x layer, sweep meta) from a stored experiment."""
+    st = Storage(experiment)
+    meta = read_meta(experiment)
+    gpu = float((meta.get("resources") or {}).get("gpu") or 0)
+
+    trials = {t["trial_id"]: t for t in _tune_state(st) if t.get("trial_id")}
+    by_folder = {t["folder"]: t for t in trials.values() if t.get("folder")}
+    for name, is_dir in st.listdir():  # trial folders Tune's snapshot has not seen yet
+        if is_dir and name not in by_folder and st.exists(name, "params.json"):
+            rows = _results(st, name)
+            trial_id = next((r.get("trial_id") for r in rows if r.get("trial_id")), name)
+            if trial_id not in trials:
+                trials[trial_id] = {"trial_id": trial_id, "status": None, "folder": name, "name": name, "config": {}}
+
+    records, layer_rows = [], []
+    for t in trials.values():
+        folder = t.get("folder")
+        params = (st.read_json(folder, "params.json") if folder else None) or t["config"]
+        cfg = _config(params)
+        rows = _results(st, folder) if folder else []
+        epochs = [r for r in rows if not r.get("failed_reason")]
+        failed = next((r["failed_reason"] for r in rows if r.get("failed_reason")), None)
+        crash = _last_error(st, folder) if folder else None
+        done = max([int(r.get("epoch", 0)) for r in rows] or [0])
+
+        status = _status(t.get("status"), done, cfg.epochs, failed, bool(rows))
+        totals = [float(r["time_total_s"]) for r in rows if r.get("time_total_s") is not None]
+        wall = max(totals) if totals else sum(float(r.get("epoch_seconds", 0.0)) for r in epochs)
+        checkpoint = _latest_checkpoint(st, folder) if folder else None
+        records.append({
+            **cfg.to_dict(),
+            "trial_id": t["trial_id"],
+            "trial_name": t.get("name") or folder,
+            "status": status,
+            "epochs_done": done,
+            "best_top1": max((float(r["top1"]) for r in epochs), default=math.nan),
+            "final_top1": float(epochs[-1]["top1"]) if epochs else math.nan,
+            "best_top5": max((float(r["top5"]) for r in epochs if "top5" in r), default=math.nan),
+            "final_top5": float(epochs[-1].get("top5", math.nan)) if epochs else math.nan,
+            "gpu_hours": float(wall) * gpu / 3600.0,
+            "wall_seconds": float(wall),
+            "error": failed or (crash if status != "TERMINATED" else None),
+            "checkpoint": st.uri(folder, checkpoint) if checkpoint else None,
+        })
+        layers = st.read_json(folder, checkpoint, LAYERS_FILE) if checkpoint else None
+        for row in layers or []:
+            layer_rows.append({"trial_id": t["trial_id"], "trial_name": records[-1]["trial_name"],
+                               "label": cfg.label(), "epoch": done, **row})
+
+    df = pd.DataFrame.from_records(records, columns=TrialConfig.keys() + RESULT_COLUMNS)
+    df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    for k in ("w_bits", "a_bits"):
+        df[k] = df[k].astype("Int64")
+    layers_df = pd.DataFrame.from_records(layer_rows)
+    if len(layers_df):
+        order = {tid: i for i, tid in enumerate(df["trial_id"])}
+        layers_df = layers_df.sort_values("trial_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return df, layers_df, meta
+
+
+# ----------------------------------------------------------------------------- tables
+def _network(model: str) -> str:
+    m = re.match(r"resnet(\d+)$", model)
+    return f"ResNet-{m.group(1)}" if m else model
+
+
+def _sci(x: float) -> str:
+    """1e-4, 2.5e-5, 0.1 -> compact text, as in the original tables."""
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _end_words(spec: str, cfg: TrialConfig, end: str) -> str:
+    if spec in PRESET_WORDS:
+        words = PRESET_WORDS[spec]
+        if spec == "body" or PRESETS[spec][0] == "body":
+            w, a = cfg.end_bits(end)
+            words += f" ({'W' + str(w) if w else 'W32'}{'A' + str(a) if a else 'A32'})"
+        return words
+    w, a = cfg.end_bits(end)
+    return f"weights {w or 32}-bit, input {a or 32}-bit"
+
+
+def notes(cfg: TrialConfig) -> str:
+    """The first/last-layer policy in words."""
+    if cfg.is_fp32:
+        return "full precision"
+    first, last = _end_words(cfg.first, cfg, "first"), _end_words(cfg.last, cfg, "last")
+    if first == last:
+        return f"first & last layers: {first}"
+    return f"first layer: {first}; last layer: {last}"
+
+
+def params_text(cfg: TrialConfig) -> str:
+    return f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _acc_cell(group: pd.DataFrame, seeded: bool) -> str:
+    """Final top-1; with seeds mean ± std over the finished trials, and n."""
+    done = group[group["status"] == "TERMINATED"]
+    if not seeded:
+        row = group.iloc[0]
+        return _fmt(row["final_top1"]) if row["status"] == "TERMINATED" else _pending_text(row)
+    if len(done) == 0:
+        return _pending_text(group.iloc[0])
+    values = done["final_top1"].astype(float)
+    text = f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+    others = group[group["status"] != "TERMINATED"]["status"].value_counts()
+    unfinished = "".join(f"; {n} {status.lower()}" for status, n in others.items())
+    return f"{text} (n={len(values)}{unfinished})"
+
+
+def _pending_text(row) -> str:
+    if row["status"] in ("FAILED", "ERROR"):
+        return f"{row['status'].lower()}: {_short(_plain(row['error']) or 'no reason recorded', 100)}"
+    if row["status"] == "PENDING":
+        return "pending"
+    return f"{_fmt(row['final_top1'])} ({row['status'].lower()}, {row['epochs_done']}/{row['epochs']} epochs)"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """Long error messages fit a table cell; results.csv keeps them whole."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def clean(cell) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plain(v):
+    """A cell as a plain Python value (pandas NA / NaN -> None), for comparing and printing."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def _varied(df: pd.DataFrame, exclude=()) -> list[str]:
+    return [k for k in TrialConfig.keys() if k not in exclude and len({repr(_plain(v)) for v in df[k]}) > 1]
+
+
+def _groups(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """Trials that differ only in their seed, in trial order."""
+    keys = [k for k in TrialConfig.keys() if k != "seed"]
+    ident = [repr(tuple(_plain(v) for v in row)) for row in df[keys].itertuples(index=False)]
+    order = list(dict.fromkeys(ident))
+    return [df[[i == key for i in ident]] for key in order]
+
+
+def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_layers: bool) -> str:
+    counts = df["status"].value_counts()
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    out = [f"# {name}", ""]
+    if meta.get("description"):
+        out += [meta["description"].strip(), ""]
+    out += [f"{len(df)} trials ({summary}). Experiment: `{experiment}`. "
+            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+    if meta.get("command"):
+        out += [f"Command: `{meta['command']}`", ""]
+    if meta.get("note"):
+        out += [meta["note"].strip(), ""]
+    for line in meta.get("merged") or []:
+        out += [f"- {line}"]
+    if meta.get("merged"):
+        out += [""]
+
+    groups = _groups(df)
+    seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
+    out += ["| Models | Networks | Params | Notes | Acc@1 |", "|---|---|---|---|---|"]
+    for g in groups:
+        cfg = row_config(g.iloc[0])
+        cells = [cfg.label(), _network(cfg.model), params_text(cfg), notes(cfg), _acc_cell(g, seeded)]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    out += ["", "Acc@1: top-1 accuracy (%) on the test set after the last epoch"
+            + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]
+
+    varied = _varied(df)
+    header = ["trial", "status"] + varied + ["epochs", "best top-1", "final top-1", "final top-5", "wall (s)", "error"]
+    rows = []
+    for _, r in df.iterrows():
+        rows.append([r["trial_name"], r["status"]] + [_cell(r[k], k) for k in varied] +
+                    [f"{r['epochs_done']}/{r['epochs']}", _fmt(r["best_top1"]), _fmt(r["final_top1"]),
+                     _fmt(r["final_top5"]), _fmt(r["wall_seconds"], 0), _short(_plain(r["error"]) or "")])
+    out += ["## Every trial", "", _md_table(header, rows), ""]
+    links = ["[results.csv](results.csv)", "[results.parquet](results.parquet)"]
+    if has_layers:
+        links.append("[layers.md](layers.md) (learned step sizes and weight error per layer)")
+    out += ["Files: " + ", ".join(links) + ". Plot: [accuracy_vs_bits.png](accuracy_vs_bits.png).", ""]
+    return "\n".join(out)
+
+
+def _cell(v, key: str = "") -> str:
+    v = _plain(v)
+    if v is None:
+        return "FP32" if key in ("w_bits", "a_bits") else "–"
+    if isinstance(v, float):
+        return _sci(v)
+    return str(v)
+
+
+def render_layers(df: pd.DataFrame, layers: pd.DataFrame) -> str:
+    out = ["# Per-layer diagnostics", "",
+           "From each trial's latest checkpoint (`layers.json`): the bits of every conv/linear layer, "
+           "the learned step sizes, and the weight quantization error ||ŵ - w||² / ||w||².", ""]
+    for trial_id, rows in layers.groupby("trial_id", sort=False):
+        if rows["label"].iloc[0] == "FP32":
+            continue  # nothing quantized, nothing learned: layers.csv still lists it
+        r = df[df["trial_id"] == trial_id].iloc[0]
+        out += [f"## {r['trial_name']} ({rows['label'].iloc[0]}, after epoch {rows['epoch'].iloc[0]})", ""]
+        table = []
+        for _, row in rows.iterrows():
+            table.append([row.get("layer"), row.get("kind"), _bits(row.get("w_bits")), _bits(row.get("a_bits")),
+                          _num(row.get("w_step")), _num(row.get("a_step")), _num(row.get("w_rel_mse"))])
+        out += [_md_table(["layer", "kind", "w bits", "a bits", "w step", "a step", "w rel-MSE"], table), ""]
+    return "\n".join(out)
+
+
+def _bits(v) -> str:
+    return "FP32" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v))
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}"
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
+    """Top-1 against bit-width, one line per first/last policy (and other varied keys); FP32 dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
+    other = [k for k in _varied(df, exclude=("w_bits", "a_bits", "first", "last", "seed"))]
+    quant = done[done["w_bits"].notna()]
+    fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
+
+    def label(keys, values) -> str:
+        return ", ".join(f"{k} {_cell(v, k)}" for k, v in zip(keys, values))
+
+    if len(quant):
+        for key, g in quant.groupby(["first", "last"] + other, sort=False, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            means = g.groupby("w_bits")["final_top1"].mean().sort_index()
+            policy = key[0] if key[0] == key[1] else f"{key[0]}/{key[1]}"
+            text = f"first/last {policy}" + (f", {label(other, key[2:])}" if other else "")
+            ax.plot(means.index.astype(int), means.values, marker="o", label=text)
+        ax.set_xticks(sorted(quant["w_bits"].dropna().astype(int).unique()))
+    for key, g in (fp32.groupby(other, sort=False, dropna=False) if other and len(fp32) else [((), fp32)]):
+        if len(g):
+            key = key if isinstance(key, tuple) else (key,)
+            text = "FP32" + (f" ({label(other, key)})" if other else "")
+            ax.axhline(g["final_top1"].mean(), linestyle="--", color="gray", linewidth=1, label=text)
+    ax.set_xlabel("bit-width (weights = activations of the body)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- writing
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_report(experiment: str, reports_dir: str, name: str | None = None) -> Report:
+    """Read the stored experiment and write every report file to <reports_dir>/<name>/."""
+    df, layers, meta = collect(experiment)
+    name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
+    folder = os.path.join(reports_dir, name)
+    table = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    written = {"results.parquet": buf.getvalue(), "results.csv": df.to_csv(index=False), "table.md": table}
+    if len(layers):
+        written["layers.csv"] = layers.to_csv(index=False)
+        written["layers.md"] = render_layers(df, layers)
+    written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
+    for file, data in written.items():
+        atomic_write(os.path.join(folder, file), data)
+    return Report(folder=folder, results=df, layers=layers, table_md=table,
+                  files=[os.path.join(folder, f) for f in written])

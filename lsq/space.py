@@ -1,0 +1,495 @@
+"""Search spaces: a YAML file -> a validated, de-duplicated list of TrialConfig.
+
+A search space file has these top-level keys, all optional:
+
+    name:           the sweep's name (default: the file's stem); letters, digits, '.', '_', '-'
+    description:    free text, copied into the report
+    fixed:          {key: value}        TrialConfig keys shared by every trial
+    grid:           {key: [values]}     the cartesian product of the lists
+    variants:       [{key: value}, ...] explicit rows, e.g. the lines of a results table
+    seeds:          N or [s1, s2, ...]  repeats of every cell (N means seeds 0..N-1)
+    resources:      {cpu: 1, gpu: 0.5}  per trial; a fractional gpu packs trials onto one card
+    early_stopping: {metric: top1, mode: max, grace_period: 1, reduction_factor: 3}
+                    turns on ASHA; without it every trial runs to the end (FIFO)
+    max_failures:   retries of a crashed trial from its last checkpoint (default 2)
+
+A grid key is a TrialConfig key with a list of values, or an axis name of your choosing with a
+list of partial configs that vary together, e.g. bits that move weights and activations as one:
+
+    grid:
+      bits: [{w_bits: 2, a_bits: 2}, {w_bits: 4, a_bits: 4}, {w_bits: null, a_bits: null}]
+      wd: [1.0e-4, 5.0e-5]
+
+The rule for building the trials:
+
+    for each variant row (one empty row when there are no variants):
+        for each combination of the grid (in file order, the last key varying fastest):
+            for each seed:
+                trial = TrialConfig defaults < fixed < grid values < variant row < --set < seed
+
+`--set key=value` overrides a key for every trial; its value is read as YAML (`--set w_bits=32`,
+`--set data_dir=/data/cifar`). Relative `data_dir` / `init_from` paths are made absolute (Ray
+runs each trial in its own working directory). Every trial is validated by
+`TrialConfig.from_dict` before anything starts; every mistake raises `ConfigError` naming the
+file (with a line where there is one), the key, and what is allowed.
+
+Cells whose `TrialConfig.identity()` is equal train the same network the same way (e.g. the
+FP32 baseline crossed with several first/last policies): the first runs, the others are
+recorded in `Space.merged` so the dry-run table can say so.
+
+No Ray here: `sweep.py` turns `Space.points()` into Tune's search space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, TrialConfig, coerce
+
+TOP_KEYS = ("name", "description", "fixed", "grid", "variants", "seeds", "resources",
+            "early_stopping", "max_failures")
+RESOURCE_KEYS = ("cpu", "gpu")
+EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction_factor": 3}
+DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
+DEFAULT_MAX_FAILURES = 2
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PATH_KEYS = ("data_dir", "init_from")
+_KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
+
+
+@dataclass
+class Merged:
+    """Cells that normalize to one trial: `kept` runs, `dropped` are the same trial again."""
+
+    kept: int              # index into Space.trials
+    dropped: list[dict]    # the dropped cells' configs (as written, before normalization)
+    differ_in: list[str]   # keys whose written values differ among the merged cells
+
+    def describe(self, trial: TrialConfig) -> str:
+        n = len(self.dropped) + 1
+        if not self.differ_in:
+            return f"{n} identical cells ({trial.label()}) run once (trial {self.kept + 1})"
+        keys = "/".join(self.differ_in)
+        return f"{n} cells identical after normalization: {trial.label()} x {keys} run once (trial {self.kept + 1})"
+
+
+@dataclass
+class Space:
+    path: str
+    name: str
+    description: str
+    trials: list[TrialConfig]
+    cells: int                                  # cells before merging identical ones
+    merged: list[Merged] = field(default_factory=list)
+    resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    early_stopping: dict | None = None
+    max_failures: int = DEFAULT_MAX_FAILURES
+    seeds: list[int] | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def points(self) -> list[dict]:
+        """One plain TrialConfig dict per trial: what `train_lsq(config)` receives."""
+        return [t.to_dict() for t in self.trials]
+
+    def varied_keys(self) -> list[str]:
+        """TrialConfig keys whose value differs between trials, in TrialConfig order."""
+        return varied_keys(self.points())
+
+
+def varied_keys(configs: list[dict]) -> list[str]:
+    keys = [k for k in TrialConfig.keys() if any(k in c for c in configs)]
+    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def trial_name(config: dict, index: int) -> str:
+    """A short, readable, unique trial name, e.g. '003_W4A4_w8a8-w8a8' (used as its folder too)."""
+    cfg = TrialConfig.from_dict(config, where="trial config")
+    parts = [f"{index:03d}", cfg.label()]
+    if not cfg.is_fp32:
+        parts.append(cfg.first if cfg.first == cfg.last else f"{cfg.first}-{cfg.last}")
+    return "_".join(parts)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_space(path: str, overrides: list[str] | None = None) -> Space:
+    """Read, validate and expand a search space file. Raises ConfigError on any mistake."""
+    text = _read(path)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_message(path, e)) from None
+    if not isinstance(doc, dict):
+        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
+    lines = _KeyLines(text)
+    where = _Where(path, lines)
+
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{where(key)}: unknown top-level key '{key}'{_did_you_mean(key, TOP_KEYS)}; "
+                              f"allowed: {', '.join(TOP_KEYS)}")
+
+    name = doc.get("name", os.path.splitext(os.path.basename(path))[0])
+    check_name(name, where("name"))
+    description = doc.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError(f"{where('description')}: key 'description' must be text")
+
+    fixed = _partial(doc.get("fixed"), where, ("fixed",))
+    axes = _grid(doc.get("grid"), where)
+    variants = _variants(doc.get("variants"), where)
+    seeds = _seeds(doc.get("seeds"), where)
+    resources = _resources(doc.get("resources"), where)
+    early = _early_stopping(doc.get("early_stopping"), where)
+    max_failures = _count(doc.get("max_failures", DEFAULT_MAX_FAILURES), where("max_failures"), "max_failures")
+    sets = parse_overrides(overrides or [])
+
+    if seeds is not None:
+        for origin, rows in (("fixed", [fixed]), ("grid", [r for _, rows in axes for _, r, _ in rows]),
+                             ("variants", variants or []), ("--set", [sets])):
+            if any("seed" in r for r in rows):
+                raise ConfigError(f"{where(origin) if origin != '--set' else '--set seed'}: key 'seed' is set in "
+                                  f"'{origin}' and by 'seeds'; allowed: one of them ('seeds' repeats every cell)")
+    cells = _cells(fixed, axes, variants, seeds, sets)
+
+    trials, first_of, groups = [], {}, {}
+    for number, (values, origin) in enumerate(cells, start=1):
+        try:
+            cfg = TrialConfig.from_dict(values, where=f"{path} (cell {number})")
+        except ConfigError as e:
+            raise ConfigError(_locate(str(e), path, number, origin, where)) from None
+        cfg = dataclasses.replace(cfg, **_absolute_paths(cfg))
+        ident = cfg.identity()
+        if ident not in first_of:
+            first_of[ident] = len(trials)
+            trials.append(cfg)
+        groups.setdefault(first_of[ident], []).append(values)
+    merged = [Merged(kept=i, dropped=rows[1:], differ_in=varied_keys(rows))
+              for i, rows in groups.items() if len(rows) > 1]
+
+    return Space(path=path, name=name, description=description.strip(), trials=trials, cells=len(cells),
+                 merged=merged, resources=resources, early_stopping=early, max_failures=max_failures,
+                 seeds=seeds, overrides=sets)
+
+
+def _cells(fixed: dict, axes: list, variants: list[dict] | None, seeds: list[int] | None,
+           sets: dict) -> list[tuple[dict, dict]]:
+    """Every cell as (values, origin): origin maps each key to the path in the file that set it,
+    so a whole-trial error (e.g. a missing init_from file) can point at its line."""
+    cells = []
+    for v_index, variant in enumerate(variants or [{}]):
+        for combo in itertools.product(*(rows for _, rows in axes)):
+            for seed in seeds if seeds is not None else [None]:
+                values, origin = {}, {}
+
+                def put(layer: dict, path: tuple, key_in_path: bool = True) -> None:
+                    for k, v in layer.items():
+                        values[k], origin[k] = v, path + (k,) if key_in_path else path
+
+                put(fixed, ("fixed",))
+                for (axis, _), (r_index, row, plain) in zip(axes, combo):
+                    if plain:  # grid: {wd: [...]}: the line of the key
+                        put(row, ("grid", axis), key_in_path=False)
+                    else:      # grid: {bits: [{w_bits: 2, ...}]}: the line of the row's key
+                        put(row, ("grid", axis, r_index))
+                put(variant, ("variants", v_index))
+                put(sets, ("--set",), key_in_path=False)
+                if seed is not None:
+                    put({"seed": seed}, ("seeds",), key_in_path=False)
+                cells.append((values, origin))
+    return cells
+
+
+def check_name(name: Any, where: str = "name") -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-' "
+                          "(it names the experiment folder)")
+    return name
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` items -> {key: validated value}. The value is parsed as YAML."""
+    out = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: cannot read the value as YAML ({_yaml_problem(e)})") from None
+        out[key] = coerce(key, value, where=f"--set {item}")
+    return out
+
+
+# ----------------------------------------------------------------------------- sections
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        known = sorted(f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))) if os.path.isdir(folder) else []
+        hint = f"; spaces in {folder}: {', '.join(known)}" if known else ""
+        raise ConfigError(f"{path}: no such search space file{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the search space ({e})") from None
+
+
+def _partial(section: Any, where, path: tuple) -> dict:
+    """A mapping of TrialConfig keys, each value checked on its own (so errors can name a line)."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where(*path)}: '{_dotted(path)}' must be a mapping of config keys to values, "
+                          f"got {type(section).__name__}")
+    for k, v in section.items():
+        coerce(str(k), v, where=where(*path, k))
+    return dict(section)
+
+
+def _grid(section: Any, where) -> list[tuple[str, list[tuple[int, dict, bool]]]]:
+    """grid -> [(axis, [(index, partial config, is a plain key)])]; a plain key gives rows {key: v}."""
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where('grid')}: 'grid' must be a mapping of key -> list of values, got {type(section).__name__}")
+    axes = []
+    for key, values in section.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"{where('grid', key)}: grid key '{key}' = {values!r}: expected a list of values, "
+                              f"e.g. {key}: [{values!r}] (a single value belongs in 'fixed')")
+        if not values:
+            raise ConfigError(f"{where('grid', key)}: grid key '{key}' is an empty list; allowed: a list of at least one value")
+        if key in TrialConfig.keys():
+            rows = [(i, {key: v}, True) for i, v in enumerate(values)]
+            for i, v in enumerate(values):
+                coerce(key, v, where=where("grid", key, i))
+        elif all(isinstance(v, dict) for v in values):  # a named axis of partial configs
+            rows = [(i, _partial(v, where, ("grid", key, i)), False) for i, v in enumerate(values)]
+        else:
+            raise ConfigError(f"{where('grid', key)}: unknown key '{key}'{_did_you_mean(key, TrialConfig.keys())}; "
+                              f"allowed: a config key ({', '.join(TrialConfig.keys())}) with a list of values, "
+                              "or an axis name with a list of mappings of config keys")
+        axes.append((str(key), rows))
+    return axes
+
+
+def _variants(section: Any, where) -> list[dict] | None:
+    if section is None:
+        return None
+    if not isinstance(section, list):
+        raise ConfigError(f"{where('variants')}: 'variants' must be a list of mappings (one row each), "
+                          f"got {type(section).__name__}")
+    if not section:
+        raise ConfigError(f"{where('variants')}: 'variants' is an empty list; allowed: at least one row, or leave it out")
+    return [_partial(row, where, ("variants", i)) for i, row in enumerate(section)]
+
+
+def _seeds(section: Any, where) -> list[int] | None:
+    if section is None:
+        return None
+    if isinstance(section, list):
+        if not section:
+            raise ConfigError(f"{where('seeds')}: 'seeds' is an empty list; allowed: a count N >= 1 or a list of seeds")
+        return [coerce("seed", s, where=where("seeds", i)) for i, s in enumerate(section)]
+    n = _count(section, where("seeds"), "seeds")
+    if n < 1:
+        raise ConfigError(f"{where('seeds')}: 'seeds' = {n}: allowed: a count N >= 1 or a list of seeds")
+    return list(range(n))
+
+
+def _resources(section: Any, where) -> dict:
+    res = dict(DEFAULT_RESOURCES)
+    if section is None:
+        return res
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where('resources')}: 'resources' must be a mapping like {{cpu: 1, gpu: 0.5}}")
+    for key, value in section.items():
+        if key not in RESOURCE_KEYS:
+            raise ConfigError(f"{where('resources', key)}: unknown resource '{key}'{_did_you_mean(key, RESOURCE_KEYS)}; "
+                              f"allowed: {', '.join(RESOURCE_KEYS)}")
+        res[key] = check_resource(key, value, where("resources", key))
+    return res
+
+
+def check_resource(key: str, value: Any, where: str) -> float | int:
+    """cpu > 0; gpu >= 0, fractional below 1 (packed onto one card), whole above 1."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and key == "cpu":
+        ok = value > 0
+    if ok and key == "gpu":
+        ok = value >= 0 and (value <= 1 or float(value).is_integer())
+    if not ok:
+        allowed = "a number > 0" if key == "cpu" else "a fraction in 0..1 (shares one card) or a whole number of GPUs"
+        raise ConfigError(f"{where}: resource '{key}' = {value!r}: allowed: {allowed}")
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _early_stopping(section: Any, where) -> dict | None:
+    if section is None or section is False:
+        return None
+    if section is True:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where('early_stopping')}: 'early_stopping' must be a mapping with keys "
+                          f"{', '.join(EARLY_STOPPING)} (or true for the defaults)")
+    out = dict(EARLY_STOPPING)
+    for key, value in section.items():
+        if key not in EARLY_STOPPING:
+            raise ConfigError(f"{where('early_stopping', key)}: unknown key '{key}'{_did_you_mean(key, EARLY_STOPPING)}; "
+                              f"allowed: {', '.join(EARLY_STOPPING)}")
+        out[key] = value
+    if out["metric"] not in ("top1", "top5", "loss", "best_top1"):
+        raise ConfigError(f"{where('early_stopping', 'metric')}: metric {out['metric']!r}: allowed: top1, top5, loss, best_top1")
+    if out["mode"] not in ("max", "min"):
+        raise ConfigError(f"{where('early_stopping', 'mode')}: mode {out['mode']!r}: allowed: max, min")
+    if _count(out["grace_period"], where("early_stopping", "grace_period"), "grace_period") < 1:
+        raise ConfigError(f"{where('early_stopping', 'grace_period')}: grace_period must be >= 1 (epochs)")
+    rf = out["reduction_factor"]
+    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
+        raise ConfigError(f"{where('early_stopping', 'reduction_factor')}: reduction_factor {rf!r}: allowed: a number > 1")
+    return out
+
+
+def _count(value: Any, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: key '{key}' = {value!r}: allowed: a whole number >= 0")
+    return value
+
+
+def _absolute_paths(cfg: TrialConfig) -> dict:
+    """Relative data_dir / init_from -> absolute: Ray runs each trial in its own working directory."""
+    out = {}
+    for k in _PATH_KEYS:
+        v = getattr(cfg, k)
+        if isinstance(v, str) and v and v != "torchvision" and "://" not in v:
+            out[k] = os.path.abspath(os.path.expanduser(v))
+    return out
+
+
+# ----------------------------------------------------------------------------- messages
+def _did_you_mean(key: Any, allowed) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
+
+
+def _yaml_message(path: str, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    line = f" (line {mark.line + 1})" if mark is not None else ""
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    detail = _yaml_problem(e) + (f" {context}" if context else "")
+    if context_mark is not None and mark is not None and context_mark.line != mark.line:
+        detail += f" (started at line {context_mark.line + 1})"
+    return f"{path}{at}: YAML syntax error{line}: {detail}"
+
+
+class _KeyLines:
+    """Line numbers of the keys and list items in a YAML text, for messages: path -> line."""
+
+    def __init__(self, text: str):
+        self.lines: dict[tuple, int] = {}
+        try:
+            self._walk(yaml.compose(text), ())
+        except yaml.YAMLError:
+            pass
+
+    def _walk(self, node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                self.lines[p] = key.start_mark.line + 1
+                self._walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                self._walk(item, path + (i,))
+
+    def find(self, path: tuple) -> int | None:
+        while path:  # the deepest part of the path that has a line
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+class _Where:
+    """'file:line (grid.w_bits[2])' for a path inside the file."""
+
+    def __init__(self, path: str, lines: _KeyLines):
+        self.path, self.lines = path, lines
+
+    def __call__(self, *parts) -> str:
+        line = self.lines.find(tuple(parts))
+        return f"{self.path}:{line} ({_dotted(parts)})" if line else f"{self.path} ({_dotted(parts)})"
+
+
+def _locate(message: str, path: str, number: int, origin: dict, where) -> str:
+    """Point a whole-trial error (e.g. a missing init_from file) at the line that set the key."""
+    m = _KEY_IN_MESSAGE.search(message)
+    key = m.group(1) if m else None
+    prefix = f"{path} (cell {number}): "
+    body = message[len(prefix):] if message.startswith(prefix) else message
+    source = origin.get(key)
+    if source is None:
+        at = f"{path} (cell {number})"
+    elif source == ("--set",):
+        at = f"--set {key}"
+    else:
+        at = f"{where(*source)}, cell {number}"
+    if key in _PATH_KEYS and source != ("--set",):
+        body += f"; set it in the file, or for every trial with --set {key}=..."
+    return f"{at}: {body}"
+
+
+# ----------------------------------------------------------------------------- dry-run table
+def read_name(path: str) -> str:
+    """Just the sweep name of a space file (for --report-only, which trains nothing)."""
+    try:
+        doc = yaml.safe_load(_read(path))
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_message(path, e)) from None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return check_name(name or os.path.splitext(os.path.basename(path))[0], f"{path} (name)")
+
+
+def _text(v) -> str:
+    if isinstance(v, float) and v and not 1e-3 <= abs(v) < 1e4:
+        mantissa, exponent = f"{v:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def format_table(space: Space) -> str:
+    """The trials as a plain-text table: one line per trial, then the merged cells."""
+    shown = ["model", "dataset"]
+    extra = [k for k in space.varied_keys() if k not in ("model", "dataset", "w_bits", "a_bits", "first", "last")]
+    header = ["#", "bits", "first", "last"] + shown + extra
+    rows = []
+    for i, t in enumerate(space.trials, start=1):
+        ends = ["-", "-"] if t.is_fp32 else [t.first, t.last]
+        rows.append([str(i), t.label()] + ends + [_text(getattr(t, k)) for k in shown + extra])
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in space.merged:
+        lines.append(f"note: {m.describe(space.trials[m.kept])}")
+    return "\n".join(lines)

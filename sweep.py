@@ -1,0 +1,438 @@
+"""Run a search space as a Ray Tune sweep, resumably, and write its report.
+
+    python sweep.py                                    # search_spaces/smoke.yaml on a local Ray
+    python sweep.py search_spaces/imagenet_resnet18_paper.yaml --set data_dir=/data/imagenet --dry-run
+    python sweep.py SPACE --address auto --storage s3://bucket/runs     # on a cluster
+    python sweep.py SPACE --resume                     # continue after Ctrl-C or a crash
+    python sweep.py SPACE --report-only                # rebuild reports/<name>/ from storage
+
+The flow: load + validate the space (lsq/space.py; a mistake exits 2 before anything starts or
+is written) -> start a private local Ray, or join --address -> a Tuner whose trials are the
+space's configs, each run by `train_lsq` (lsq/trainable.py) -> every epoch a checkpoint into
+<storage>/<name>/ -> lsq/report.py turns that folder into reports/<name>/.
+
+Choices that keep a sweep safe to interrupt:
+- Tune's experiment snapshot is written after every controller step (TUNE_GLOBAL_CHECKPOINT_S=0)
+  instead of every ~10 s, so a killed driver loses no checkpoint it has seen.
+- Ctrl-C or SIGTERM stops Tune cleanly; the partial report and the resume command are printed.
+- --resume restores the Tuner: finished trials stay finished, interrupted and errored trials
+  continue from their last checkpoint.
+- The local Ray listens on 127.0.0.1 only and uses a fresh auth token per sweep (Ray 2.59+ token
+  authentication), so stale /tmp/ray state, ~/.ray or another sweep never get in the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import signal
+import socket
+import sys
+import time
+
+from lsq.config import ConfigError
+from lsq.space import Space, check_name, check_resource, format_table, load_space, read_name, trial_name
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SPACE = os.path.join("search_spaces", "smoke.yaml")
+DEFAULT_STORAGE = "runs"
+DEFAULT_REPORTS = "reports"
+CHECKPOINTS_TO_KEEP = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python sweep.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 done, 1 some trial errored, 2 a mistake in the input, 130 interrupted "
+               "(resume with --resume)")
+    p.add_argument("space", nargs="?", default=None, metavar="SPACE",
+                   help=f"search space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--address", help="join this Ray cluster, e.g. 'auto' after `ray start --head` "
+                                     "(default: start a private local Ray on 127.0.0.1)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"experiment storage: a directory or a URI such as s3://bucket/runs "
+                        f"(default: ./{DEFAULT_STORAGE}); a cluster needs shared or cloud storage")
+    p.add_argument("--name", help="the sweep's name, the folder under --storage (default: the space's name)")
+    p.add_argument("--resume", action="store_true", help="continue the named sweep from its checkpoints")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every trial, e.g. --set epochs=3 (repeatable)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
+    p.add_argument("--cpus-per-trial", type=float, metavar="N", help="override the space's resources.cpu")
+    p.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="override the space's resources.gpu (a fraction packs trials onto one GPU)")
+    p.add_argument("--max-failures", type=int, metavar="N",
+                   help="retries of a crashed trial from its last checkpoint (default: the space's, else 2)")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and resources; run and write nothing")
+    p.add_argument("--reports", default=DEFAULT_REPORTS, metavar="DIR",
+                   help=f"where reports go, as DIR/<name>/ (default: {DEFAULT_REPORTS}/)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report of a stored sweep; run nothing")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Resume with:\n  {resume_command(argv)}", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an environment problem: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from lsq import report
+
+    space_path = args.space or _default_space()
+    storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
+
+    if args.report_only:
+        name = check_name(args.name, "--name") if args.name else read_name(space_path)
+        experiment = _join(storage, name)
+        if not report.experiment_exists(experiment):
+            raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
+        _print_report(report.build_report(experiment, args.reports, name))
+        return 0
+
+    space = load_space(space_path, args.set)
+    name = check_name(args.name, "--name") if args.name else space.name
+    resources = dict(space.resources)
+    if args.cpus_per_trial is not None:
+        resources["cpu"] = check_resource("cpu", args.cpus_per_trial, "--cpus-per-trial")
+    if args.gpus_per_trial is not None:
+        resources["gpu"] = check_resource("gpu", args.gpus_per_trial, "--gpus-per-trial")
+    max_failures = space.max_failures if args.max_failures is None else args.max_failures
+    if max_failures < 0:
+        raise ConfigError(f"--max-failures {max_failures}: allowed: a whole number >= 0")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
+    experiment = _join(storage, name)
+    exists = report.experiment_exists(experiment)
+
+    if args.dry_run:
+        print(dry_run_text(space, name, resources, max_failures, experiment, args))
+        if exists and not args.resume:
+            print(f"note: sweep '{name}' already exists in {storage}: a real run needs --resume or another --name")
+        return 0
+    if exists and not args.resume:
+        raise ConfigError(
+            f"sweep '{name}' already exists in {storage}. Continue it with\n  {resume_command(argv)}\n"
+            f"or start a new one with --name {name}-2 (or remove {experiment})")
+    if args.resume and not exists:
+        raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
+    if args.address:
+        _check_reachable(args.address)
+    if args.address and "://" not in storage:
+        print(f"warning: --storage {storage} is a local path. On a multi-node Ray cluster every node writes its "
+              "trials' checkpoints there, so it must be shared storage (the same NFS path on every node) or "
+              "cloud storage such as --storage s3://bucket/runs.", file=sys.stderr)
+
+    ray = start_ray(args)
+    try:
+        resources = fit_resources(ray, resources, space, local=not args.address)
+        return run_sweep(args, argv, space, name, storage, experiment, resources, max_failures)
+    finally:
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- Ray
+def start_ray(args):
+    """A private local Ray on 127.0.0.1 (default), or the cluster at --address."""
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # snapshot the experiment state after every step
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic progress table (CLIReporter)
+    if not args.address:
+        if os.environ.pop("RAY_ADDRESS", None):
+            print("note: RAY_ADDRESS is set but ignored; pass --address to join a cluster", file=sys.stderr)
+        # Read when Ray is imported: on Linux this keeps the node on 127.0.0.1 instead of every interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+            # Token authentication (Ray's default for a new local cluster) with a fresh token for
+            # this cluster only: nothing read from or written to ~/.ray, no clash with other sweeps.
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    elif "RAY_AUTH_MODE" not in os.environ and _token_available():
+        # Ray turns token authentication on by itself only for address "auto"; an explicit
+        # address (ray://, host:port) needs the mode set, or the token is never sent.
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import logging
+
+    import ray
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    quiet = ray.LoggingConfig(log_level="WARNING")
+    if args.address:
+        try:
+            ray.init(address=args.address, logging_config=quiet)
+        except Exception as e:
+            raise ConfigError(
+                f"--address {args.address}: cannot join the Ray cluster ({type(e).__name__}: {str(e).strip()[:300]}). "
+                "Start one with `ray start --head`; if it uses token authentication, give this machine its token "
+                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from None
+    else:
+        ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet)
+        if args.dashboard and getattr(ctx, "dashboard_url", None):
+            print(f"Ray dashboard: http://{ctx.dashboard_url}")
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a wrong host:port (Ray itself retries for many minutes)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}). "
+                          "Is the cluster up (`ray start --head` prints its address)?") from None
+
+
+def _token_available() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
+def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
+    """Per-trial resources that this cluster can give: CPU-only without GPUs, capped locally."""
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    res = dict(resources)
+    if res["gpu"] and not gpus:
+        print(f"note: the cluster has no GPU: running CPU-only (asked for gpu={res['gpu']} per trial)")
+        res["gpu"] = 0
+        if any(t.device == "cuda" for t in space.trials):
+            raise ConfigError("key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu "
+                              "(e.g. --set device=auto)")
+    elif res["gpu"] > gpus:
+        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {gpus:g} GPUs")
+    if local and res["cpu"] > cpus:
+        print(f"note: this machine has {cpus:g} CPUs: each trial gets {cpus:g} (asked for {res['cpu']})")
+        res["cpu"] = cpus
+    return res
+
+
+# ----------------------------------------------------------------------------- the sweep
+def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str, resources: dict,
+              max_failures: int) -> int:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from lsq import report
+    from lsq.trainable import train_lsq
+
+    trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+    if args.resume:
+        print(f"Resuming sweep '{name}' from {experiment}")
+        _warn_if_space_changed(space, experiment)
+        if any(v is not None for v in (args.cpus_per_trial, args.gpus_per_trial, args.max_failures)):
+            print("note: --cpus-per-trial, --gpus-per-trial and --max-failures shape a new sweep; "
+                  "a resumed one keeps the values it started with")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False)
+    else:
+        points = space.points()
+        varied = space.varied_keys()
+        # Tune needs every key of a preset point in the search space: constants, and a choice for
+        # the keys that vary. Each trial's config is then exactly one point: a plain TrialConfig dict.
+        param_space = {k: (tune.choice(_unique([p[k] for p in points])) if k in varied else points[0][k])
+                       for k in points[0]}
+        scheduler = None
+        if space.early_stopping:
+            from ray.tune.schedulers import ASHAScheduler
+
+            es = space.early_stopping
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric=es["metric"], mode=es["mode"],
+                                      max_t=max(t.epochs for t in space.trials), grace_period=es["grace_period"],
+                                      reduction_factor=es["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                num_samples=len(points),
+                scheduler=scheduler,
+                max_concurrent_trials=args.max_concurrent,
+                reuse_actors=True,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+                progress_reporter=_progress_reporter(tune, varied),
+                verbose=1,
+            ),
+        )
+        report.write_meta(experiment, {
+            "name": name, "description": space.description, "space": os.path.abspath(space.path),
+            "trials": len(space.trials), "cells": space.cells, "seeds": space.seeds,
+            "merged": [m.describe(space.trials[m.kept]) for m in space.merged],
+            "resources": resources, "max_failures": max_failures, "early_stopping": space.early_stopping,
+            "overrides": space.overrides, "command": resume_command(argv, resume=False),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
+        print(f"Sweep '{name}': {len(space.trials)} trials, each {_res_text(resources)}; storage {experiment}")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    result = report.build_report(experiment, args.reports, name)
+    _print_report(result)
+    statuses = result.results["status"]
+    if statuses.isin(["RUNNING", "PENDING"]).any():
+        print(f"\nThe sweep was interrupted. Resume it with:\n  {resume_command(argv)}")
+        return 130
+    return 1 if (statuses == "ERROR").any() else 0
+
+
+def _trial_name(trial) -> str:
+    """Tune trial (and folder) name: the cell number in the space and its label."""
+    return trial_name(trial.config, int(trial.trial_id.rsplit("_", 1)[-1]) + 1)
+
+
+def _progress_reporter(tune, varied: list[str]):
+    """A compact progress table (trial, status, epoch, top-1), printed when something changed."""
+    shown_in_name = ("w_bits", "a_bits", "first", "last")
+    params = [k for k in varied if k not in shown_in_name]
+
+    class Progress(tune.ProgressReporter):
+        def __init__(self):
+            self._last, self._last_time, self._start = None, 0.0, time.time()
+
+        def setup(self, start_time=None, *args, **kwargs):
+            self._start = start_time or self._start
+
+        def should_report(self, trials, done=False):
+            state = [(t.trial_id, t.status, t.last_result.get("epoch")) for t in trials]
+            if done or (state != self._last and time.time() - self._last_time >= 5):
+                self._last, self._last_time = state, time.time()
+                return True
+            return False
+
+        def report(self, trials, done, *sys_info):
+            counts = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self._start))
+            rows = [["trial", "status", "epoch", "top-1", "best"] + params]
+            for t in sorted(trials, key=lambda t: t.trial_id):
+                r, c = t.last_result or {}, t.config
+                epoch = f"{r['epoch']}/{c.get('epochs')}" if "epoch" in r else ""
+                rows.append([str(t), t.status, epoch, _pct(r.get("top1")), _pct(r.get("best_top1"))]
+                            + [str(c.get(k)) for k in params])
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            lines = [f"[{elapsed}] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+            lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+            print("\n".join(lines) + "\n", flush=True)
+
+    return Progress()
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM (e.g. from a batch scheduler) stops the sweep the way Ctrl-C does."""
+    signal.raise_signal(signal.SIGINT)
+
+
+def _warn_if_space_changed(space: Space, experiment: str) -> None:
+    from lsq import report
+
+    stored = report.read_meta(experiment)
+    if stored.get("trials") not in (None, len(space.trials)):
+        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {stored['trials']}: "
+              "--resume continues the stored trials only (use a new --name for the new ones)")
+
+
+# ----------------------------------------------------------------------------- text
+def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, experiment: str, args) -> str:
+    scheduler = "FIFO: every trial runs to its last epoch"
+    if space.early_stopping:
+        es = space.early_stopping
+        scheduler = (f"ASHA on {es['metric']} ({es['mode']}), grace period {es['grace_period']} epochs, "
+                     f"reduction factor {es['reduction_factor']}")
+    cpus = os.cpu_count() or 1
+    at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
+    if args.max_concurrent:
+        at_once = min(at_once, args.max_concurrent)
+    lines = [f"Sweep '{name}' from {space.path}: {len(space.trials)} trials"
+             + (f" ({space.cells} cells, {space.cells - len(space.trials)} merged)" if space.cells != len(space.trials) else ""),
+             ""]
+    if space.description:
+        lines += [space.description, ""]
+    lines += [format_table(space), "",
+              f"resources per trial: {_res_text(resources)}"
+              + ("" if args.address else f"; on this machine ({cpus} CPUs) up to {at_once} at once"),
+              f"scheduler: {scheduler}; a crashed trial is retried {_times(max_failures)} from its last checkpoint",
+              f"storage: {experiment}",
+              f"reports: {os.path.join(args.reports, name)}",
+              "dry run: nothing was started or written"]
+    return "\n".join(lines)
+
+
+def _print_report(result) -> None:
+    print(f"\nReport: {result.folder}  ({', '.join(os.path.basename(f) for f in result.files)})\n")
+    print(result.table_md)
+
+
+def _times(n: int) -> str:
+    return "never" if n == 0 else "once" if n == 1 else f"up to {n} times"
+
+
+def _res_text(resources: dict) -> str:
+    return f"{resources['cpu']:g} CPU" + (f", {resources['gpu']:g} GPU" if resources["gpu"] else "")
+
+
+def resume_command(argv: list[str], resume: bool = True) -> str:
+    """The exact command that continues this sweep."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == "sweep.py" else os.path.relpath(__file__)
+    args = [a for a in argv if a not in ("--resume", "--dry-run", "--report-only")]
+    return shlex.join(["python", script, *args] + (["--resume"] if resume else []))
+
+
+def _default_space() -> str:
+    return DEFAULT_SPACE if os.path.exists(DEFAULT_SPACE) else os.path.join(HERE, DEFAULT_SPACE)
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+
+
+def _unique(values: list) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Reports from a stored experiment alone: no Ray running, partial sweeps, every trial status.
+
+The experiment folder is laid out here by hand exactly as Tune 2.60 and `train_lsq` leave it
+(experiment_state-*.json, <trial>/params.json, result.json, error.txt, checkpoint_N/layers.json),
+including the awkward cases: an epoch reported twice around a resume, a diverged trial, a crashed
+one, one interrupted, one never started, and a trial folder newer than Tune's last snapshot.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lsq import report
+from lsq.config import TrialConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"model": "resnet20", "dataset": "digits", "epochs": 3, "wd": 1e-4, "batch_size": 128}
+LAYERS = [{"layer": "conv1", "kind": "conv", "w_bits": 8, "a_bits": 8, "a_signed": True, "w_step": 0.01,
+           "a_step": 0.05, "w_rel_mse": 0.001},
+          {"layer": "fc", "kind": "linear", "w_bits": 8, "a_bits": 8, "a_signed": False, "w_step": 0.02,
+           "a_step": 0.1, "w_rel_mse": 0.002}]
+
+
+def config(**kw):
+    return TrialConfig.from_dict({**BASE, **kw}).to_dict()
+
+
+def epoch_row(trial_id, epoch, top1, total):
+    return {"epoch": epoch, "top1": top1, "top5": min(100.0, top1 + 1), "loss": 0.1, "best_top1": top1,
+            "training_iteration": epoch, "trial_id": trial_id, "time_total_s": total,
+            "checkpoint_dir_name": f"checkpoint_{epoch - 1:06d}"}
+
+
+def make_trial(exp, trial_id, name, cfg, rows=(), error=None, checkpoint=None):
+    d = exp / name
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps(cfg))
+    (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if error:
+        (d / "error.txt").write_text(error)
+    if checkpoint is not None:
+        c = d / f"checkpoint_{checkpoint:06d}"
+        c.mkdir()
+        (c / "layers.json").write_text(json.dumps(LAYERS))
+        (c / "checkpoint.pt").write_bytes(b"weights")
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    """A stored sweep 'fake': seeds 0/1 of FP32, W4A4, W2A2, and a pending W8A8."""
+    exp = tmp_path / "runs" / "fake"
+    exp.mkdir(parents=True)
+    trials = [  # (id, folder, config, Tune's status in its last snapshot)
+        ("x_00000", "001_FP32", config(w_bits=None, a_bits=None, seed=0), "TERMINATED"),
+        ("x_00001", "002_FP32", config(w_bits=None, a_bits=None, seed=1), "TERMINATED"),
+        ("x_00002", "003_W4A4_w8a8", config(seed=0), "TERMINATED"),
+        ("x_00003", "004_W4A4_w8a8", config(seed=1), "TERMINATED"),
+        ("x_00004", "005_W2A2_w8a8", config(w_bits=2, a_bits=2, seed=0), "ERROR"),
+        ("x_00005", "006_W2A2_w8a8", config(w_bits=2, a_bits=2, seed=1), "RUNNING"),
+        ("x_00006", "007_W8A8_w8a8", config(w_bits=8, a_bits=8, seed=0), "PENDING"),
+    ]
+    state = {"trial_data": [[json.dumps({"trial_id": i, "status": s, "relative_logdir": f, "custom_trial_name": f,
+                                         "config": c}), json.dumps({})] for i, f, c, s in trials],
+             "runner_data": {}, "stats": {}}
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    (exp / "experiment_state-2025-12-31_00-00-00.json").write_text("{}")  # an older snapshot: ignored
+    report.write_meta(str(exp), {"name": "fake", "description": "A hand-made sweep.",
+                                 "resources": {"cpu": 1, "gpu": 0.5}, "seeds": [0, 1],
+                                 "merged": ["3 cells identical after normalization: FP32 x first/last run once (trial 1)"]})
+
+    make_trial(exp, "x_00000", "001_FP32", trials[0][2], [epoch_row("x_00000", e, 90.0 + e, 10.0 * e) for e in (1, 2, 3)], checkpoint=2)
+    make_trial(exp, "x_00001", "002_FP32", trials[1][2], [epoch_row("x_00001", e, 92.0 + e, 10.0 * e) for e in (1, 2, 3)], checkpoint=2)
+    # epoch 2 reported, driver killed before the snapshot, resumed from epoch 1: epoch 2 again
+    resumed = [epoch_row("x_00002", 1, 80.0, 10), epoch_row("x_00002", 2, 50.0, 20),
+               epoch_row("x_00002", 2, 85.0, 20), epoch_row("x_00002", 3, 88.0, 30)]
+    make_trial(exp, "x_00002", "003_W4A4_w8a8", trials[2][2], resumed, checkpoint=2)
+    diverged = [epoch_row("x_00003", 1, 30.0, 10), {"epoch": 1, "best_top1": 30.0, "trial_id": "x_00003",
+                                                      "failed_reason": "training loss became nan in epoch 2"}]
+    make_trial(exp, "x_00003", "004_W4A4_w8a8", trials[3][2], diverged, checkpoint=0)
+    crash = ("Failure # 1 (occurred at 2026-01-01_00-00-01)\nray.exceptions.RayTaskError(RuntimeError): "
+             "ray::ImplicitFunc.train()\n  File \"x.py\", line 1\nRuntimeError: CUDA out of memory\n"
+             "Failure # 2 (occurred at 2026-01-01_00-00-02)\nRuntimeError: CUDA out of memory\n")
+    make_trial(exp, "x_00004", "005_W2A2_w8a8", trials[4][2], [epoch_row("x_00004", 1, 20.0, 10)], error=crash, checkpoint=0)
+    make_trial(exp, "x_00005", "006_W2A2_w8a8", trials[5][2], [epoch_row("x_00005", 1, 25.0, 10)], checkpoint=0)
+    # a trial that started after Tune's last snapshot: only its folder knows it
+    make_trial(exp, "x_00007", "008_W3A3_w8a8", config(w_bits=3, a_bits=3, seed=0), [epoch_row("x_00007", 1, 40.0, 10)])
+    with open(exp / "003_W4A4_w8a8" / "result.json", "a") as f:
+        f.write('{"epoch": 4, "top1": ')  # a line cut short by a crash
+    return exp
+
+
+def test_results_one_row_per_trial_with_status_and_numbers(experiment, tmp_path):
+    rep = report.build_report(str(experiment), str(tmp_path / "reports"))
+    df = rep.results.set_index("trial_id")
+    assert rep.folder == str(tmp_path / "reports" / "fake")
+    assert list(df.index) == [f"x_0000{i}" for i in range(8)]  # each trial exactly once
+    assert dict(df["status"]) == {"x_00000": "TERMINATED", "x_00001": "TERMINATED", "x_00002": "TERMINATED",
+                                  "x_00003": "FAILED", "x_00004": "ERROR", "x_00005": "RUNNING",
+                                  "x_00006": "PENDING", "x_00007": "RUNNING"}
+    assert list(df["epochs_done"]) == [3, 3, 3, 1, 1, 1, 0, 1]
+    w4 = df.loc["x_00002"]
+    assert w4["final_top1"] == 88.0 and w4["best_top1"] == 88.0  # the repeated epoch 2 counts once (85)
+    assert df.loc["x_00000", "final_top5"] == 94.0 and df.loc["x_00000", "best_top5"] == 94.0
+    assert df.loc["x_00000", "wall_seconds"] == 30.0
+    assert df.loc["x_00000", "gpu_hours"] == pytest.approx(30.0 * 0.5 / 3600)
+    assert df.loc["x_00003", "error"] == "training loss became nan in epoch 2"
+    assert df.loc["x_00004", "error"] == "RuntimeError: CUDA out of memory (2 failures)"
+    assert pd.isna(df.loc["x_00000", "error"]) and math.isnan(df.loc["x_00006", "final_top1"])
+    assert df.loc["x_00000", "checkpoint"] == str(experiment / "001_FP32" / "checkpoint_000002")
+    assert pd.isna(df.loc["x_00006", "checkpoint"])
+    for key in TrialConfig.keys():
+        assert key in df.columns
+    assert pd.isna(df.loc["x_00000", "w_bits"]) and df.loc["x_00002", "w_bits"] == 4
+
+    # parquet and csv hold the same table
+    stored = pd.read_parquet(Path(rep.folder) / "results.parquet")
+    assert len(stored) == 8 and list(stored["trial_id"]) == list(rep.results["trial_id"])
+    assert list(pd.read_csv(Path(rep.folder) / "results.csv")["status"]) == list(stored["status"])
+
+
+def test_table_md_original_style_with_seeds(experiment, tmp_path):
+    rep = report.build_report(str(experiment), str(tmp_path / "reports"))
+    table = (Path(rep.folder) / "table.md").read_text()
+    assert table == rep.table_md
+    assert "| Models | Networks | Params | Notes | Acc@1 |" in table
+    assert "| FP32 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | full precision | 94.00 ± 1.41 (n=2) |" in table
+    assert ("| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | first & last layers: 8-bit weights and input "
+            "| 88.00 (n=1; 1 failed) |") in table
+    assert "| W8A8 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | first & last layers: 8-bit weights and input | pending |" in table
+    assert "3 cells identical after normalization" in table and "A hand-made sweep." in table
+    # the detailed table: every varied key, one row per trial
+    assert "| trial | status | w_bits | a_bits | seed | epochs |" in table
+    assert "| 004_W4A4_w8a8 | FAILED | 4 | 4 | 1 | 1/3 | 30.00 | 30.00 | 31.00 | 10 | training loss became nan in epoch 2 |" in table
+    assert "| 001_FP32 | TERMINATED | FP32 | FP32 | 0 | 3/3 | 93.00 | 93.00 | 94.00 | 30 |  |" in table
+    assert "[layers.md](layers.md)" in table
+
+
+def test_layers_and_plot(experiment, tmp_path):
+    rep = report.build_report(str(experiment), str(tmp_path / "reports"))
+    layers = pd.read_csv(Path(rep.folder) / "layers.csv")
+    assert set(layers["trial_id"]) == {"x_00000", "x_00001", "x_00002", "x_00003", "x_00004", "x_00005"}
+    assert list(layers[layers["trial_id"] == "x_00000"]["layer"]) == ["conv1", "fc"]
+    md = (Path(rep.folder) / "layers.md").read_text()
+    assert "## 003_W4A4_w8a8 (W4A4, after epoch 3)" in md and "| conv1 | conv | 8 | 8 | 0.01 | 0.05 | 0.001 |" in md
+    assert "## 001_FP32" not in md  # nothing quantized: only in layers.csv
+    png = (Path(rep.folder) / "accuracy_vs_bits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_files_are_replaced_atomically(experiment, tmp_path, monkeypatch):
+    reports = tmp_path / "reports"
+    report.build_report(str(experiment), str(reports))
+    before = (reports / "fake" / "table.md").read_text()
+
+    real_replace = os.replace
+
+    def crash_on_table(src, dst):
+        if dst.endswith("table.md"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", crash_on_table)
+    with pytest.raises(OSError):
+        report.build_report(str(experiment), str(reports))
+    assert (reports / "fake" / "table.md").read_text() == before  # the old table, whole
+    assert not [f for f in os.listdir(reports / "fake") if f.endswith(".tmp")]
+
+
+def test_report_needs_no_ray(experiment, tmp_path):
+    """Built in a fresh process that never imports Ray (e.g. a laptop reading the storage)."""
+    code = ("import sys; from lsq.report import build_report; "
+            f"r = build_report({str(experiment)!r}, {str(tmp_path / 'out')!r}); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; print(len(r.results))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "8"
+
+
+def test_empty_experiment_gives_an_empty_report(tmp_path):
+    exp = tmp_path / "runs" / "empty"
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"")
+    assert report.experiment_exists(str(exp)) and not report.experiment_exists(str(tmp_path / "runs" / "nope"))
+    rep = report.build_report(str(exp), str(tmp_path / "reports"))
+    assert len(rep.results) == 0 and (Path(rep.folder) / "accuracy_vs_bits.png").exists()
