@@ -40,7 +40,7 @@ SWEEP_FILE = "sweep.json"
 LAYERS_FILE = "layers.json"
 FILES = ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv", "accuracy_vs_bits.png")
 RESULT_COLUMNS = ["trial_id", "trial_name", "status", "epochs_done", "best_top1", "final_top1", "best_top5",
-                  "final_top5", "gpu_hours", "wall_seconds", "error", "checkpoint"]
+                  "final_top5", "int_top1", "export_ok", "gpu_hours", "wall_seconds", "error", "checkpoint"]
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -244,6 +244,8 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             "final_top1": float(epochs[-1]["top1"]) if epochs else math.nan,
             "best_top5": max((float(r["top5"]) for r in epochs if "top5" in r), default=math.nan),
             "final_top5": float(epochs[-1].get("top5", math.nan)) if epochs else math.nan,
+            "int_top1": _plain(epochs[-1].get("int_top1")) if epochs else None,
+            "export_ok": _plain(epochs[-1].get("export_ok")) if epochs else None,
             "gpu_hours": float(wall) * gpu / 3600.0,
             "wall_seconds": float(wall),
             "error": failed or (crash if status != "TERMINATED" else None),
@@ -396,18 +398,26 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
             + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]
 
     varied = _varied(df)
-    header = ["trial", "status"] + varied + ["epochs", "best top-1", "final top-1", "final top-5", "wall (s)", "error"]
+    header = ["trial", "status"] + varied + ["epochs", "best top-1", "final top-1", "final top-5", "int top-1", "export", "wall (s)", "error"]
     rows = []
     for _, r in df.iterrows():
         rows.append([r["trial_name"], r["status"]] + [_cell(r[k], k) for k in varied] +
                     [f"{r['epochs_done']}/{r['epochs']}", _fmt(r["best_top1"]), _fmt(r["final_top1"]),
-                     _fmt(r["final_top5"]), _fmt(r["wall_seconds"], 0), _short(_plain(r["error"]) or "")])
-    out += ["## Every trial", "", _md_table(header, rows), ""]
+                     _fmt(r["final_top5"]), _fmt(r["int_top1"]), _export_cell(r["export_ok"]), _fmt(r["wall_seconds"], 0), _short(_plain(r["error"]) or "")])
+    out += ["## Every trial", "", _md_table(header, rows), "",
+            "int top-1: top-1 of integer inference (integer codes, int accumulation, one rescale per layer; "
+            "lsq/export.py). export: the ONNX model (QuantizeLinear/DequantizeLinear with the learned step "
+            "sizes) agrees with the fake-quantized model in onnxruntime.", ""]
     links = ["[results.csv](results.csv)", "[results.parquet](results.parquet)"]
     if has_layers:
         links.append("[layers.md](layers.md) (learned step sizes and weight error per layer)")
     out += ["Files: " + ", ".join(links) + ". Plot: [accuracy_vs_bits.png](accuracy_vs_bits.png).", ""]
     return "\n".join(out)
+
+
+def _export_cell(v) -> str:
+    v = _plain(v)
+    return "–" if v is None else ("ok" if v else "FAILED")
 
 
 def _cell(v, key: str = "") -> str:

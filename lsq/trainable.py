@@ -2,7 +2,10 @@
 
 Everything else is the plain Trainer. Per epoch this reports the metrics (epoch, top1, top5,
 loss, train_loss, best_top1, lr, epoch_seconds, images_per_second; accuracies in percent) with a
-checkpoint directory holding:
+checkpoint directory holding the files below. The last epoch also reports int_top1 (top-1 of
+integer inference) and export_ok (the ONNX model agrees with the fake-quantized one).
+
+
 
     checkpoint.pt   the trainer's checkpoint dict (model + quantizer init flags, optimizer,
                     lr_scheduler, epoch, best_top1, history, RNG states)
@@ -72,6 +75,21 @@ def restore(trainer: Trainer, checkpoint: tune.Checkpoint | None) -> None:
     warnings.warn(f"no readable checkpoint for this trial (latest: {checkpoint.path}); restarting from epoch 0")
 
 
+def deployment(cfg: TrialConfig, checkpoint_path: str) -> dict:
+    """Does the final model survive deployment? Integer-inference top-1 and the ONNX check
+    (lsq/export.py), reported with the last epoch. ImageNet's test split is too large for the
+    CPU reference path, so it is skipped there."""
+    if cfg.dataset == "imagenet":
+        return {"int_top1": None, "export_ok": None, "export_reason": "skipped for imagenet"}
+    from .export import deployment_check
+
+    try:
+        r = deployment_check(checkpoint_path, cfg.data_dir)
+    except Exception as e:  # a failed check is a finding for the report, not a failed trial
+        return {"int_top1": None, "export_ok": False, "export_reason": f"{type(e).__name__}: {e}"}
+    return {"int_top1": r.get("int_top1"), "export_ok": r.get("export_ok"), "export_reason": r.get("export_reason")}
+
+
 def train_lsq(config: dict) -> None:
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
     torch.set_num_threads(_threads())
@@ -85,6 +103,8 @@ def train_lsq(config: dict) -> None:
                 trainer.save(os.path.join(d, CHECKPOINT_FILE))
                 with open(os.path.join(d, LAYERS_FILE), "w") as f:
                     json.dump(trainer.layers(), f)
+                if trainer.epoch == cfg.epochs:
+                    metrics.update(deployment(cfg, os.path.join(d, CHECKPOINT_FILE)))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except DivergedError as e:
         # Retrying from the last checkpoint would diverge again: report the reason and stop.

@@ -78,7 +78,8 @@ def experiment(tmp_path):
     make_trial(exp, "x_00001", "002_FP32", trials[1][2], [epoch_row("x_00001", e, 92.0 + e, 10.0 * e) for e in (1, 2, 3)], checkpoint=2)
     # epoch 2 reported, driver killed before the snapshot, resumed from epoch 1: epoch 2 again
     resumed = [epoch_row("x_00002", 1, 80.0, 10), epoch_row("x_00002", 2, 50.0, 20),
-               epoch_row("x_00002", 2, 85.0, 20), epoch_row("x_00002", 3, 88.0, 30)]
+               epoch_row("x_00002", 2, 85.0, 20),
+               {**epoch_row("x_00002", 3, 88.0, 30), "int_top1": 87.5, "export_ok": True}]
     make_trial(exp, "x_00002", "003_W4A4_w8a8", trials[2][2], resumed, checkpoint=2)
     diverged = [epoch_row("x_00003", 1, 30.0, 10), {"epoch": 1, "best_top1": 30.0, "trial_id": "x_00003",
                                                       "failed_reason": "training loss became nan in epoch 2"}]
@@ -136,8 +137,10 @@ def test_table_md_original_style_with_seeds(experiment, tmp_path):
     assert "3 cells identical after normalization" in table and "A hand-made sweep." in table
     # the detailed table: every varied key, one row per trial
     assert "| trial | status | w_bits | a_bits | seed | epochs |" in table
-    assert "| 004_W4A4_w8a8 | FAILED | 4 | 4 | 1 | 1/3 | 30.00 | 30.00 | 31.00 | 10 | training loss became nan in epoch 2 |" in table
-    assert "| 001_FP32 | TERMINATED | FP32 | FP32 | 0 | 3/3 | 93.00 | 93.00 | 94.00 | 30 |  |" in table
+    assert "| 004_W4A4_w8a8 | FAILED | 4 | 4 | 1 | 1/3 | 30.00 | 30.00 | 31.00 | – | – | 10 | training loss became nan in epoch 2 |" in table
+    assert "| 001_FP32 | TERMINATED | FP32 | FP32 | 0 | 3/3 | 93.00 | 93.00 | 94.00 | – | – | 30 |  |" in table
+    # the last epoch's deployment check: integer-inference top-1 and the ONNX agreement
+    assert "| 3/3 | 88.00 | 88.00 | 89.00 | 87.50 | ok | 30 |" in table
     assert "[layers.md](layers.md)" in table
 
 
