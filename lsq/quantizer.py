@@ -12,11 +12,26 @@ unsigned: Qn = 0, Qp = 2^b - 1):
 
 The range test uses the unrounded v/s. (PyTorch's fused learnable fake-quant op tests the
 rounded value, which differs in the half-step band just outside each clip bound.)
+
+Speed: `_forward` and `_backward` below are the equations, written once in torch ops (the eager
+path). On the CPU (float32) the same arithmetic runs as one fused pass each way: a small C loop
+compiled with the system's C compiler on first use (well under a second, then cached on disk)
+and called through ctypes; it falls back to the eager path when it cannot be built, and
+LSQ_FAST_PATH=0 turns it off. CUDA uses the eager path (measured faster there than
+torch.compile of these functions; bench/RESULTS.md). tests/test_quantizer_fastpath.py checks
+that the fast path gives the eager path's results.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import warnings
 
 import torch
@@ -30,6 +45,24 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
+def _forward(v, s, qn: int, qp: int):
+    """v_hat = round(clip(v/s, -Qn, Qp)) * s   (eq. 1-2), in fp32, returned in v's dtype."""
+    x = v.float() / s
+    return x.clamp_(-qn, qp).round_().mul_(s).to(v.dtype)
+
+
+def _backward(v, s, grad, qn: int, qp: int):
+    """(grad_v, sum(grad * dv_hat/ds)) for the upstream gradient `grad`   (eq. 3 and 5)."""
+    grad = grad.float()
+    x = v.float() / s
+    below, above = x <= -qn, x >= qp
+    inside = ~(below | above)  # -Qn < v/s < Qp, on the unrounded value
+    grad_v = grad * inside
+    # eq. 3: round(x) - x inside, -Qn below, Qp above; summed against the incoming gradient
+    ds = torch.where(inside, x.round() - x, torch.where(below, -float(qn), float(qp)))
+    return grad_v.to(v.dtype), (grad * ds).sum()
+
+
 class LsqFunction(torch.autograd.Function):
     """v_hat = round(clip(v/s, -Qn, Qp)) * s with the paper's gradients for v and s.
 
@@ -40,25 +73,17 @@ class LsqFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, step, qn: int, qp: int, g: float):
         s = step.clamp_min(STEP_EPS)
-        x = v.float() / s  # v/s
-        out = x.clamp_(-qn, qp).round_().mul_(s)  # round(clip(v/s)) * s
         ctx.save_for_backward(v, s)
         ctx.qn, ctx.qp, ctx.g = qn, qp, g
-        return out.to(v.dtype)
+        fast = _fast_path(v)  # one fused pass where available; the same arithmetic
+        return (fast.forward if fast else _forward)(v, s, qn, qp)
 
     @staticmethod
     def backward(ctx, grad):
         v, s = ctx.saved_tensors
-        qn, qp = ctx.qn, ctx.qp
-        grad = grad.float()
-        x = v.float() / s
-        below, above = x <= -qn, x >= qp
-        inside = ~(below | above)  # -Qn < v/s < Qp, on the unrounded value
-        grad_v = grad * inside
-        # eq. 3: round(x) - x inside, -Qn below, Qp above; summed against the incoming gradient
-        ds = torch.where(inside, x.round() - x, torch.where(below, -float(qn), float(qp)))
-        grad_s = (grad * ds).sum() * ctx.g
-        return grad_v.to(v.dtype), grad_s.reshape(s.shape), None, None, None
+        fast = _fast_path(v)
+        grad_v, grad_s = (fast.backward if fast else _backward)(v, s, grad, ctx.qn, ctx.qp)
+        return grad_v, (grad_s * ctx.g).reshape(s.shape), None, None, None
 
 
 class LsqQuantizer(nn.Module):
@@ -124,3 +149,145 @@ class LsqQuantizer(nn.Module):
         if self.bits is None:
             return "bits=None (FP32)"
         return f"bits={self.bits}, signed={self.signed}, kind={self.kind}, range=[-{self.qn}, {self.qp}]"
+
+
+# ------------------------------------------------------------------------------ fast paths
+# The eager path above runs about a dozen passes over the tensor per call. These do the very
+# same arithmetic in one pass forward and one backward. Only speed differs: every element
+# gets the same float32 operations in the same order (the step gradient's sum is accumulated
+# in another order, in double precision on the CPU).
+
+FAST_PATH = os.environ.get("LSQ_FAST_PATH", "1") != "0"  # set False to force the eager path
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+/* v_hat = round(clip(v/s, -Qn, Qp)) * s   (eq. 1-2). Written with comparisons, not fminf, so
+   that NaN propagates as in torch.clamp; nearbyintf rounds half to even, as torch.round. */
+void lsq_forward(const float *restrict v, float *restrict out, int64_t n,
+                 float s, float qn, float qp, int threads) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+    for (int64_t i = 0; i < n; i++) {
+        float x = v[i] / s;
+        x = x < -qn ? -qn : x;
+        x = x > qp ? qp : x;
+        out[i] = nearbyintf(x) * s;
+    }
+}
+
+/* grad_v = grad * [-Qn < v/s < Qp]   (eq. 5, on the unrounded v/s)
+   returns sum(grad * ds), ds = round(v/s) - v/s inside, -Qn below, Qp above   (eq. 3) */
+double lsq_backward(const float *restrict v, const float *restrict grad, float *restrict grad_v,
+                    int64_t n, float s, float qn, float qp, int threads) {
+    double sum = 0.0;
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768) reduction(+:sum)
+    for (int64_t i = 0; i < n; i++) {
+        float x = v[i] / s;
+        int below = x <= -qn, above = x >= qp, inside = !(below | above);
+        grad_v[i] = grad[i] * (float)inside;
+        float ds = inside ? nearbyintf(x) - x : (below ? -qn : qp);
+        sum += (double)(grad[i] * ds);
+    }
+    return sum;
+}
+"""
+
+
+def _build_c_library():
+    """Compile _C_SOURCE and load it. The library is cached on disk, keyed by the source, the
+    compiler, its flags and the CPU (-march=native code must not run on another CPU)."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    folders = [os.environ.get("LSQ_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lsq"),
+               tempfile.gettempdir()]
+    errors = []
+    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3"]):  # OpenMP is optional
+        key = hashlib.sha1("\0".join([_C_SOURCE, cc, *flags, platform.machine(), cpu]).encode()).hexdigest()
+        for folder in folders:
+            path = os.path.join(folder, f"lsq_kernels_{key[:16]}.so")
+            try:
+                if not os.path.exists(path):
+                    _compile(cc, flags, path)
+                return _load(path)
+            except OSError as e:  # e.g. a read-only home: try the next folder
+                errors.append(f"{folder}: {e}")
+            except subprocess.CalledProcessError as e:  # these flags do not work here
+                errors.append(f"{cc} {' '.join(flags)}: {(e.stderr or '').strip()[-300:]}")
+                break
+    raise RuntimeError("could not build the C kernels: " + "; ".join(errors))
+
+
+def _compile(cc: str, flags: list[str], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        src, lib = os.path.join(tmp, "lsq_kernels.c"), os.path.join(tmp, "lsq_kernels.so")
+        with open(src, "w") as f:
+            f.write(_C_SOURCE)
+        subprocess.run([cc, *flags, "-fPIC", "-shared", src, "-o", lib],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(lib, path)  # atomic: a concurrent trial sees no half-written library
+
+
+def _load(path: str):
+    lib = ctypes.CDLL(path)
+    f32, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
+    lib.lsq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, ctypes.c_int]
+    lib.lsq_forward.restype = None
+    lib.lsq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, ctypes.c_int]
+    lib.lsq_backward.restype = ctypes.c_double
+    return lib
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _CpuKernels:
+    """float32 CPU tensors, contiguous or channels_last: the C loops above over the storage."""
+
+    def __init__(self):
+        self.lib = _build_c_library()
+
+    def accepts(self, v: torch.Tensor) -> bool:
+        return v.device.type == "cpu" and v.dtype == torch.float32 and _dense(v)
+
+    def forward(self, v, s, qn, qp):
+        out = torch.empty_like(v)  # same strides as v: both loops walk the storage in order
+        self.lib.lsq_forward(v.data_ptr(), out.data_ptr(), v.numel(), float(s), qn, qp,
+                             torch.get_num_threads())
+        return out
+
+    def backward(self, v, s, grad, qn, qp):
+        if grad.dtype != v.dtype or grad.stride() != v.stride():
+            grad = torch.empty_like(v).copy_(grad)
+        grad_v = torch.empty_like(v)
+        total = self.lib.lsq_backward(v.data_ptr(), grad.data_ptr(), grad_v.data_ptr(), v.numel(),
+                                      float(s), qn, qp, torch.get_num_threads())
+        return grad_v, torch.tensor(total, dtype=s.dtype)
+
+
+_kernels: dict = {}  # device type -> kernels, or None where they could not be built
+
+
+def _fast_path(v: torch.Tensor):
+    """The fast kernels for v, or None for the eager path."""
+    if not FAST_PATH or torch.compiler.is_compiling():  # inside a compiled model, stay traceable
+        return None
+    kind = v.device.type
+    if kind not in _kernels:
+        _kernels[kind] = None
+        try:
+            # CUDA stays eager: on an H100 every call is launch- and overhead-bound (0.2-0.6 ms
+            # whatever the size), and torch.compile of these two functions measured slower
+            # than eager there (bench/RESULTS.md). Compile the whole model instead.
+            _kernels[kind] = _CpuKernels() if kind == "cpu" else None
+        except Exception as e:  # no compiler, no Triton, ...: the eager path does the same math
+            warnings.warn(f"LSQ fast path unavailable on {kind} ({e}); using the eager path")
+    fast = _kernels[kind]
+    return fast if fast is not None and fast.accepts(v) else None

@@ -1,0 +1,214 @@
+"""One training step (forward, backward, SGD step): FP32 against W8A8, W4A4 and W2A2 QAT
+(first/last layer w8a8, the paper's setting), all in one process, interleaved.
+
+    python bench/train_step.py                                  # CPU: resnet20 b128 32x32, resnet18 b32 64x64
+    python bench/train_step.py --device cuda --models resnet20:128:32,resnet18:256:224 --compile fp32,w4a4
+
+The step is the trainer's (lsq/train.py): cross-entropy, zero_grad(set_to_none), backward, SGD
+with momentum; on CUDA also its bf16 autocast and channels_last. The batch is random data held
+on the device, so only the model is timed.
+
+Memory, per config:
+  peak   the step's high-water mark above what was live before it, plus the model's own
+         parameters and optimizer state. CUDA: torch.cuda.max_memory_allocated. CPU: the
+         process's peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim), the
+         median of several steps: torch's CPU allocator keeps no statistics.
+  saved  bytes that autograd keeps for backward (saved_tensors_hooks, each storage counted
+         once): what QAT adds to the activation memory, exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from _common import interleaved, median, ms, paired_ratio, pick_device, record, sync, table  # noqa: I001
+from lsq import quantizer as Q
+from lsq.models import TORCHVISION, build_model
+from lsq.policy import BitPolicy, init_steps, quantize_model
+from lsq.train import param_groups
+
+BITS = {"fp32": None, "w8a8": 8, "w4a4": 4, "w2a2": 2}
+
+
+def num_classes(model_name: str) -> int:
+    return 1000 if model_name in TORCHVISION else 10  # ImageNet / CIFAR-10
+
+
+class Setup:
+    """A model in one config, its optimizer, and a step like Trainer.train_one_epoch's."""
+
+    def __init__(self, name, model_name, bits, x, y, device, compile_model=False):
+        torch.manual_seed(0)
+        model = build_model(model_name, num_classes(model_name))
+        if bits is not None:
+            quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
+        cuda = device.type == "cuda"
+        self.model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        if bits is not None:
+            init_steps(self.model, x)
+        self.opt = torch.optim.SGD(param_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+        self.name, self.x, self.y, self.device = name, x, y, device
+        self.compile_seconds = None
+        if compile_model:
+            self.model = torch.compile(self.model)
+            sync(device)
+            t0 = time.perf_counter()
+            self.step()
+            self.step()
+            sync(device)
+            self.compile_seconds = time.perf_counter() - t0
+
+    def step(self):
+        if self.autocast:
+            with self.autocast():
+                loss = F.cross_entropy(self.model(self.x), self.y)
+        else:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def state_bytes(self) -> int:
+        """Parameters, buffers and optimizer state: what stays live between steps."""
+        own = [*self.model.parameters(), *self.model.buffers()]
+        own += [t for st in self.opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in own)
+
+    def saved_bytes(self) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if self.autocast:
+                with self.autocast():
+                    loss = F.cross_entropy(self.model(self.x), self.y)
+            else:
+                loss = F.cross_entropy(self.model(self.x), self.y)
+        del loss
+        return sum(storages.values())
+
+
+# ------------------------------------------------------------------------- peak memory
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def step_peak_bytes(setup: Setup) -> int | None:
+    """How far one step raises memory above what was live before it (None: cannot tell here)."""
+    device = setup.device
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        setup.step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is live
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _rss("VmRSS")
+        setup.step()
+        return _rss("VmHWM") - before
+    except (OSError, StopIteration):
+        return None
+
+
+def mb(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--models", default="resnet20:128:32,resnet18:32:64",
+                   help="comma-separated model:batch:image_size")
+    p.add_argument("--configs", default="fp32,w8a8,w4a4,w2a2", help=f"from {', '.join(BITS)}")
+    p.add_argument("--compile", default="", help="configs to also time under torch.compile(model), e.g. fp32,w4a4")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 10 CPU, 30 CUDA)")
+    p.add_argument("--memory-rounds", type=int, default=5, help="CPU: peak-RSS samples per config")
+    p.add_argument("--eager-quantizer", action="store_true", help="LSQ_FAST_PATH=0: the eager quantizer")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if args.eager_quantizer:
+        Q.FAST_PATH = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rounds = args.rounds or (30 if device.type == "cuda" else 10)
+    configs = args.configs.split(",")
+    compiled = [c for c in args.compile.split(",") if c]
+
+    rows, notes = [], []
+    for spec in args.models.split(","):
+        model_name, batch, size = spec.split(":")
+        batch, size = int(batch), int(size)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
+
+        setups = {c: Setup(c, model_name, BITS[c], x, y, device) for c in configs}
+        for c in compiled:
+            setups[c + " compiled"] = Setup(c + " compiled", model_name, BITS[c], x, y, device, compile_model=True)
+            notes.append(f"{model_name} {c}: torch.compile's first two steps took "
+                         f"{setups[c + ' compiled'].compile_seconds:.1f} s")
+        for s in setups.values():  # warm-up outside the timed rounds (cudnn.benchmark, allocator)
+            s.step()
+        runs = interleaved({k: s.step for k, s in setups.items()}, rounds, 2, device)
+        t = {k: median(v) for k, v in runs.items()}
+
+        # memory: one config after another, interleaved as well on the CPU (RSS is noisy)
+        peaks = {k: [] for k in setups}
+        for _ in range(args.memory_rounds if device.type == "cpu" else 1):
+            for k, s in setups.items():
+                peaks[k].append(step_peak_bytes(s))
+        peak = {k: (None if None in v else median(v) + setups[k].state_bytes()) for k, v in peaks.items()}
+        saved = {k: s.saved_bytes() for k, s in setups.items()}
+
+        base = "fp32" if "fp32" in setups else next(iter(setups))
+        for k in setups:
+            ref = base if "compiled" not in k or base + " compiled" not in setups else base + " compiled"
+            rows.append({
+                "model": f"{model_name} b{batch} {size}x{size}",
+                "config": k,
+                "ms / step": ms(t[k]),
+                "images / s": f"{batch / t[k]:.0f}",
+                f"time / {ref}": f"{paired_ratio(runs, k, ref):.2f}",
+                "peak MB": mb(peak[k]),
+                "peak ratio": "n/a" if peak[k] is None or peak[ref] is None else f"{peak[k] / peak[ref]:.2f}",
+                "saved MB": mb(saved[k]),
+                "saved ratio": f"{saved[k] / saved[ref]:.2f}",
+            })
+            print(rows[-1], flush=True)
+        del setups
+
+    cols = ["model", "config", "ms / step", "images / s"]
+    cols += sorted({c for r in rows for c in r if c.startswith("time / ")})
+    cols += ["peak MB", "peak ratio", "saved MB", "saved ratio"]
+    rows = [{c: r.get(c, "") for c in cols} for r in rows]
+    fast = Q._fast_path(torch.empty(1, device=device))
+    body = (f"Quantizer: {'eager path' if fast is None else type(fast).__name__}. Medians of {rounds} "
+            "interleaved rounds; time ratios are medians of per-round ratios against FP32 (compiled configs against "
+            "compiled FP32 where both ran). Targets: W4A4 / FP32 time <= 1.3 (CPU, resnet20 b128), "
+            "<= 1.25 (H100, resnet18); peak memory <= 1.3x FP32.\n\n" + table(rows, cols)
+            + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else ""))
+    record(f"Training step, FP32 vs QAT ({device.type})", device, body, append=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()

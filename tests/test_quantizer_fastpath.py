@@ -1,0 +1,146 @@
+"""The quantizer's fast path (a C loop on the CPU) against the paper's
+formulas and against the eager path, element for element.
+
+The paper's formulas are written out here in float64 numpy (as in test_quantizer.py):
+
+    forward   v_hat = round(clip(v/s, -Qn, Qp)) * s
+    dv_hat/dv = 1 if -Qn < v/s < Qp else 0                       (unrounded v/s)
+    dv_hat/ds = round(v/s) - v/s inside, -Qn if v/s <= -Qn, Qp if v/s >= Qp
+    step gradient = sum(upstream * dv_hat/ds) * g
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lsq import quantizer as Q
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+S = 0.25  # a power of two: v = x * S and v / S are exact in float32
+SHAPES = [(128, 16, 8, 8), (16, 16, 3, 3), (4, 7, 5, 3), (33, 10), (257,)]  # the first spans threads
+
+
+def needs_fast_path(device: str, v: torch.Tensor):
+    if Q._fast_path(v) is None:
+        pytest.skip(f"no fast path on {device} here (no C compiler / torch.compile): eager only")
+
+
+def paper(v: np.ndarray, s: float, qn: int, qp: int, up: np.ndarray):
+    x = v.astype(np.float64) / s
+    inside = (x > -qn) & (x < qp)
+    ds = np.where(inside, np.round(x) - x, np.where(x <= -qn, -float(qn), float(qp)))
+    terms = up.astype(np.float64) * ds
+    return np.round(np.clip(x, -qn, qp)) * s, up * inside, terms.sum(), np.abs(terms).sum()
+
+
+def unit_values(qn: int, qp: int, gen: torch.Generator, n: int) -> torch.Tensor:
+    """v/s values: exactly on both bounds, in the half-step band just outside, ties, far out,
+    and uniform inside. None of the inside values is a .5 tie unless listed as one."""
+    special = [-qn, qp, qp + 0.25, qp + 0.49, qp + 0.5, -qn - 0.25, -qn - 0.49, -qn - 0.5,
+               qp + 9.75, -qn - 40.0, 0.0, 0.5, -0.5, 1.5, qp - 0.5, qp - 1.0, -3.0]
+    inside = torch.empty(n, dtype=torch.float64).uniform_(-qn - 2, qp + 2, generator=gen)
+    values = torch.cat([torch.tensor(special, dtype=torch.float64), inside])[:n]
+    return values[torch.randperm(n, generator=gen)]
+
+
+def run(v: torch.Tensor, up: torch.Tensor, bits: int, signed: bool, step: float, fast: bool):
+    q = Q.LsqQuantizer(bits, signed, "weight").to(v.device)
+    with torch.no_grad():
+        q.step.fill_(step)
+        q.initialized.fill_(True)
+    old, Q.FAST_PATH = Q.FAST_PATH, fast
+    try:
+        vv = v.detach().clone().requires_grad_(True)
+        out = q(vv)
+        out.backward(up)
+    finally:
+        Q.FAST_PATH = old
+    return out.detach(), vv.grad, q.step.grad.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, False), (4, True), (8, True), (8, False)])
+def test_fast_path_equals_paper_and_eager(device, shape, bits, signed, seed):
+    qn, qp = Q.qrange(bits, signed)
+    n = math.prod(shape)
+    v = (unit_values(qn, qp, seed, n) * S).float().reshape(shape).to(device)
+    up = torch.randn(shape, generator=seed).to(device)
+    needs_fast_path(device, v)
+
+    out, gv, gs = run(v, up, bits, signed, S, fast=True)
+    e_out, e_gv, e_gs = run(v, up, bits, signed, S, fast=False)
+    fwd, ref_gv, ref_gs, scale = paper(v.cpu().numpy(), S, qn, qp, up.cpu().numpy())
+    g = 1 / math.sqrt(n * qp)
+
+    assert torch.equal(out, e_out) and torch.equal(gv, e_gv)
+    assert np.array_equal(out.cpu().double().numpy(), fwd)
+    assert np.array_equal(gv.cpu().double().numpy(), ref_gv)
+    assert float(gs) == pytest.approx(ref_gs * g, rel=1e-5, abs=1e-6 * scale * g)
+    assert float(gs) == pytest.approx(float(e_gs), rel=1e-5, abs=1e-6 * scale * g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [0.3, 0.0123, 1.7])
+def test_non_power_of_two_step_is_bit_identical_to_eager(device, step, seed):
+    """Any step: the fast path divides v by s in float32 exactly like the eager path."""
+    v = (torch.randn(64, 32, 9, 9, generator=seed) * 3).to(device)
+    up = torch.randn(v.shape, generator=seed).to(device)
+    needs_fast_path(device, v)
+    for bits, signed in [(2, True), (4, False), (8, True)]:
+        out, gv, gs = run(v, up, bits, signed, step, fast=True)
+        e_out, e_gv, e_gs = run(v, up, bits, signed, step, fast=False)
+        assert torch.equal(out, e_out) and torch.equal(gv, e_gv)
+        assert float(gs) == pytest.approx(float(e_gs), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_and_mismatched_gradient_strides(device, seed):
+    v = (torch.randn(8, 16, 6, 6, generator=seed) * 2).to(device).to(memory_format=torch.channels_last)
+    up = torch.randn(v.shape, generator=seed).to(device)  # contiguous, unlike v
+    needs_fast_path(device, v)
+    out, gv, gs = run(v, up, 4, True, S, fast=True)
+    e_out, e_gv, e_gs = run(v, up, 4, True, S, fast=False)
+    assert torch.equal(out, e_out) and torch.equal(gv, e_gv)
+    assert float(gs) == pytest.approx(float(e_gs), rel=1e-5)
+    # a non-dense input (a strided view) works too: it takes the eager path
+    w = v[:, ::2]
+    assert torch.equal(run(w, up[:, ::2], 4, True, S, fast=True)[0], run(w, up[:, ::2], 4, True, S, fast=False)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_behave_as_in_the_eager_path(device):
+    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3, 5.0]).to(device)
+    up = torch.tensor([1.0, 1.0, 1.0, float("nan"), float("inf")]).to(device)
+    needs_fast_path(device, v)
+    out, gv, gs = run(v, up, 4, True, S, fast=True)
+    e_out, e_gv, e_gs = run(v, up, 4, True, S, fast=False)
+    assert torch.equal(out.isnan(), e_out.isnan()) and torch.equal(out.nan_to_num(), e_out.nan_to_num())
+    assert torch.equal(gv.isnan(), e_gv.isnan()) and torch.equal(gv.nan_to_num(), e_gv.nan_to_num())
+    assert math.isnan(float(gs)) and math.isnan(float(e_gs))
+
+
+def test_cpu_fast_path_is_in_use_where_a_compiler_exists():
+    """Guards against the fast path silently never running (e.g. the build broke)."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    assert Q._fast_path(torch.ones(4)) is not None
+    assert Q._fast_path(torch.ones(4, dtype=torch.bfloat16)) is None  # bf16: eager path
+
+
+def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, seed):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("LSQ_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(Q.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setattr(Q, "_kernels", {})
+    v = torch.randn(4, 5, generator=seed)
+    with pytest.warns(UserWarning, match="fast path unavailable"):
+        assert Q._fast_path(v) is None
+    out, gv, _ = run(v, torch.ones_like(v), 4, True, S, fast=True)
+    assert torch.equal(out, run(v, torch.ones_like(v), 4, True, S, fast=False)[0])
