@@ -122,6 +122,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
     experiment = _join(storage, name)
     exists = report.experiment_exists(experiment)
+    if not args.resume:  # a resumed trial continues from its checkpoints, not from these
+        check_inputs(space, local=not args.address and not args.dry_run)
 
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
@@ -149,6 +151,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ray.shutdown()
 
 
+def check_inputs(space: Space, local: bool) -> None:
+    """What the trials read, checked before anything starts or is written: every init_from loads
+    (weights_only) and fits its model; on a local Ray, every data_dir is a folder on this machine
+    (a cluster's nodes may hold data this machine doesn't)."""
+    checked = set()
+    for i, t in enumerate(space.trials, start=1):
+        where = f"{space.path} (trial {i}, {t.label()})"
+        if t.init_from and (t.init_from, t.model, t.dataset, t.data_dir) not in checked:
+            from lsq.train import check_init_from
+
+            checked.add((t.init_from, t.model, t.dataset, t.data_dir))
+            try:
+                check_init_from(t)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if local and t.dataset != "digits" and "://" not in (t.data_dir or "") and not os.path.isdir(t.data_dir or ""):
+            raise ConfigError(f"{where}: key 'data_dir' = {t.data_dir!r}: no such folder on this machine; allowed: "
+                              f"the folder holding {t.dataset} (--set data_dir=...), or --address for a cluster whose "
+                              "nodes hold it")
+
+
 # ----------------------------------------------------------------------------- Ray
 def start_ray(args):
     """A private local Ray on 127.0.0.1 (default), or the cluster at --address."""
@@ -164,10 +187,15 @@ def start_ray(args):
             # this cluster only: nothing read from or written to ~/.ray, no clash with other sweeps.
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
             os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    elif "RAY_AUTH_MODE" not in os.environ and _token_available():
-        # Ray turns token authentication on by itself only for address "auto"; an explicit
-        # address (ray://, host:port) needs the mode set, or the token is never sent.
-        os.environ["RAY_AUTH_MODE"] = "token"
+    else:
+        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+            # Ray turns token authentication on by itself only for address "auto"; an explicit
+            # address (ray://, host:port) needs the mode set, or the token is never sent.
+            os.environ["RAY_AUTH_MODE"] = "token"
+        if _loopback_only(args.address):
+            # Ray rewrites 127.0.0.1 to this machine's network address, where a cluster bound to
+            # loopback (`ray start --head --node-ip-address 127.0.0.1`) does not answer: keep it.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import logging
 
     import ray
@@ -203,6 +231,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}). "
                           "Is the cluster up (`ray start --head` prints its address)?") from None
+
+
+def _loopback_only(address: str) -> bool:
+    """A cluster at 127.0.0.1:PORT that does not also listen on this machine's network address."""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # picks the outgoing interface; sends nothing
+            own = s.getsockname()[0]
+        socket.create_connection((own, int(port)), timeout=2).close()
+        return own.startswith("127.")
+    except OSError:
+        return True
 
 
 def _token_available() -> bool:

@@ -82,6 +82,18 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     raise ConfigError(f"key 'model' = {name!r}: unknown model; allowed: {', '.join([*CIFAR_DEPTHS, *TORCHVISION])}")
 
 
+def load_error(e: Exception) -> str:
+    """torch.load's failure in one line. weights_only refusals name what the file would import
+    (e.g. posix.system), not torch's generic advice to retry with weights_only=False."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), None)
+        if detail and "GLOBAL" in detail:
+            return f"refused by weights_only: {detail}"
+        return f"not a PyTorch checkpoint ({detail or 'weights_only unpickler failed'})"
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def read_state_dict(path: str) -> dict:
     """An FP32 state dict from a checkpoint file: plain, or under 'model' / 'state_dict'.
 
@@ -92,10 +104,9 @@ def read_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"key 'init_from' = {path!r}: not a loadable checkpoint (loaded with weights_only=True; "
-            f"files that would run code when unpickled are refused): {reason}"
+            f"files that would run code when unpickled are refused): {load_error(e)}"
         ) from None
     if isinstance(obj, dict):
         for k in ("model", "state_dict"):

@@ -166,16 +166,23 @@ def _last_error(st: Storage, folder: str) -> str | None:
     if not text:
         return None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    failures = [ln for ln in lines if ln.startswith("Failure #")]
+    # Tune numbers each failure ("Failure # 2 (occurred at ...)"); after a resume the file may
+    # hold only the latest, so count by the highest number, not by the lines
+    failures = max((int(m.group(1)) for ln in lines if (m := re.match(r"^Failure # (\d+)", ln))), default=0)
     errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
     message = errors[-1] if errors else lines[-1]
-    return f"{message} ({len(failures)} failure{'s' * (len(failures) != 1)})" if failures else message
+    return f"{message} ({failures} failure{'s' * (failures != 1)})" if failures else message
 
 
-def _latest_checkpoint(st: Storage, folder: str) -> str | None:
-    found = [(int(m.group(1)), n) for n, is_dir in st.listdir(folder)
-             if is_dir and (m := _CHECKPOINT_DIR.match(n))]
-    return max(found)[1] if found else None
+def _latest_checkpoint(st: Storage, folder: str, rows: list[dict]) -> str | None:
+    """The checkpoint of the latest reported epoch that is still stored. Tune writes a result line
+    only after its checkpoint was copied whole into storage, so a checkpoint_N folder that no
+    result names is a write that failed half-way (e.g. a full disk): never point at it."""
+    stored = {n for n, is_dir in st.listdir(folder) if is_dir and _CHECKPOINT_DIR.match(n)}
+    for r in reversed(rows):
+        if r.get("checkpoint_dir_name") in stored:
+            return r["checkpoint_dir_name"]
+    return None
 
 
 def _config(values: dict) -> TrialConfig:
@@ -233,7 +240,7 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         status = _status(t.get("status"), done, cfg.epochs, failed, bool(rows))
         totals = [float(r["time_total_s"]) for r in rows if r.get("time_total_s") is not None]
         wall = max(totals) if totals else sum(float(r.get("epoch_seconds", 0.0)) for r in epochs)
-        checkpoint = _latest_checkpoint(st, folder) if folder else None
+        checkpoint = _latest_checkpoint(st, folder, epochs) if folder else None
         records.append({
             **cfg.to_dict(),
             "trial_id": t["trial_id"],
@@ -397,7 +404,7 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     out += ["", "Acc@1: top-1 accuracy (%) on the test set after the last epoch"
             + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]
 
-    varied = _varied(df)
+    varied = _varied(df, exclude=("epochs",))  # the epochs column shows done/total
     header = ["trial", "status"] + varied + ["epochs", "best top-1", "final top-1", "final top-5", "int top-1", "export", "wall (s)", "error"]
     rows = []
     for _, r in df.iterrows():

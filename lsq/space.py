@@ -263,6 +263,9 @@ def _grid(section: Any, where) -> list[tuple[str, list[tuple[int, dict, bool]]]]
         return []
     if not isinstance(section, dict):
         raise ConfigError(f"{where('grid')}: 'grid' must be a mapping of key -> list of values, got {type(section).__name__}")
+    if not section:
+        raise ConfigError(f"{where('grid')}: 'grid' is empty; allowed: at least one key with a list of values, "
+                          "or leave 'grid' out")
     axes = []
     for key, values in section.items():
         if not isinstance(values, list):
@@ -395,6 +398,10 @@ def _yaml_message(path: str, e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
     line = f" (line {mark.line + 1})" if mark is not None else ""
+    if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in str(e.problem):
+        tag = str(e.problem).rsplit(" ", 1)[-1]
+        return (f"{path}{at}: YAML tag {tag} is not allowed{line}: search spaces are read with "
+                "yaml.safe_load (plain values only: numbers, text, lists, mappings)")
     context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
     detail = _yaml_problem(e) + (f" {context}" if context else "")
     if context_mark is not None and mark is not None and context_mark.line != mark.line:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -27,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, TrialConfig, coerce
-from .data import load_data
-from .models import build_model, load_fp32
+from .data import CIFAR_CLASSES, load_data
+from .models import build_model, load_error, load_fp32, read_state_dict
 from .policy import BitPolicy, describe, quantize_model
 
 CHECKPOINT_VERSION = 1
@@ -89,7 +90,9 @@ class Trainer:
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext)
+        # a fresh context manager per use: bf16 autocast on CUDA, nothing on the CPU
+        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda
+                         else contextlib.nullcontext)
         if cuda:
             torch.backends.cudnn.benchmark = True
         self.epoch = 0  # epochs completed
@@ -206,12 +209,28 @@ def read_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, or a pickle that would run code
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({load_error(e)})") from None
     missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "rng") if not (isinstance(state, dict) and k in state)]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def check_init_from(cfg: TrialConfig) -> None:
+    """Before a sweep starts anything: cfg.init_from loads (weights_only=True) and fits cfg.model
+    on cfg.dataset, or ConfigError names the keys that don't match. Reads no data: the classes
+    and input channels come from the data set's name (ImageNet: the class folders, or the file's)."""
+    if not cfg.init_from or cfg.init_from == "torchvision":
+        return  # torchvision weights always fit; fetching them is the trial's job
+    classes, channels = {"digits": (10, 1), **{k: (n, 3) for k, n in CIFAR_CLASSES.items()}}.get(cfg.dataset, (None, 3))
+    if classes is None:  # imagenet
+        train = os.path.join(cfg.data_dir or "", "train")
+        if os.path.isdir(train):
+            classes = sum(1 for e in os.scandir(train) if e.is_dir())
+        else:
+            fc = read_state_dict(cfg.init_from).get("fc.weight")
+            classes = fc.shape[0] if fc is not None and fc.dim() == 2 else 1000
+    load_fp32(build_model(cfg.model, classes, channels), cfg.init_from, cfg.model)
 
 
 def format_metrics(m: dict, epochs: int) -> str:

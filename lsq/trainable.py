@@ -105,7 +105,11 @@ def train_lsq(config: dict) -> None:
                     json.dump(trainer.layers(), f)
                 if trainer.epoch == cfg.epochs:
                     metrics.update(deployment(cfg, os.path.join(d, CHECKPOINT_FILE)))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                try:  # Ray copies the checkpoint into the sweep's storage here
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                except OSError as e:  # storage full, read-only, gone: say so, Tune retries from the last good one
+                    raise CheckpointError(f"epoch {trainer.epoch}: could not write the checkpoint to the sweep's "
+                                          f"storage: {e}") from e
     except DivergedError as e:
         # Retrying from the last checkpoint would diverge again: report the reason and stop.
         tune.report({"epoch": trainer.epoch, "best_top1": trainer.best_top1, "failed_reason": str(e)})

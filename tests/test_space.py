@@ -1,17 +1,14 @@
-"""Search spaces: expansion rules, merging of identical cells, and one clear error per mistake.
+"""Search spaces: expansion rules, merging of identical cells, the dry run.
 
-No Ray here: every case is checked by `load_space` and through `sweep.main` (exit code 2, the
-message on stderr, nothing written), as a user would meet it.
+The mistakes (one clear error each, exit 2, nothing written) are one table in test_bad_input.py.
+No Ray here.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lsq.config import ConfigError
 from lsq.space import format_table, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,76 +112,7 @@ def test_shipped_spaces(name, sets, trials, cells, tmp_path):
 
 
 # ----------------------------------------------------------------------------- mistakes
-# (file text, --set items, words the message must contain: the file, the key, what is allowed)
-BAD = {
-    "yaml_syntax": ("name: x\nfixed:\n  epochs: 3\n  w_bits: [4\n", [], ["line 5", "YAML syntax error", "started at line 4"]),
-    "not_a_mapping": ("- epochs: 3\n", [], ["expected a mapping", "got a list"]),
-    "unknown_top_key": ("fixd:\n  epochs: 3\n", [], [":1", "'fixd'", "did you mean 'fixed'", "allowed: name"]),
-    "unknown_key": ("fixed:\n  epoch: 3\n", [], [":2", "'epoch'", "did you mean 'epochs'", "allowed keys"]),
-    "unknown_grid_key": ("grid:\n  w_bit: [2, 4]\n", [], [":2", "'w_bit'", "did you mean 'w_bits'"]),
-    "unknown_key_in_axis": ("grid:\n  bits:\n    - {w_bits: 4, a_bit: 4}\n", [], [":3", "'a_bit'", "did you mean 'a_bits'"]),
-    "wrong_type": ("fixed:\n  epochs: three\n", [], [":2", "'epochs'", "expected an integer"]),
-    "wrong_type_bool": ("fixed:\n  nesterov: maybe\n", [], [":2", "'nesterov'", "true or false"]),
-    "bits_out_of_range": ("grid:\n  w_bits: [4, 9]\n", [], [":2", "'w_bits' = 9", "2..8", "32"]),
-    "bits_out_of_range_set": ("fixed: {epochs: 1}\n", ["a_bits=1"], ["--set a_bits=1", "'a_bits' = 1", "2..8"]),
-    "unknown_preset": ("variants:\n  - {first: w8a8}\n  - {first: bdy}\n", [], [":3", "'first' = 'bdy'", "did you mean 'body'", "w_body_a_fp32"]),
-    "unknown_model": ("fixed:\n  model: resnet21\n", [], [":2", "'model' = 'resnet21'", "resnet20"]),
-    "unknown_dataset": ("fixed:\n  dataset: mnist\n", [], [":2", "'dataset' = 'mnist'", "digits, cifar10"]),
-    "empty_grid_list": ("grid:\n  wd: []\n", [], [":2", "'wd'", "empty list", "at least one value"]),
-    "empty_variants": ("variants: []\n", [], [":1", "'variants'", "empty list"]),
-    "empty_seeds": ("seeds: []\n", [], [":1", "'seeds'", "empty list"]),
-    "missing_init_from": ("fixed:\n  init_from: nope/fp32.pt\n", [], [":2", "'init_from'", "no such file", "torchvision", "--set init_from"]),
-    "missing_data_dir": ("fixed:\n  dataset: cifar10\n", [], ["'data_dir'", "required", "--set data_dir"]),
-    "grid_not_a_list": ("grid:\n  wd: 1.0e-4\n", [], [":2", "'wd'", "expected a list", "'fixed'"]),
-    "bad_resource": ("resources: {cpu: 1, gpus: 1}\n", [], [":1", "'gpus'", "did you mean 'gpu'", "allowed: cpu, gpu"]),
-    "bad_gpu_share": ("resources: {gpu: 1.5}\n", [], [":1", "'gpu' = 1.5", "fraction"]),
-    "seed_and_seeds": ("fixed: {seed: 3}\nseeds: 2\n", [], [":1", "'seed'", "one of them"]),
-    "set_unknown_key": ("fixed: {epochs: 1}\n", ["epohs=2"], ["--set epohs=2", "did you mean 'epochs'"]),
-    "set_unparseable": ("fixed: {epochs: 1}\n", ["lr=[0.1"], ["--set 'lr=[0.1'", "YAML"]),
-    "set_no_equals": ("fixed: {epochs: 1}\n", ["epochs"], ["--set 'epochs'", "key=value"]),
-    "bad_name": ("name: my sweep\n", [], [":1", "'my sweep'", "letters, digits"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_each_mistake_is_one_clear_error(case, tmp_path):
-    text, sets, words = BAD[case]
-    path = write(tmp_path, text, f"{case}.yaml")
-    with pytest.raises(ConfigError) as err:
-        load_space(path, sets)
-    message = str(err.value)
-    if not case.startswith("set_") and case != "bits_out_of_range_set":
-        assert path in message
-    for w in words:
-        assert w in message, (w, message)
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_each_mistake_exits_2_and_writes_nothing(case, tmp_path, capsys):
-    text, sets, words = BAD[case]
-    path = write(tmp_path, text, f"{case}.yaml")
-    storage, reports = tmp_path / "runs", tmp_path / "reports"
-    argv = [path, "--storage", str(storage), "--reports", str(reports)]
-    for s in sets:
-        argv += ["--set", s]
-    assert sweep.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and words[-1] in err and "Traceback" not in err
-    assert not storage.exists() and not reports.exists()
-
-
-@pytest.mark.parametrize("case", ["yaml_syntax", "unknown_key", "missing_init_from"])
-def test_cli_mistake_in_a_fresh_process(case, tmp_path):
-    """The real command: exit status 2, one `error:` line, no traceback, nothing written."""
-    text, sets, words = BAD[case]
-    path = write(tmp_path, text, f"{case}.yaml")
-    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), path, "--storage", "runs", "--reports", "reports"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-    for w in words:
-        assert w in proc.stderr
-    assert sorted(os.listdir(tmp_path)) == [f"{case}.yaml"]
+# Every mistake, one clear message, exit 2, nothing written: the table in tests/test_bad_input.py.
 
 
 def test_missing_space_file_names_the_known_ones(tmp_path, capsys):

@@ -1,0 +1,183 @@
+"""Bad input and untrusted files (issue 5): every mistake is one clear `error:` line naming the
+file and line, the key, the value and what is allowed; exit status 2; no traceback; nothing
+written (the storage and reports folders, which already hold another sweep, stay unchanged).
+
+One table, run through the command line (`sweep.main`, what `python sweep.py` calls; a few
+cases again in a fresh process). No Ray here: every mistake is caught before Ray starts.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lsq.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sweep  # noqa: E402
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+# files a case may refer to (made in the test's folder)
+FILES = {
+    "text.pt": lambda p: p.write_text("hello, not a checkpoint\n"),
+    "resnet32.pt": lambda p: torch.save(build_model("resnet32", 10, 1).state_dict(), p),
+    "cifar100.pt": lambda p: torch.save(build_model("resnet20", 100, 3).state_dict(), p),
+    "evil.pt": lambda p: torch.save({"model": build_model("resnet20", 10, 1).state_dict(),
+                                     "x": _Payload(p.parent / "pwned")}, p),
+}
+TAG = "!!python/object/apply:os.system ['touch pwned']"
+
+# case: (space file text, or None for no file; --set items and other flags; words the message must have)
+BAD = {
+    # YAML itself
+    "yaml_syntax": ("name: x\nfixed:\n  epochs: 3\n  w_bits: [4\n", [], [":5", "line 5", "YAML syntax error", "started at line 4"]),
+    "yaml_python_tag": (f"fixed:\n  epochs: {TAG}\n", [], [":2", "line 2", "YAML tag", "python/object/apply:os.system", "not allowed", "safe_load"]),
+    "not_a_mapping": ("- epochs: 3\n", [], ["expected a mapping", "got a list"]),
+    "not_a_mapping_text": ("just some text\n", [], ["expected a mapping", "got a str"]),
+    "empty_file": ("", [], ["expected a mapping", "got an empty file"]),
+    "no_such_file": (None, [], ["no such search space file"]),
+    # keys
+    "unknown_top_key": ("fixd:\n  epochs: 3\n", [], [":1", "'fixd'", "did you mean 'fixed'", "allowed: name"]),
+    "unknown_key": ("fixed:\n  epoch: 3\n", [], [":2", "'epoch'", "did you mean 'epochs'", "allowed keys"]),
+    "unknown_grid_key": ("grid:\n  w_bit: [2, 4]\n", [], [":2", "'w_bit'", "did you mean 'w_bits'"]),
+    "unknown_key_in_axis": ("grid:\n  bits:\n    - {w_bits: 4, a_bit: 4}\n", [], [":3", "'a_bit'", "did you mean 'a_bits'"]),
+    "bad_resource": ("resources: {cpu: 1, gpus: 1}\n", [], [":1", "'gpus'", "did you mean 'gpu'", "allowed: cpu, gpu"]),
+    # types and ranges
+    "wrong_type": ("fixed:\n  epochs: three\n", [], [":2", "'epochs'", "expected an integer"]),
+    "wrong_type_bool": ("fixed:\n  nesterov: maybe\n", [], [":2", "'nesterov'", "true or false"]),
+    "wrong_type_section": ("fixed: [epochs, 3]\n", [], [":1", "'fixed' must be a mapping"]),
+    "grid_not_a_list": ("grid:\n  wd: 1.0e-4\n", [], [":2", "'wd'", "expected a list", "'fixed'"]),
+    "bits_out_of_range": ("grid:\n  w_bits: [4, 9]\n", [], [":2", "'w_bits' = 9", "2..8", "32"]),
+    "bits_out_of_range_set": ("fixed: {epochs: 1}\n", ["--set", "a_bits=1"], ["--set a_bits=1", "'a_bits' = 1", "2..8"]),
+    "bad_gpu_share": ("resources: {gpu: 1.5}\n", [], [":1", "'gpu' = 1.5", "fraction"]),
+    "bad_name": ("name: my sweep\n", [], [":1", "'my sweep'", "letters, digits"]),
+    "seed_and_seeds": ("fixed: {seed: 3}\nseeds: 2\n", [], [":1", "'seed'", "one of them"]),
+    "max_concurrent_zero": ("fixed: {epochs: 1}\n", ["--max-concurrent", "0"], ["--max-concurrent 0", "allowed", ">= 1"]),
+    # unknown names
+    "unknown_model": ("fixed:\n  model: resnet21\n", [], [":2", "'model' = 'resnet21'", "resnet20"]),
+    "unknown_dataset": ("fixed:\n  dataset: mnist\n", [], [":2", "'dataset' = 'mnist'", "digits, cifar10"]),
+    "unknown_preset": ("variants:\n  - {first: w8a8}\n  - {first: bdy}\n", [], [":3", "'first' = 'bdy'", "did you mean 'body'", "w_body_a_fp32"]),
+    # nothing to run
+    "empty_grid": ("grid: {}\n", [], [":1", "'grid' is empty", "at least one key"]),
+    "empty_grid_list": ("grid:\n  wd: []\n", [], [":2", "'wd'", "empty list", "at least one value"]),
+    "empty_variants": ("variants: []\n", [], [":1", "'variants'", "empty list"]),
+    "empty_seeds": ("seeds: []\n", [], [":1", "'seeds'", "empty list"]),
+    # data
+    "missing_data_dir": ("fixed:\n  dataset: cifar10\n", [], ["'data_dir'", "required", "--set data_dir"]),
+    "data_dir_not_a_folder": ("fixed:\n  dataset: cifar10\n  data_dir: no/such/folder\n", [],
+                              ["'data_dir'", "no/such/folder", "no such folder", "allowed"]),
+    # init_from
+    "init_from_missing": ("fixed:\n  init_from: nope/fp32.pt\n", [], [":2", "'init_from'", "no such file", "torchvision", "--set init_from"]),
+    "init_from_not_a_checkpoint": ("fixed:\n  init_from: text.pt\n", [], ["(trial 1, W4A4)", "'init_from'", "text.pt", "not a loadable checkpoint", "weights_only=True"]),
+    "init_from_other_model": ("fixed:\n  init_from: resnet32.pt\n", [], ["'init_from'", "does not fit model resnet20",
+                                                                         "unexpected keys: layer1.3.bn1.bias"]),
+    "init_from_other_data": ("fixed:\n  init_from: cifar100.pt\n", [], ["'init_from'", "does not fit model resnet20", "shape mismatch",
+                                                                        "conv1.weight (16, 3, 3, 3) vs (16, 1, 3, 3)", "fc.weight (100, 64) vs (10, 64)"]),
+    "init_from_runs_code": ("fixed:\n  init_from: evil.pt\n", [], ["'init_from'", "evil.pt", "refused by weights_only", "posix.system"]),
+    # --set
+    "set_unknown_key": ("fixed: {epochs: 1}\n", ["--set", "epohs=2"], ["--set epohs=2", "did you mean 'epochs'"]),
+    "set_unparseable": ("fixed: {epochs: 1}\n", ["--set", "lr=[0.1"], ["--set 'lr=[0.1'", "YAML"]),
+    "set_no_equals": ("fixed: {epochs: 1}\n", ["--set", "epochs"], ["--set 'epochs'", "key=value"]),
+    "set_python_tag": ("fixed: {epochs: 1}\n", ["--set", f"epochs={TAG}"], ["--set", "cannot read the value as YAML", "constructor"]),
+}
+
+
+def tree(folder: Path) -> dict:
+    """Every path under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """The test's folder as the working directory, with the files the cases name, and storage and
+    reports folders that already hold another sweep (bad input must leave them as they are)."""
+    monkeypatch.chdir(tmp_path)
+    for name, make in FILES.items():
+        make(tmp_path / name)
+    for f in ("runs/other/experiment_state-2026-01-01_00-00-00.json", "reports/other/table.md"):
+        (tmp_path / f).parent.mkdir(parents=True)
+        (tmp_path / f).write_text("{}")
+    return tmp_path
+
+
+def argv(case: str, folder: Path) -> tuple[list[str], str]:
+    text, flags, _ = BAD[case]
+    path = folder / f"{case}.yaml"
+    if text is not None:
+        path.write_text(text)
+    return [str(path), *flags, "--storage", str(folder / "runs"), "--reports", str(folder / "reports")], str(path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_clear_error_exit_2_nothing_written(case, workdir, capsys):
+    args, path = argv(case, workdir)
+    before = tree(workdir)
+    assert sweep.main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
+    assert "Traceback" not in err and not out, (out, err)
+    for word in BAD[case][2]:
+        assert word in err, (word, err)
+    if not case.startswith("set_") and case not in ("bits_out_of_range_set", "max_concurrent_zero"):
+        assert path in err, err  # it names the file
+    assert tree(workdir) == before  # nothing written, nothing changed
+    assert not (workdir / "pwned").exists()  # no code from the input ran
+
+
+@pytest.mark.parametrize("case", ["yaml_syntax", "yaml_python_tag", "init_from_runs_code", "data_dir_not_a_folder"])
+def test_bad_input_in_a_fresh_process(case, workdir):
+    """The real command: exit status 2, one `error:` line, no traceback, nothing written."""
+    args, _ = argv(case, workdir)
+    before = tree(workdir)
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and not proc.stdout, proc.stderr
+    for word in BAD[case][2]:
+        assert word in proc.stderr, (word, proc.stderr)
+    assert tree(workdir) == before and not (workdir / "pwned").exists()
+
+
+def test_the_malicious_inputs_would_run_code_if_loaded_unsafely(workdir):
+    """Positive controls: the YAML tag and the pickle above do run code without safe loading."""
+    yaml.unsafe_load(f"epochs: {TAG}\n")
+    assert (workdir / "pwned").exists()
+    (workdir / "pwned").unlink()
+    torch.load(workdir / "evil.pt", weights_only=False)
+    assert (workdir / "pwned").exists()
+    (workdir / "pwned").unlink()
+    pickle.loads(pickle.dumps(_Payload(workdir / "pwned")))
+    assert (workdir / "pwned").exists()
+
+
+@pytest.mark.parametrize("flags, dashboard", [([], False), (["--dashboard"], True)])
+def test_local_ray_on_loopback_with_its_own_token_and_dashboard_only_on_request(flags, dashboard, monkeypatch):
+    """What sweep.py asks of a local Ray (the sockets themselves are checked in test_faults.py)."""
+    import ray
+
+    for k in ("TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NEW_OUTPUT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE",
+              "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)  # restored after the test
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    sweep.start_ray(sweep.parse_args(["space.yaml", *flags]))
+    [kw] = calls
+    assert kw["address"] == "local" and kw["include_dashboard"] is dashboard
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # node address 127.0.0.1
+    assert len(os.environ["RAY_AUTH_TOKEN"]) == 64  # a fresh token for this sweep's Ray
