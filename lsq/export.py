@@ -63,6 +63,7 @@ from torch import nn
 
 from .config import ConfigError, TrialConfig
 from .layers import QConv2d, QLinear
+from .models import state_mismatch
 from .quantizer import STEP_EPS, LsqQuantizer
 from .train import CheckpointError, Trainer, read_checkpoint
 
@@ -504,17 +505,11 @@ def load_trained(checkpoint_path: str, data_dir: str | None = None) -> tuple[nn.
         if "data_dir" not in str(e):
             raise
         raise ConfigError(f"{e} (python -m lsq.export takes --data_dir DIR)") from None
-    own, stored = trainer.model.state_dict(), state["model"]
-    missing, unexpected = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
-    shapes = sorted(k for k in set(own) & set(stored) if own[k].shape != stored[k].shape)
-    if missing or unexpected or shapes:
-        def few(keys):
-            return ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatch: {few(shapes)}" if shapes else ""]
+    stored = state["model"]
+    problem = state_mismatch(trainer.model.state_dict(), stored)
+    if problem:
         raise CheckpointError(f"checkpoint {checkpoint_path}: its weights do not fit its config "
-                              f"({cfg.label()} {cfg.model}): " + "; ".join(p for p in parts if p))
+                              f"({cfg.label()} {cfg.model}): {problem}")
     trainer.model.load_state_dict(stored)
     model = trainer.model.cpu().eval()
     for q in model.modules():

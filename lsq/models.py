@@ -124,6 +124,23 @@ def read_state_dict(path: str) -> dict:
     return obj
 
 
+def state_mismatch(own: dict, stored: dict) -> str | None:
+    """Why a stored state dict does not fit a model's own: missing, unexpected and misshapen keys."""
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    shapes = sorted(k for k in set(own) & set(stored) if own[k].shape != stored[k].shape)
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(keys):
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+    parts = [f"missing keys: {few(missing)}" if missing else "",
+             f"unexpected keys: {few(unexpected)}" if unexpected else "",
+             "shape mismatch: " + few([f"{k} {tuple(stored[k].shape)} vs {tuple(own[k].shape)}" for k in shapes])
+             if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
     """Load FP32 weights into an FP32 model before it is quantized."""
     if init_from == "torchvision":
@@ -139,17 +156,8 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
             ) from None
     else:
         state = read_state_dict(init_from)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        def few(keys):
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 "shape mismatch: " + few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]) if shapes else ""]
-        raise ConfigError(f"key 'init_from' = {init_from!r} does not fit model {name or type(model).__name__}: "
-                          + "; ".join(p for p in parts if p))
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ConfigError(f"key 'init_from' = {init_from!r} does not fit model {name or type(model).__name__}: {problem}")
     model.load_state_dict(state)
     return model
