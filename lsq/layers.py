@@ -2,6 +2,8 @@
 
 They keep the FP32 layer's parameter names (`weight`, `bias`), so an FP32 state dict maps onto
 them one to one; the quantizers add `w_quant.step` and `a_quant.step` (plus their init flags).
+What the conv / linear op saves for backward (its quantized input and weight) is kept as 1-byte
+integer codes, not float copies (`save_as_codes` in quantizer.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import LsqQuantizer
+from .quantizer import LsqQuantizer, save_as_codes
 
 
 def _quantizers(layer, w_bits, a_bits, a_signed, **opts):
@@ -32,7 +34,9 @@ class QConv2d(nn.Conv2d):
         return q
 
     def forward(self, x):
-        return self._conv_forward(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        xq, wq = self.a_quant(x), self.w_quant(self.weight)
+        with save_as_codes((self.a_quant, xq), (self.w_quant, wq)):  # what backward keeps: 1-byte codes
+            return self._conv_forward(xq, wq, self.bias)
 
 
 class QLinear(nn.Linear):
@@ -48,4 +52,6 @@ class QLinear(nn.Linear):
         return q
 
     def forward(self, x):
-        return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        xq, wq = self.a_quant(x), self.w_quant(self.weight)
+        with save_as_codes((self.a_quant, xq), (self.w_quant, wq)):
+            return F.linear(xq, wq, self.bias)

@@ -24,6 +24,7 @@ that the fast path gives the eager path's results.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -141,6 +142,11 @@ class LsqQuantizer(nn.Module):
                 self.init_step(v)
         return LsqFunction.apply(v, self.step, self.qn, self.qp, self.grad_scale_factor(v))
 
+    def is_initialized(self) -> bool:
+        """Read the `initialized` flag (one device sync) and cache it for forward."""
+        self._init_known = self.bits is None or bool(self.initialized)
+        return self._init_known
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._init_known = False  # re-read the loaded flag on the next forward
@@ -149,6 +155,69 @@ class LsqQuantizer(nn.Module):
         if self.bits is None:
             return "bits=None (FP32)"
         return f"bits={self.bits}, signed={self.signed}, kind={self.kind}, range=[-{self.qn}, {self.qp}]"
+
+
+# ------------------------------------------------------------------ compact saved tensors
+# A quantized layer's op (conv, linear) saves its quantized input and weight for backward. In
+# QAT that is an fp32 copy of every activation on top of the one FP32 training keeps (the
+# quantizer saves its own input v, which the ReLU before it keeps anyway). But v_hat = k * s
+# with an integer k in [-Qn, Qp], so the op's saved copy is stored as k (1 byte per element)
+# plus s, and rebuilt for backward as the very same product k * s: bit for bit the tensor the
+# forward used (tests/test_layers.py checks this and the gradients).
+
+
+def _codes(v_hat: torch.Tensor, s: torch.Tensor, signed: bool) -> torch.Tensor:
+    """k = v_hat / s as int8 (uint8 for unsigned ranges). For a float32 v_hat = k * s the
+    quotient is k within a few ulps, so round() recovers k exactly (|k| <= 255)."""
+    fast = _fast_path(v_hat)
+    if fast is not None:
+        return fast.encode(v_hat, s, signed)
+    return torch.round(v_hat / s).to(torch.int8 if signed else torch.uint8)
+
+
+def _decode(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """codes * s in float32: the forward's very product."""
+    fast = _fast_path(s)  # s: a float32 scalar on the codes' device
+    if fast is not None and _dense(codes):
+        return fast.decode(codes, s)
+    return codes.float() * s
+
+
+def save_as_codes(*pairs):
+    """Context for one layer's op: `pairs` are (quantizer, its output). While the op runs, an
+    output (or a view of it: linear saves w_hat.t()) that autograd saves for backward is kept as
+    1-byte codes instead of a float copy, and rebuilt as codes * s when backward unpacks it.
+    Only float32 outputs: a bfloat16 one (CUDA autocast) has too few bits to give back k above
+    128, and is saved as it is. A no-op where nothing is saved (inference), under torch.compile
+    (which plans its own saved tensors) and for FP32 quantizers. Hooks the caller has set
+    (offloading, a memory probe) still see what is saved: they get the codes."""
+    # autograd keeps both hooks with every saved tensor until backward, so they hold no tensor:
+    # an output is recognized by the address of its storage
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: nothing below is traceable
+        return contextlib.nullcontext()
+    targets = [(q, out.untyped_storage().data_ptr()) for q, out in pairs
+               if q.bits is not None and out.requires_grad and out.dtype == torch.float32]
+    if not targets:
+        return contextlib.nullcontext()
+    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (None, None)
+
+    def pack(t):
+        s = None  # None: t as autograd gave it (e.g. autocast's bf16 copy of a float32 input)
+        if t.dtype == torch.float32:
+            ptr = t.untyped_storage().data_ptr()
+            for q, out_ptr in targets:
+                if ptr == out_ptr:
+                    s = q.step.detach().clamp_min(STEP_EPS)  # the forward's s: the same op on the same value
+                    t = _codes(t.detach(), s, q.signed)  # in t's layout: elementwise ops keep strides
+                    break
+        return s, (outer_pack(t) if outer_pack else t)
+
+    def unpack(packed):
+        s, t = packed
+        t = outer_unpack(t) if outer_unpack else t
+        return t if s is None else _decode(t, s)  # the forward's k * s, bit for bit
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 # ------------------------------------------------------------------------------ fast paths
@@ -190,6 +259,32 @@ double lsq_backward(const float *restrict v, const float *restrict grad, float *
         sum += (double)(grad[i] * ds);
     }
     return sum;
+}
+
+/* A saved v_hat = k * s as its integer k, one byte each, and back: the very same float32
+   product k * s (tests/test_layers.py). */
+void lsq_encode(const float *restrict v, void *restrict codes, int64_t n, float s, int is_signed, int threads) {
+    if (is_signed) {
+        int8_t *c = codes;
+        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+        for (int64_t i = 0; i < n; i++) c[i] = (int8_t)nearbyintf(v[i] / s);
+    } else {
+        uint8_t *c = codes;
+        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+        for (int64_t i = 0; i < n; i++) c[i] = (uint8_t)nearbyintf(v[i] / s);
+    }
+}
+
+void lsq_decode(const void *restrict codes, float *restrict out, int64_t n, float s, int is_signed, int threads) {
+    if (is_signed) {
+        const int8_t *c = codes;
+        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+        for (int64_t i = 0; i < n; i++) out[i] = (float)c[i] * s;
+    } else {
+        const uint8_t *c = codes;
+        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+        for (int64_t i = 0; i < n; i++) out[i] = (float)c[i] * s;
+    }
 }
 """
 
@@ -241,6 +336,9 @@ def _load(path: str):
     lib.lsq_forward.restype = None
     lib.lsq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, ctypes.c_int]
     lib.lsq_backward.restype = ctypes.c_double
+    for f in (lib.lsq_encode, lib.lsq_decode):
+        f.argtypes = [ptr, ptr, i64, f32, ctypes.c_int, ctypes.c_int]
+        f.restype = None
     return lib
 
 
@@ -270,6 +368,17 @@ class _CpuKernels:
         total = self.lib.lsq_backward(v.data_ptr(), grad.data_ptr(), grad_v.data_ptr(), v.numel(),
                                       float(s), qn, qp, torch.get_num_threads())
         return grad_v, torch.tensor(total, dtype=s.dtype)
+
+    def encode(self, v, s, signed):
+        codes = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8)  # v's strides
+        self.lib.lsq_encode(v.data_ptr(), codes.data_ptr(), v.numel(), float(s), int(signed), torch.get_num_threads())
+        return codes
+
+    def decode(self, codes, s):
+        out = torch.empty_like(codes, dtype=torch.float32)
+        self.lib.lsq_decode(codes.data_ptr(), out.data_ptr(), codes.numel(), float(s),
+                            int(codes.dtype == torch.int8), torch.get_num_threads())
+        return out
 
 
 _kernels: dict = {}  # device type -> kernels, or None where they could not be built

@@ -1,0 +1,154 @@
+"""QConv2d / QLinear: what their op saves for backward is 1-byte integer codes, and backward
+sees exactly the tensors the forward used.
+
+The expected gradients are built here from the paper's equations around a plain conv / linear:
+for v_hat = round(clip(v/s, -Qn, Qp)) * s and w_hat likewise,
+
+    dL/dv = dL/dv_hat * [-Qn < v/s < Qp],   dL/dw = dL/dw_hat * [-Qn < w/s_w < Qp]
+
+with dL/dv_hat and dL/dw_hat from autograd through an unquantized conv on v_hat and w_hat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsq.layers import QConv2d, QLinear
+from lsq import quantizer as Q
+from lsq.quantizer import _codes, _decode, qrange
+
+S_ACT, S_W = 0.125, 0.0625  # powers of two: v / s and k * s are exact in float32
+
+
+def quantized(v: torch.Tensor, s: float, qn: int, qp: int):
+    """(v_hat, inside mask) by the paper's formula, in float64, returned as float32."""
+    x = v.double() / s
+    return (x.clamp(-qn, qp).round() * s).float(), ((x > -qn) & (x < qp)).float()
+
+
+def make(kind: str, bits: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "conv":
+        layer = QConv2d(6, 5, 3, padding=1, bias=True, w_bits=bits, a_bits=bits)
+        x = torch.rand(4, 6, 7, 7, generator=gen) * 2.5  # ReLU-like: unsigned activations
+    else:
+        layer = QLinear(12, 5, w_bits=bits, a_bits=bits)
+        x = torch.rand(8, 12, generator=gen) * 2.5
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.3)
+        for q, s in ((layer.a_quant, S_ACT), (layer.w_quant, S_W)):
+            q.step.fill_(s)
+            q.initialized.fill_(True)
+    return layer, x
+
+
+def op(kind, x, w, b):
+    return F.conv2d(x, w, b, padding=1) if kind == "conv" else F.linear(x, w, b)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gradients_through_the_layer_follow_the_paper(kind, bits):
+    layer, x = make(kind, bits, seed=bits)
+    x.requires_grad_(True)
+    up = torch.randn(op(kind, x, layer.weight, layer.bias).shape, generator=torch.Generator().manual_seed(9))
+    layer(x).backward(up)
+
+    aqn, aqp = qrange(bits, signed=False)
+    wqn, wqp = qrange(bits, signed=True)
+    v_hat, v_in = quantized(x.detach(), S_ACT, aqn, aqp)
+    w_hat, w_in = quantized(layer.weight.detach(), S_W, wqn, wqp)
+    v_hat.requires_grad_(True)
+    w_hat.requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    op(kind, v_hat, w_hat, b).backward(up)
+
+    assert torch.equal(x.grad, v_hat.grad * v_in)
+    assert torch.equal(layer.weight.grad, w_hat.grad * w_in)
+    assert torch.equal(layer.bias.grad, b.grad)
+
+
+def saved_bytes(fn) -> tuple[int, list]:
+    """Bytes autograd keeps for backward while fn() runs (each storage once), and what was saved."""
+    storages, saved = {}, []
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), saved, out
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_op_saves_one_byte_per_quantized_value_not_a_float_copy(kind):
+    layer, x = make(kind, 4, seed=0)
+    x.requires_grad_(True)
+    fp32 = torch.nn.Conv2d(6, 5, 3, padding=1) if kind == "conv" else torch.nn.Linear(12, 5)
+
+    plain, _, _ = saved_bytes(lambda: fp32(x))
+    ours, saved, out = saved_bytes(lambda: layer(x))
+    # FP32 keeps x and w. QAT adds the codes of v_hat and w_hat (1 byte each) and each
+    # quantizer's step s (4 bytes): the quantizers' own saved inputs are x and w themselves
+    assert ours - plain == x.numel() + layer.weight.numel() + 2 * 4
+    assert (torch.uint8, tuple(x.shape)) in saved
+    w_saved = layer.weight.shape if kind == "conv" else layer.weight.t().shape  # linear saves w_hat.t()
+    assert (torch.int8, tuple(w_saved)) in saved
+    out.sum().backward()  # and the caller's hooks unpack what they packed: backward still runs
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "eager"])
+def test_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed, fast, monkeypatch):
+    monkeypatch.setattr(Q, "FAST_PATH", fast)
+    qn, qp = qrange(bits, signed)
+    k = torch.arange(-qn, qp + 1).reshape(2, -1)
+    for s in (0.0371, 1.7, 1e-8, 3.0e3):  # steps that are not powers of two, tiny and large
+        s_t = torch.tensor(s, dtype=torch.float32)
+        v_hat = k.float() * s_t  # as the quantizer's forward makes it: k * s in float32
+        for v, kk in ((v_hat, k), (v_hat.t(), k.t())):  # and a transposed view (linear saves w_hat.t())
+            codes = _codes(v, s_t, signed)
+            assert codes.dtype == (torch.int8 if signed else torch.uint8)
+            assert np.array_equal(codes.long().numpy(), kk.numpy())
+            assert torch.equal(_decode(codes, s_t), v)
+
+
+def test_low_precision_outputs_are_saved_as_they_are():
+    """A bfloat16 v_hat (8 significant bits) cannot give back k above 128 exactly: it stays as is."""
+    layer, x = make("linear", 8, seed=2)
+    layer, x = layer.bfloat16(), x.bfloat16().requires_grad_(True)
+    _, saved, out = saved_bytes(lambda: layer(x))
+    assert not any(dtype in (torch.int8, torch.uint8) for dtype, _ in saved)
+    out.float().sum().backward()
+    assert x.grad is not None
+
+
+def test_no_codes_without_autograd():
+    layer, x = make("conv", 4, seed=1)
+    with torch.no_grad():
+        _, saved, _ = saved_bytes(lambda: layer(x))
+    assert saved == []
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_float_quantized_input_is_freed_before_backward(kind):
+    """The point of the codes: between forward and backward, no float copy of v_hat stays alive."""
+    import gc
+    import weakref
+
+    layer, x = make(kind, 4, seed=3)
+    x.requires_grad_(True)
+    refs = []
+    layer.a_quant.register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
+    out = layer(x)
+    gc.collect()
+    assert refs and refs[0]() is None, "the float v_hat is still referenced after forward"
+    out.sum().backward()
+    assert x.grad is not None
