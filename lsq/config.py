@@ -87,6 +87,12 @@ class TrialConfig:
     step_wd: bool = field(default=False, metadata={"help": "apply weight decay to step sizes too"})
     workers: int = field(default=4, metadata={"min": 0, "help": "DataLoader workers (ImageNet only)"})
     device: str = field(default="auto", metadata={**_choice("auto", "cpu", "cuda"), "help": "training device"})
+    compile: str = field(
+        default="none",
+        metadata={**_choice("none", "default", "reduce-overhead"),
+                  "help": "torch.compile the model with this mode (CPU only for now); "
+                          "costs about a minute of compiling in the first epoch"},
+    )
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .config import ConfigError, TrialConfig, coerce
 from .data import CIFAR_CLASSES, load_data
 from .models import build_model, load_error, load_fp32, read_state_dict
-from .policy import BitPolicy, describe, quantize_model
+from .policy import BitPolicy, describe, quantize_model, quantizers
 
 CHECKPOINT_VERSION = 1
 
@@ -57,6 +57,18 @@ def param_groups(model: torch.nn.Module, wd: float, step_wd: bool = False) -> li
     rest = [p for n, p in model.named_parameters() if not n.endswith(".step")]
     return [{"params": rest, "weight_decay": wd},
             {"params": steps, "weight_decay": wd if step_wd else 0.0}]
+
+
+def check_compile(cfg: TrialConfig, device: torch.device) -> None:
+    """compile is for the CPU only, for now. On an H100 (bench/RESULTS.md, 2026-11-26) both
+    modes ran fast but trained wrong: resnet20 W4A4 on CIFAR-10, lr 0.1, reached train loss
+    2.04 after 3 epochs against 1.09 eager (default and reduce-overhead alike), while the same
+    runs on the CPU (with and without bf16 autocast and channels_last) track eager. Until that
+    is found, a CUDA trial refuses it rather than train a wrong model."""
+    if cfg.compile != "none" and device.type == "cuda":
+        raise ConfigError(f"key 'compile' = {cfg.compile!r}: not available on CUDA yet (compiled LSQ training "
+                          "was measured to diverge from eager on an H100; see bench/RESULTS.md); "
+                          "allowed on CUDA: 'none'")
 
 
 def lr_factor(cfg: TrialConfig, epoch: int) -> float:
@@ -86,6 +98,13 @@ class Trainer:
         policy = BitPolicy(cfg.w_bits, cfg.a_bits, cfg.first, cfg.last)
         quantize_model(model, policy, grad_scale_n=cfg.grad_scale_n, grad_scale=cfg.grad_scale)
         self.model = model.to(self.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        # self.model is the eager module (state dicts, diagnostics); self.net is what runs the
+        # batches: the same module, or torch.compile of it (sharing its parameters)
+        check_compile(cfg, self.device)
+        self.compiled = (None if cfg.compile == "none" else
+                         torch.compile(self.model, mode=None if cfg.compile == "default" else cfg.compile,
+                                       dynamic=False))  # one graph per batch shape: train, test, last test batch
+        self._compiled_ready = False
 
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -100,12 +119,25 @@ class Trainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ one epoch
+    @property
+    def net(self) -> torch.nn.Module:
+        """The module that runs a batch. With compile: eager until every step size is
+        initialized (initialization looks at the data, and would split the compiled graph),
+        then the compiled module."""
+        if self.compiled is None:
+            return self.model
+        if not self._compiled_ready:
+            self._compiled_ready = all(q.is_initialized() for q in quantizers(self.model))
+        if self._compiled_ready and self.cfg.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are free
+        return self.compiled if self._compiled_ready else self.model
+
     def train_one_epoch(self) -> float:
         self.model.train()
         total, count = torch.zeros((), device=self.device), 0
         for step, (images, labels) in enumerate(self.data.train):
             with self.autocast():
-                loss = F.cross_entropy(self.model(images), labels)
+                loss = F.cross_entropy(self.net(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -126,7 +158,7 @@ class Trainer:
         n = 0
         for images, labels in self.data.test:
             with self.autocast():
-                logits = self.model(images).float()
+                logits = self.net(images).float()
             loss += F.cross_entropy(logits, labels, reduction="sum")
             hits = logits.topk(k, dim=1).indices == labels[:, None]
             top1 += hits[:, 0].sum()
@@ -193,7 +225,7 @@ class Trainer:
 
 
 # keys that may differ between a checkpoint and the run that resumes it
-_RESUMABLE_CHANGES = ("data_dir", "epochs", "workers", "device", "init_from")
+_RESUMABLE_CHANGES = ("data_dir", "epochs", "workers", "device", "init_from", "compile")
 
 
 def same_trial(stored: dict | None, cfg: TrialConfig) -> bool:
