@@ -26,9 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image
 
 from .config import ConfigError, TrialConfig
 
@@ -198,6 +195,8 @@ def _check_dir(cfg) -> str:
 
 def _torchvision_cifar(name: str, root: str, download: bool):
     """(train, test) as CPU uint8 (N, 3, 32, 32) images and int64 labels, in torchvision's format."""
+    import torchvision  # here, not at the top: a trial on digits or a cached set never pays its import
+
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     out = []
     for train in (True, False):
@@ -218,6 +217,8 @@ def _classes(folder: str) -> list[str]:
 
 def _decode_folder(folder: str, classes: list[str]):
     """Decode an ImageFolder split: uint8 (N, 3, H, W) images and int64 labels, in sorted order."""
+    from torchvision.io import ImageReadMode, decode_image
+
     images, labels = [], []
     with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec on every call
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -340,6 +341,9 @@ def _load_imagenet(cfg, device, generator, channels_last):
     if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
         raise _missing(cfg, "ImageNet", f"{train_dir}/<class>/*.JPEG and {val_dir}/<class>/*.JPEG (ImageFolder; "
                        "val/ sorted into class folders)")
+    import torchvision
+    from torchvision import transforms as T
+
     normalize = T.Normalize(*IMAGENET_STATS)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])

@@ -15,7 +15,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .config import ConfigError
@@ -75,6 +74,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if name in CIFAR_DEPTHS:
         return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
     if name in TORCHVISION:
+        import torchvision  # only for these models: its import costs a trial worker about a second
+
         model = getattr(torchvision.models, name)(num_classes=num_classes)
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -146,6 +147,8 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
     if init_from == "torchvision":
         if name not in TORCHVISION:
             raise ConfigError(f"key 'init_from' = 'torchvision' needs one of {', '.join(TORCHVISION)}, not {name!r}")
+        import torchvision
+
         try:
             weights = torchvision.models.get_model_weights(name).DEFAULT
             state = weights.get_state_dict(progress=False)
