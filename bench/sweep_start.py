@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -38,7 +39,7 @@ def first_epoch_seconds(timeout: float = 120.0) -> tuple[float, float | None]:
                         line = f.readline()
                     if line.endswith("\n"):
                         elapsed = time.perf_counter() - t0
-                        epoch = __import__("json").loads(line).get("epoch_seconds")
+                        epoch = json.loads(line).get("epoch_seconds")
                         return elapsed, epoch
                 if proc.poll() is not None:
                     raise RuntimeError(f"sweep.py exited with {proc.returncode} before any epoch finished")

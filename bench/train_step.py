@@ -58,7 +58,7 @@ class Setup:
         self.compile_seconds = None
         self.cudagraphs = compile_mode == "reduce-overhead"
         if compile_mode:
-            self.model = torch.compile(self.model, mode=None if compile_mode == "default" else compile_mode)
+            self.model = torch.compile(self.model, mode=compile_mode)
             sync(device)
             t0 = time.perf_counter()
             self.step()

@@ -102,8 +102,7 @@ class Trainer:
         # batches: the same module, or torch.compile of it (sharing its parameters)
         check_compile(cfg, self.device)
         self.compiled = (None if cfg.compile == "none" else
-                         torch.compile(self.model, mode=None if cfg.compile == "default" else cfg.compile,
-                                       dynamic=False))  # one graph per batch shape: train, test, last test batch
+                         torch.compile(self.model, mode=cfg.compile, dynamic=False))  # one graph per batch shape: train, test, last test batch
         self._compiled_ready = False
 
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lsq.config import ConfigError, TrialConfig
-from lsq.policy import BitPolicy, describe, init_steps, quantize_model
+from lsq.policy import BitPolicy, describe, init_steps, quantize_model, quantizers
 from lsq.train import CheckpointError, DivergedError, Trainer, lr_factor, main, param_groups, parse_args
 
 FAST = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 1}
@@ -174,9 +174,8 @@ def test_compiled_block_matches_eager_forward_and_gradients():
 
     def run_once(fn):
         block.load_state_dict(state)
-        for q in block.modules():
-            if hasattr(q, "is_initialized"):
-                q.is_initialized()
+        for q in quantizers(block):
+            q.is_initialized()
         block.zero_grad()
         xx = x.clone().requires_grad_(True)
         out = fn(xx)
