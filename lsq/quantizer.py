@@ -48,8 +48,15 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 def _forward(v, s, qn: int, qp: int):
     """v_hat = round(clip(v/s, -Qn, Qp)) * s   (eq. 1-2), in fp32, returned in v's dtype."""
-    x = v.float() / s
-    return x.clamp_(-qn, qp).round_().mul_(s).to(v.dtype)
+    v_hat = torch.round(torch.clamp(v.float() / s, -qn, qp)) * s
+    # No in-place op, and a cast only where the dtype differs. torch.compile traces this inside
+    # LsqFunction.forward, and in torch 2.11 either one (clamp_/round_/mul_ on x, or a `.to()`
+    # that returns its own input, as for a float32 weight) cut the backward off: zero gradients
+    # for every weight and step size, and a compiled model that silently stopped learning
+    # (pytorch/pytorch#180642; the "compiled training is wrong on CUDA" of bench/RESULTS.md,
+    # which reproduces on the CPU with torch 2.11 and not with 2.14). tests/test_quantizer.py
+    # keeps this function free of both.
+    return v_hat if v_hat.dtype == v.dtype else v_hat.to(v.dtype)
 
 
 def _backward(v, s, grad, qn: int, qp: int):

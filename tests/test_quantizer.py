@@ -395,3 +395,55 @@ def test_step_is_the_only_parameter():
     params = dict(q.named_parameters())
     assert list(params) == ["step"]
     assert isinstance(q.step, torch.nn.Parameter) and q.step.numel() == 1
+
+
+# ------------------------------------------------------------------------------- torch.compile
+def test_forward_equations_mutate_nothing_and_return_a_new_tensor():
+    """torch.compile traces the forward's equations inside LsqFunction.forward. In torch 2.11
+    an in-place op there, or a `.to()` that hands back the tensor it was given, cut the
+    backward off: zero gradients for every float32 weight and its step, so a compiled model
+    silently stopped learning. Whatever torch is installed, the equations avoid both."""
+    from torch.overrides import TorchFunctionMode
+
+    calls = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            calls.append((getattr(func, "__name__", str(func)), args, out))
+            return out
+
+    qn, qp = paper_range(4, True)
+    for dtype in (torch.float32, torch.bfloat16):
+        v, s = torch.randn(4, 6, 3, 3).to(dtype), torch.tensor(S)
+        calls.clear()
+        with Record():
+            out = quantizer_module._forward(v, s, qn, qp)
+        in_place = [n for n, _, _ in calls if (n.endswith("_") and not n.startswith("__")) or n.startswith("__i")]
+        assert not in_place, in_place
+        # an op's result may be its own argument only where that argument is the input v
+        passed_through = [n for n, a, o in calls
+                          if isinstance(o, torch.Tensor) and any(o is x for x in a) and o is not v]
+        assert not passed_through, passed_through
+        assert out.dtype == dtype and out is not v
+
+
+@pytest.mark.parametrize("kind,signed", [("weight", True), ("activation", False)])
+def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, seed):
+    """A float32 weight and an activation through torch.compile: forward and both gradients are
+    the paper's (the check that failed on torch 2.11 before the forward above was rewritten)."""
+    qn, qp = paper_range(4, signed)
+    shape = WEIGHT_SHAPE if kind == "weight" else ACT_SHAPE
+    v = make_input(qn, qp, shape, seed)
+    upstream = torch.randn(shape, generator=seed)
+    q = ready_quantizer(4, signed, kind)
+    q.is_initialized()
+    compiled = torch.compile(q, dynamic=False, fullgraph=True)
+    vv = v.clone().requires_grad_(True)
+    out = compiled(vv)
+    out.backward(upstream)
+    n = math.prod(shape) if kind == "weight" else math.prod(shape[1:])
+    fwd, ref_gv, ref_gs, scale = paper_reference(v.numpy(), S, qn, qp, upstream.numpy(), 1.0 / math.sqrt(n * qp))
+    assert np.array_equal(out.detach().double().numpy(), fwd)
+    assert np.array_equal(vv.grad.double().numpy(), ref_gv)
+    assert float(q.step.grad) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
