@@ -3,7 +3,7 @@ it that the small-data path (augmenting and batching on the device) takes.
 
     python bench/epoch.py --batches 50                 # CPU: 50 batches, extrapolated to the epoch
     python bench/epoch.py --device cuda --batches 0    # the full epoch (390 batches)
-    python bench/epoch.py --batches 50 --warmup-batches 5 --compile default   # the trainer's compile option (CPU)
+    python bench/epoch.py --batches 50 --warmup-batches 5 --compile default   # the trainer's compile option
 
 The images come from the archive ../shared/data/cifar10-jpg.tar.gz (or $CIFAR_TGZ, or
 --archive), unpacked once to --data-dir (default /tmp/lsq-cifar10) and reused; lsq/data.py
@@ -77,7 +77,7 @@ def main():
     p.add_argument("--warmup-batches", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="alternating data/train/eval rounds (medians)")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
-                   help="the trainer's compile option (TrialConfig.compile; CPU only for now)")
+                   help="the trainer's compile option (TrialConfig.compile)")
     p.add_argument("--archive", default=os.environ.get("CIFAR_TGZ") or
                    os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
     p.add_argument("--data-dir", default=os.path.join("/tmp", "lsq-cifar10"))
@@ -107,6 +107,13 @@ def main():
     trainer.evaluate()
     sync(device)
     warmup_s = time.perf_counter() - t0
+    if args.compile == "none":
+        compiled_note = ""
+    elif trainer.compiled is not None:  # the trainer checked its first compiled step against eager
+        compiled_note = " The first compiled step's gradients agreed with eager (the trainer's check)."
+    else:
+        compiled_note = (" **The trainer dropped torch.compile: its first compiled step's gradients disagreed "
+                         "with eager, so the timings below are eager** (see the warning above).")
 
     def data_only():
         for images, labels in FirstBatches(train_loader, args.batches):
@@ -141,7 +148,7 @@ def main():
             f"medians of {args.rounds} alternating rounds. Set-up (data load/decode, model) {setup_s:.1f} s; "
             f"warm-up ({args.warmup_batches} batches + evaluation: compile/autotune) {warmup_s:.1f} s. "
             f"Test top-1 after the timed rounds (a check that they trained): {last['top1']:.2f} % "
-            f"on {ne} test batches.\n\n"
+            f"on {ne} test batches.{compiled_note}\n\n"
             + table(rows))
     record(f"CIFAR-10 epoch with the trainer ({device.type})", device, body, append=not args.no_append)
     return 0

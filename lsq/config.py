@@ -90,8 +90,9 @@ class TrialConfig:
     compile: str = field(
         default="none",
         metadata={**_choice("none", "default", "reduce-overhead"),
-                  "help": "torch.compile the model with this mode (CPU only for now); "
-                          "costs about a minute of compiling in the first epoch"},
+                  "help": "torch.compile the model with this mode (reduce-overhead: CUDA graphs too); "
+                          "costs up to a minute of compiling in the first epoch, and falls back to eager "
+                          "if the first compiled step's gradients disagree with eager"},
     )
 
     # ----------------------------------------------------------------- construction
