@@ -358,12 +358,14 @@ def parse_args(argv=None) -> tuple[TrialConfig, argparse.Namespace]:
         values.setdefault("w_bits", args.bit)
         values.setdefault("a_bits", args.bit)
     # command-line strings: parse each value for its key (e.g. '4', 'None', '1e-4', 'true')
-    values = {k: coerce(k, _cli_value(v), "command line") for k, v in values.items()}
+    values = {k: coerce(k, _cli_value(k, v), "command line") for k, v in values.items()}
     return TrialConfig.from_dict(values, where="command line"), args
 
 
-def _cli_value(v: str):
-    if v.lower() in ("none", "null"):
+def _cli_value(key: str, v: str):
+    """'none'/'null' is None for a key that can be None (bits, data_dir, ...); for a key whose
+    allowed values include the word 'none' (compile) it stays that word."""
+    if v.lower() in ("none", "null") and "none" not in TrialConfig.__dataclass_fields__[key].metadata.get("choices", ()):
         return None
     for cast in (int, float):
         try:

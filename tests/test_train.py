@@ -134,6 +134,9 @@ def test_cli_accepts_original_flags(tmp_path):
     assert cfg.init_from == str(ckpt)
     cfg, _ = parse_args(["--w-bits", "32", "--a_bits", "2", "--first", "w8_a_fp32", "--nesterov", "true"])
     assert (cfg.w_bits, cfg.a_bits, cfg.first, cfg.nesterov) == (None, 2, "w8_a_fp32", True)
+    # 'none' is None where a key can be None, and the word where it is one of the allowed values
+    cfg, _ = parse_args(["--w_bits", "none", "--data_dir", "None", "--compile", "none"])
+    assert (cfg.w_bits, cfg.data_dir, cfg.compile) == (None, None, "none")
 
 
 def test_cli_runs_and_saves(tmp_path, capsys):
