@@ -152,18 +152,47 @@ def digits_split():
     return train_test_split(range(len(y)), test_size=0.2, stratify=y, random_state=0)
 
 
-def _digits() -> dict[str, torch.Tensor]:
-    """The digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), cached."""
-    if "digits" not in _CACHE:
-        from sklearn.datasets import load_digits
+DIGITS_CACHE_VERSION = 1  # bump when _build_digits or digits_split changes what they produce
 
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
-        x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-        y = torch.tensor(d.target, dtype=torch.int64)
-        tr, te = (torch.tensor(i) for i in digits_split())
-        _CACHE["digits"] = {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+
+def _digits_cache_file() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "lsq", f"digits16_v{DIGITS_CACHE_VERSION}.pt")
+
+
+def _build_digits() -> dict[str, torch.Tensor]:
+    """The digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = (torch.tensor(i) for i in digits_split())
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+
+
+def _read_digits(path: str):
+    """The cached digits, or None if the file is missing, unreadable or not what it should be."""
+    try:
+        d = torch.load(path, weights_only=True)
+        ok = (isinstance(d, dict) and d["x_train"].shape == (1437, 1, 16, 16) and d["x_test"].shape == (360, 1, 16, 16)
+              and d["x_train"].dtype == torch.uint8 and d["y_train"].shape == (1437,) and d["y_test"].shape == (360,))
+        return d if ok else None
+    except Exception:  # missing, truncated, another format: build it again
+        return None
+
+
+def _digits() -> dict[str, torch.Tensor]:
+    """The processed digits: once per process, and from ~/.cache/lsq once per machine (importing
+    scikit-learn to build them takes over a second in every new trial worker)."""
+    if "digits" not in _CACHE:
+        path = _digits_cache_file()
+        d = _read_digits(path)
+        if d is None:
+            d = _build_digits()
+            _save_atomic(d, path)  # best effort: a read-only home just builds them each time
+        _CACHE["digits"] = d
     return _CACHE["digits"]
 
 

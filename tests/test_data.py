@@ -93,6 +93,42 @@ def test_digits_shapes_split_and_test_set():
     assert x_test.max() == 255 and x_test.min() == 0
 
 
+def test_digits_are_cached_on_disk_and_a_new_process_reads_them_without_sklearn(tmp_path, monkeypatch):
+    """A new trial worker reads the processed digits from ~/.cache/lsq instead of importing
+    scikit-learn again (over a second per worker); what it reads is what sklearn gives."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(D, "_CACHE", {})
+    d, tr, te, x_test = expected_digits()
+    built = D._digits()
+    assert os.path.isfile(D._digits_cache_file()) and D._digits_cache_file().startswith(str(tmp_path))
+    assert torch.equal(built["x_test"], x_test) and torch.equal(built["y_train"], torch.tensor(d.target[tr]))
+
+    code = ("import sys, torch; from lsq import data as D; d = D._digits(); "
+            "print('sklearn' in sys.modules, *(int(v.sum()) for v in d.values()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HOME": str(tmp_path)}, cwd=os.path.dirname(os.path.dirname(D.__file__)))
+    assert out.stdout.split() == ["False", *(str(int(v.sum())) for v in built.values())]
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a checkpoint", "wrong shape"])
+def test_a_damaged_digits_cache_is_built_again(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(D, "_CACHE", {})
+    path = D._digits_cache_file()
+    os.makedirs(os.path.dirname(path))
+    if damage == "wrong shape":
+        torch.save({"x_train": torch.zeros(3, 1, 16, 16, dtype=torch.uint8)}, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(damage)
+    d, tr, te, x_test = expected_digits()
+    assert torch.equal(D._digits()["x_test"], x_test)
+    assert torch.equal(torch.load(path, weights_only=True)["x_test"], x_test)  # and written right
+
+
 def test_digits_same_split_for_every_seed():
     a = D.load_data(cfg(dataset="digits", seed=0), CPU, gen(0))
     b = D.load_data(cfg(dataset="digits", seed=7), CPU, gen(7))
