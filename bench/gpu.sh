@@ -10,12 +10,13 @@
 #   OUT        if set, every table is also appended to $OUT/RESULTS.md (bench/RESULTS.md style)
 #   PYTHON     the interpreter (default: python3)
 #
-# Parts, each with a time budget (together 470 s): (1) a FP32 resnet20 CIFAR-10 epoch (also unpacks
+# Parts, each with a time budget (together 480 s): (1) a FP32 resnet20 CIFAR-10 epoch (also unpacks
 # and decodes the images); (2) the same epoch W4A4 under compile=reduce-overhead (target: <= 2 s);
 # (3) the correctness check of compiled training: 3 epochs of the trainer, eager and compiled, on
 # CIFAR-10 (train loss and top-1 should track each other; the trainer also checks its first
 # compiled step against eager and says so); (4) resnet18 b128 224x224 training steps, FP32 and
-# W4A4, eager and torch.compile (target: W4A4 <= 1.25x FP32); (5) the quantizer per call.
+# W4A4, eager and torch.compile (target: W4A4 <= 1.25x FP32); (5) the quantizer per call, with
+# the options explored, among them two Triton kernels (bench/_triton_lsq.py, checked first).
 # Tables go to stdout and bench/RESULTS.md (and $OUT); part (3) prints its epochs only.
 set -u
 cd "$(dirname "$0")/.."
@@ -43,6 +44,7 @@ EOF
 
 if [ "$DEVICE" = "cpu" ]; then  # dry run: every code path, tiny sizes, nothing appended to RESULTS.md
     part 300 "$PY" bench/quantizer.py --device cpu --shapes 1,3 --rounds 2 --no-append
+    part 120 "$PY" bench/_triton_lsq.py  # Triton's interpreter on the CPU
     part 300 "$PY" bench/epoch.py --device cpu --bits fp32 --batches 3 --eval-batches 1 --warmup-batches 1 --rounds 1 --no-append
     part 600 "$PY" bench/epoch.py --device cpu --batches 3 --eval-batches 1 --warmup-batches 2 --rounds 1 \
         --compile default --no-append
@@ -61,8 +63,9 @@ else
         part "${mode#*:}" "$PY" -m lsq.train --dataset cifar10 --data_dir "$DATA" --model resnet20 --bit 4 --epochs 3 \
             --lr 0.1 --batch_size 256 --seed 1 --compile "${mode%:*}"
     done
-    part 120 "$PY" bench/train_step.py --device cuda --models resnet18:128:224 --configs fp32,w4a4 \
-        --compile fp32,w4a4 --rounds 10
-    part 60 "$PY" bench/quantizer.py --device cuda
+    part 100 "$PY" bench/train_step.py --device cuda --models resnet18:128:224 --configs fp32,w4a4 \
+        --compile fp32,w4a4 --rounds 8
+    part 20 "$PY" bench/_triton_lsq.py  # the Triton option against the paper's formulas, on the GPU
+    part 70 "$PY" bench/quantizer.py --device cuda --options
 fi
 echo; echo "=== all parts done in $((SECONDS - start)) s"

@@ -13,6 +13,9 @@ Rows (all measured side by side, interleaved, in one process):
              the rounded value for the clip range, so its gradients differ from the paper's in
              the half-step band outside each bound)
   none       no quantizer: v * 1, forward and backward
+With --options, also the implementation options explored (see RESULTS.md): the eager path,
+eager + a saved mask, torch.compile of the quantizer's functions, the C loop (CPU) and two
+hand-written Triton kernels (CUDA, bench/_triton_lsq.py).
 
 Correctness columns: ours against the paper's formulas in float64 (the step is a power of two,
 so v/s is exact and every element must match exactly; the step gradient to 1e-5).
@@ -100,10 +103,10 @@ def kernel_function(kernels):
 
 
 # ------------------------------------------------------------------------- checks
-def check_against_paper(v, s, qn, qp, g, up):
+def check_against_paper(v, s, qn, qp, g, up, function=Q.LsqFunction):
     """(elements of forward or grad_v that differ from the paper, relative error of grad_s)."""
     vv, ss = v.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
-    out = Q.LsqFunction.apply(vv, ss, qn, qp, g)
+    out = function.apply(vv, ss, qn, qp, g)
     out.backward(up)
     x = v.detach().double().cpu().numpy() / float(s)
     u = up.double().cpu().numpy()
@@ -157,7 +160,8 @@ def main():
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 30 CPU, 50 CUDA)")
     p.add_argument("--shapes", help="comma-separated indices into the shape list (default: all)")
     p.add_argument("--options", action="store_true",
-                   help="also time the options explored: eager path, eager + saved mask, torch.compile")
+                   help="also time the options explored: eager path, eager + saved mask, torch.compile, "
+                        "the C loop (CPU), a Triton kernel (CUDA; bench/_triton_lsq.py)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,6 +179,13 @@ def main():
         impls["torch.compile"] = kernel_function(kernels)
         if device.type == "cpu":
             impls["C loop"] = kernel_function(Q._CpuKernels())
+        else:
+            try:
+                from _triton_lsq import TritonKernels
+
+                impls["Triton kernel"] = kernel_function(TritonKernels())
+            except ImportError as e:
+                compile_note += f"\nTriton kernel: not measured ({e})."
     fast = Q._fast_path(torch.empty(1, device=device))
     path = {None: "eager (no fast path here)"}.get(fast, type(fast).__name__)
 
@@ -222,6 +233,7 @@ def main():
             return f"{paired_ratio(runs, k, base):.2f}"
 
         bad, gs_err = check_against_paper(v, s, qn, qp, g, up)
+        checked = {k: check_against_paper(v, s, qn, qp, g, up, impls[k]) for k in ("Triton kernel",) if k in impls}
         row = {"shape": f"{name} {'x'.join(map(str, shape))}", "bits": f"{bits}{'s' if signed else 'u'}"}
         row.update({f"{k} ms": ms(t) for k, t in times.items()})
         rows.append(row)
@@ -233,6 +245,7 @@ def main():
             **{f"{k} / fused": ratio(k, "fused") for k in impls if k != "ours"},
             "elements != paper": bad,
             "step grad rel. err": f"{gs_err:.1e}",
+            **{f"{k}: elements != paper, step grad rel. err": f"{b}, {e:.1e}" for k, (b, e) in checked.items()},
         })
         print(row, ratio_rows[-1], flush=True)
 

@@ -144,3 +144,19 @@ def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, see
         assert Q._fast_path(v) is None
     out, gv, _ = run(v, torch.ones_like(v), 4, True, S, fast=True)
     assert torch.equal(out, run(v, torch.ones_like(v), 4, True, S, fast=False)[0])
+
+
+def test_the_triton_kernel_option_follows_the_paper():
+    """bench/_triton_lsq.py, the Triton option bench/quantizer.py measures on CUDA: its own
+    check against the paper's formulas (here in Triton's interpreter on the CPU), which covers
+    every clip bound, rounding tie, NaN and inf, bf16 and channels_last."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "_triton_lsq.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    lines = [line for line in out.stdout.splitlines() if " -> " in line]
+    assert out.returncode == 0 and len(lines) == 4 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
