@@ -14,6 +14,7 @@ import random
 import shlex
 import statistics
 import sys
+import tarfile
 import time
 
 import torch
@@ -23,6 +24,21 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # `import lsq` from a checkout, without installing it
 
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
+CIFAR_ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")  # the real images
+
+
+def unpack_cifar(archive: str, data_dir: str) -> bool:
+    """The CIFAR-10 JPEG archive unpacked to data_dir (train/ and test/), once; False if neither
+    an unpacked copy nor the archive is there."""
+    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
+        return True
+    if not os.path.isfile(archive):
+        return False
+    os.makedirs(data_dir, exist_ok=True)
+    print(f"unpacking {archive} to {data_dir} ...", flush=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(data_dir, filter="data")
+    return True
 
 
 def pick_device(name: str) -> torch.device:

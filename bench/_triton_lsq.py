@@ -29,6 +29,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import _common  # noqa: E402, F401  (puts the repository on sys.path)
+from lsq.quantizer import _dense  # noqa: E402
+
 BLOCK = 1024
 
 
@@ -64,10 +67,6 @@ def _lsq_backward(v_ptr, grad_ptr, grad_v_ptr, partial_ptr, s_ptr, n, qn, qp, BL
     tl.store(grad_v_ptr + offs, (g * inside.to(tl.float32)).to(grad_v_ptr.dtype.element_ty), mask=mask)
     ds = tl.where(inside, _round_half_even(x) - x, tl.where(below, -qn, qp))
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, g * ds, 0.0), axis=0))
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 class TritonKernels:

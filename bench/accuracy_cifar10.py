@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tarfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -33,8 +31,9 @@ import torch  # noqa: E402
 from lsq.config import TrialConfig  # noqa: E402
 from lsq.train import Trainer, format_metrics  # noqa: E402
 
+from _common import CIFAR_ARCHIVE, unpack_cifar  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ARCHIVE = os.path.join(HERE, "..", "..", "shared", "data", "cifar10-jpg.tar.gz")
 
 # FP32 from scratch, then short LSQ fine-tunes (lr 0.01, cosine, as the paper fine-tunes;
 # weight decay by bits as the paper's ImageNet setting: 2 bits 2.5e-5, 3 bits 5e-5, else 1e-4).
@@ -47,17 +46,6 @@ DATA_NOTE = ("Data: CIFAR-10 from `cifar10-jpg.tar.gz` (the real 50,000/10,000 i
              "so absolute accuracies can sit a little below figures published on the PNG-exact batches: "
              "compare the rows with each other. The data is never committed.")
 TARGETS = {4: 0.5, 2: 4.0}  # allowed points below FP32 on the CPU budget (issue 6)
-
-
-def unpack(archive: str, data_dir: str) -> None:
-    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
-        return
-    if not os.path.isfile(archive):
-        sys.exit(f"error: CIFAR-10 archive not found at {archive} (pass --archive)")
-    os.makedirs(data_dir, exist_ok=True)
-    print(f"unpacking {archive} -> {data_dir}", flush=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(data_dir, filter="data")
 
 
 class TrialLog:
@@ -111,7 +99,7 @@ def _g(x) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
-    p.add_argument("--archive", default=ARCHIVE)
+    p.add_argument("--archive", default=CIFAR_ARCHIVE)
     p.add_argument("--data-dir", default="/tmp/lsq-cifar10")
     p.add_argument("--out", default="runs/accuracy_cifar10", help="experiment folder (Tune's layout)")
     p.add_argument("--reports", default="reports", help="where the report folder goes")
@@ -131,7 +119,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset == "cifar10":
-        unpack(args.archive, args.data_dir)
+        if not unpack_cifar(args.archive, args.data_dir):
+            sys.exit(f"error: CIFAR-10 archive not found at {args.archive} (pass --archive)")
     name = f"{args.dataset}_resnet20_{args.protocol}"
     experiment = os.path.join(args.out, name)
     os.makedirs(experiment, exist_ok=True)

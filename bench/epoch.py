@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
-from _common import ROOT, median, pick_device, record, sync, table  # noqa: I001
+from _common import CIFAR_ARCHIVE, median, pick_device, record, sync, table, unpack_cifar  # noqa: I001
 from lsq.config import TrialConfig
 from lsq.train import Trainer
 
@@ -44,17 +43,6 @@ class FirstBatches:
 
     def __iter__(self):
         return itertools.islice(iter(self.loader), len(self))
-
-
-def unpack(archive: str, data_dir: str) -> bool:
-    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
-        return True
-    if not os.path.isfile(archive):
-        return False
-    os.makedirs(data_dir, exist_ok=True)
-    print(f"unpacking {archive} to {data_dir} ...", flush=True)
-    subprocess.run(["tar", "-xzf", archive, "-C", data_dir], check=True)
-    return True
 
 
 def timed(fn, device) -> float:
@@ -78,15 +66,14 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="alternating data/train/eval rounds (medians)")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
                    help="the trainer's compile option (TrialConfig.compile)")
-    p.add_argument("--archive", default=os.environ.get("CIFAR_TGZ") or
-                   os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
+    p.add_argument("--archive", default=os.environ.get("CIFAR_TGZ") or CIFAR_ARCHIVE)
     p.add_argument("--data-dir", default=os.path.join("/tmp", "lsq-cifar10"))
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
 
-    if not unpack(args.archive, args.data_dir):
+    if not unpack_cifar(args.archive, args.data_dir):
         print(f"skipped: no CIFAR-10 archive at {os.path.abspath(args.archive)} (set CIFAR_TGZ or --archive) "
               f"and no unpacked copy in {args.data_dir}", flush=True)
         return 0
