@@ -309,7 +309,11 @@ def _build_c_library():
     folders = [os.environ.get("LSQ_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lsq"),
                tempfile.gettempdir()]
     errors = []
-    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3"]):  # OpenMP is optional
+    # -fno-trapping-math: the compiler may evaluate both sides of a select (no program here looks
+    # at floating-point exception flags), which is what lets the backward's loop vectorize
+    # without AVX-512's masks: 4 ms -> 1 ms for 2M values on an AVX2 CPU. The values are the same.
+    for flags in (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
+                  ["-O3", "-fno-trapping-math"]):  # OpenMP is optional
         key = hashlib.sha1("\0".join([_C_SOURCE, cc, *flags, platform.machine(), cpu]).encode()).hexdigest()
         for folder in folders:
             path = os.path.join(folder, f"lsq_kernels_{key[:16]}.so")
