@@ -170,59 +170,69 @@ class LsqQuantizer(nn.Module):
 # quantizer saves its own input v, which the ReLU before it keeps anyway). But v_hat = k * s
 # with an integer k in [-Qn, Qp], so the op's saved copy is stored as k (1 byte per element)
 # plus s, and rebuilt for backward as the very same product k * s: bit for bit the tensor the
-# forward used (tests/test_layers.py checks this and the gradients).
+# forward used (tests/test_layers.py checks this and the gradients). Under bf16 autocast the
+# activations' v_hat is bf16(k * s), 2 bytes: rebuilt as the same product and the same cast.
 
 
 def _codes(v_hat: torch.Tensor, s: torch.Tensor, signed: bool) -> torch.Tensor:
     """k = v_hat / s as int8 (uint8 for unsigned ranges). For a float32 v_hat = k * s the
-    quotient is k within a few ulps, so round() recovers k exactly (|k| <= 255)."""
+    quotient is k within a few ulps, so round() recovers k exactly (|k| <= 255); for a bfloat16
+    one within |k| * 2^-8, so exactly for |k| <= 127 (`_compact` allows no more)."""
     fast = _fast_path(v_hat)
     if fast is not None:
         return fast.encode(v_hat, s, signed)
-    return torch.round(v_hat / s).to(torch.int8 if signed else torch.uint8)
+    x = v_hat / s if v_hat.dtype == torch.float32 else v_hat.float().div_(s)  # one temporary, not three
+    return x.round_().to(torch.int8 if signed else torch.uint8)
 
 
-def _decode(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """codes * s in float32: the forward's very product."""
+def _decode(codes: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes * s in float32, then in `dtype`: the forward's very product, and its very cast."""
     fast = _fast_path(s)  # s: a float32 scalar on the codes' device
-    if fast is not None and _dense(codes):
-        return fast.decode(codes, s)
-    return codes.float() * s
+    v_hat = fast.decode(codes, s) if fast is not None and _dense(codes) else codes.float().mul_(s)
+    return v_hat if dtype == torch.float32 else v_hat.to(dtype)
+
+
+def _compact(q: LsqQuantizer, out: torch.Tensor) -> bool:
+    """Whether `out` = k * s, saved for backward, can be kept as its codes k and rebuilt bit for
+    bit. bfloat16 (CUDA autocast: the activations) has 8 significant bits, so only for |k| <= 127:
+    every range up to 7 bits, not the 8-bit first and last layers."""
+    if q.bits is None or not out.requires_grad:
+        return False
+    return out.dtype == torch.float32 or (out.dtype == torch.bfloat16 and max(q.qn, q.qp) <= 127)
 
 
 def save_as_codes(*pairs):
     """Context for one layer's op: `pairs` are (quantizer, its output). While the op runs, an
     output (or a view of it: linear saves w_hat.t()) that autograd saves for backward is kept as
     1-byte codes instead of a float copy, and rebuilt as codes * s when backward unpacks it.
-    Only float32 outputs: a bfloat16 one (CUDA autocast) has too few bits to give back k above
-    128, and is saved as it is. A no-op where nothing is saved (inference), under torch.compile
-    (which plans its own saved tensors) and for FP32 quantizers. Hooks the caller has set
-    (offloading, a memory probe) still see what is saved: they get the codes."""
+    float32 outputs, and bfloat16 ones of ranges up to 7 bits (`_compact`); others are saved as
+    they are, as is autocast's bfloat16 copy of a float32 weight. A no-op where nothing is saved
+    (inference), under torch.compile (which plans its own saved tensors) and for FP32
+    quantizers. Hooks the caller has set (offloading, a memory probe) still see what is saved:
+    they get the codes."""
     # autograd keeps both hooks with every saved tensor until backward, so they hold no tensor:
     # an output is recognized by the address of its storage
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: nothing below is traceable
         return contextlib.nullcontext()
-    targets = [(q, out.untyped_storage().data_ptr()) for q, out in pairs
-               if q.bits is not None and out.requires_grad and out.dtype == torch.float32]
+    targets = [(q, out.dtype, out.untyped_storage().data_ptr()) for q, out in pairs if _compact(q, out)]
     if not targets:
         return contextlib.nullcontext()
     outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (None, None)
 
     def pack(t):
-        s = None  # None: t as autograd gave it (e.g. autocast's bf16 copy of a float32 input)
-        if t.dtype == torch.float32:
-            ptr = t.untyped_storage().data_ptr()
-            for q, out_ptr in targets:
-                if ptr == out_ptr:
-                    s = q.step.detach().clamp_min(STEP_EPS)  # the forward's s: the same op on the same value
-                    t = _codes(t.detach(), s, q.signed)  # in t's layout: elementwise ops keep strides
-                    break
-        return s, (outer_pack(t) if outer_pack else t)
+        s = None  # None: t as autograd gave it (e.g. autocast's bf16 copy of a float32 weight)
+        ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
+        for q, out_dtype, out_ptr in targets:
+            if ptr == out_ptr and dtype == out_dtype:
+                s = q.step.detach().clamp_min(STEP_EPS)  # the forward's s: the same op on the same value
+                t = _codes(t.detach(), s, q.signed)  # in t's layout: elementwise ops keep strides
+                break
+        return s, dtype, (outer_pack(t) if outer_pack else t)
 
     def unpack(packed):
-        s, t = packed
+        s, dtype, t = packed
         t = outer_unpack(t) if outer_unpack else t
-        return t if s is None else _decode(t, s)  # the forward's k * s, bit for bit
+        return t if s is None else _decode(t, s, dtype)  # the forward's k * s, bit for bit
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 

@@ -120,8 +120,54 @@ def test_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed, 
             assert torch.equal(_decode(codes, s_t), v)
 
 
-def test_low_precision_outputs_are_saved_as_they_are():
-    """A bfloat16 v_hat (8 significant bits) cannot give back k above 128 exactly: it stays as is."""
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("signed", [True, False])
+def test_bfloat16_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed):
+    """Under CUDA's bf16 autocast the activations' v_hat is bf16(k * s): 8 significant bits, so
+    v_hat / s is k within |k| * 2^-8, which rounds back to k for every range up to 7 bits."""
+    qn, qp = qrange(bits, signed)
+    k = torch.arange(-qn, qp + 1)
+    gen = torch.Generator().manual_seed(bits)
+    steps = torch.cat([torch.tensor([1e-8, 0.0371, 1.7, 3.0e3]),
+                       torch.exp(torch.empty(300).uniform_(-18.0, 8.0, generator=gen))])
+    for s_t in steps.float():
+        v_hat = (k.float() * s_t).to(torch.bfloat16)  # the forward's float32 product, cast as it casts
+        codes = _codes(v_hat, s_t, signed)
+        assert np.array_equal(codes.long().numpy(), k.numpy()), f"s = {float(s_t)!r}"
+        rebuilt = _decode(codes, s_t, torch.bfloat16)
+        assert rebuilt.dtype == torch.bfloat16 and torch.equal(rebuilt.view(torch.int16), v_hat.view(torch.int16))
+
+
+def grads_of(layer, x, up):
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().backward(up)
+    return [x.grad, layer.weight.grad, layer.bias.grad, layer.a_quant.step.grad, layer.w_quant.step.grad]
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_bfloat16_activations_are_saved_as_codes_with_the_same_gradients(kind, monkeypatch):
+    """bf16 activations (autocast) of a 4-bit layer are saved as 1-byte codes instead of 2-byte
+    copies, and every gradient is bit for bit what it is when the bf16 copy is kept."""
+    layer, x = make(kind, 4, seed=4)
+    x = x.bfloat16().requires_grad_(True)  # as the previous layer's output is under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, saved, out = saved_bytes(lambda: layer(x))
+    assert (torch.uint8, tuple(x.shape)) in saved
+    assert (torch.bfloat16, tuple(x.shape)) in saved  # x itself, which the quantizer needs: no copy
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+
+    ours = grads_of(layer, x, up)
+    monkeypatch.setattr(Q, "_compact", lambda q, out: False)  # keep the bf16 copy, as before
+    plain = grads_of(layer, x, up)
+    for g, p in zip(ours, plain):
+        assert g is not None and g.dtype == p.dtype and torch.equal(g, p)
+
+
+def test_eight_bit_bfloat16_outputs_are_saved_as_they_are():
+    """An 8-bit range's bf16 v_hat cannot give back every k exactly (k up to 255): no codes."""
     layer, x = make("linear", 8, seed=2)
     layer, x = layer.bfloat16(), x.bfloat16().requires_grad_(True)
     _, saved, out = saved_bytes(lambda: layer(x))
