@@ -52,9 +52,9 @@ if [ "$DEVICE" = "cpu" ]; then  # dry run: every code path, tiny sizes, nothing 
         part 300 "$PY" -m lsq.train --dataset digits --model resnet20 --bit 4 --epochs 2 --lr 0.1 --seed 1 --compile "$mode"
     done
     part 600 "$PY" bench/train_step.py --device cpu --models resnet18:2:64 --configs fp32,w4a4 \
-        --compile fp32,w4a4 --rounds 1 --memory-rounds 1 --no-append
+        --compile fp32,w4a4 --rounds 1 --no-append
     part 600 "$PY" bench/train_step.py --device cpu --models resnet20:8:32 --configs fp32,w4a4 \
-        --compile fp32,w4a4 --compile-mode reduce-overhead --rounds 1 --memory-rounds 1 --no-append
+        --compile fp32,w4a4 --compile-mode reduce-overhead --rounds 1 --no-append
 else
     DATA=/tmp/lsq-cifar10  # bench/epoch.py's default: unpacked and decoded there by part (1)
     part 70 "$PY" bench/epoch.py --device cuda --bits fp32 --batch-size 256 --batches 0 --rounds 1

@@ -9,20 +9,23 @@ with momentum; on CUDA also its bf16 autocast and channels_last. The batch is ra
 on the device, so only the model is timed.
 
 Memory, per config:
-  peak   the step's high-water mark above what was live before it, plus the model's own
-         parameters and optimizer state. CUDA: torch.cuda.max_memory_allocated. CPU: the
-         process's peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim), the
-         median of several steps: torch's CPU allocator keeps no statistics.
+  peak   the step's high-water mark of allocated bytes above what was live before it, plus the
+         model's own parameters and optimizer state. CUDA: torch.cuda.max_memory_allocated.
+         CPU: the same from the profiler's memory timeline (torch's CPU allocator keeps no
+         statistics; the process's RSS, used before, moved by 10-20 % from run to run).
   saved  bytes that autograd keeps for backward (saved_tensors_hooks, each storage counted
-         once): what QAT adds to the activation memory, exactly.
+         once), the parameters themselves left out (they are live anyway): what QAT adds to the
+         activation memory, exactly. --bf16 shows it under CUDA's bf16 autocast on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import json
 import os
+import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,7 @@ def num_classes(model_name: str) -> int:
 class Setup:
     """A model in one config, its optimizer, and a step like Trainer.train_one_epoch's."""
 
-    def __init__(self, name, model_name, bits, x, y, device, compile_mode=None):
+    def __init__(self, name, model_name, bits, x, y, device, compile_mode=None, bf16=False):
         torch.manual_seed(0)
         model = build_model(model_name, num_classes(model_name))
         if bits is not None:
@@ -53,7 +56,7 @@ class Setup:
         if bits is not None:
             init_steps(self.model, x)
         self.opt = torch.optim.SGD(param_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cuda or bf16 else None
         self.name, self.x, self.y, self.device = name, x, y, device
         self.compile_seconds = None
         self.cudagraphs = compile_mode == "reduce-overhead"
@@ -86,9 +89,11 @@ class Setup:
 
     def saved_bytes(self) -> int:
         storages = {}
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # live anyway
 
         def pack(t):
-            storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+            if t.untyped_storage().data_ptr() not in params:
+                storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -102,13 +107,25 @@ class Setup:
 
 
 # ------------------------------------------------------------------------- peak memory
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+def _cpu_allocated_peak(step) -> int:
+    """How far step() raises the bytes held by torch's CPU allocator: the high-water mark of its
+    memory timeline (every allocation and free, as the profiler records them) above its start.
+    The CPU's counterpart of torch.cuda.max_memory_allocated; exact, unlike the process's RSS."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export_memory_timeline is deprecated in favour of CUDA-only tools
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                    record_shapes=True, with_stack=True) as prof:
+            step()
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    totals = [sum(categories) for categories in sizes]
+    return max(totals) - totals[0]
 
 
 def step_peak_bytes(setup: Setup) -> int | None:
-    """How far one step raises memory above what was live before it (None: cannot tell here)."""
+    """How far one step raises allocated memory above what was live before it (None: cannot tell here)."""
     device = setup.device
     if device.type == "cuda":
         sync(device)
@@ -118,13 +135,9 @@ def step_peak_bytes(setup: Setup) -> int | None:
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is live
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _rss("VmRSS")
-        setup.step()
-        return _rss("VmHWM") - before
-    except (OSError, StopIteration):
+        return _cpu_allocated_peak(setup.step)
+    except Exception as e:  # a profiler that cannot export a timeline: say so, do not guess
+        print(f"no CPU memory timeline ({type(e).__name__}: {e}); peak memory n/a")
         return None
 
 
@@ -143,7 +156,8 @@ def main():
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                    help="torch.compile mode for --compile (reduce-overhead: CUDA graphs too)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 10 CPU, 30 CUDA)")
-    p.add_argument("--memory-rounds", type=int, default=5, help="CPU: peak-RSS samples per config")
+    p.add_argument("--bf16", action="store_true",
+                   help="CPU: bf16 autocast as on CUDA (for its saved bytes: the CPU's bf16 times mean little)")
     p.add_argument("--eager-quantizer", action="store_true", help="LSQ_FAST_PATH=0: the eager quantizer")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
@@ -167,10 +181,10 @@ def main():
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
 
-        setups = {c: Setup(c, model_name, BITS[c], x, y, device) for c in configs}
+        setups = {c: Setup(c, model_name, BITS[c], x, y, device, bf16=args.bf16) for c in configs}
         for c in compiled:
             setups[c + " compiled"] = Setup(c + " compiled", model_name, BITS[c], x, y, device,
-                                            compile_mode=args.compile_mode)
+                                            compile_mode=args.compile_mode, bf16=args.bf16)
             notes.append(f"{model_name} {c}: torch.compile(mode={args.compile_mode!r})'s first two steps took "
                          f"{setups[c + ' compiled'].compile_seconds:.1f} s")
         for s in setups.values():  # warm-up outside the timed rounds (cudnn.benchmark, allocator)
@@ -178,12 +192,9 @@ def main():
         runs = interleaved({k: s.step for k, s in setups.items()}, rounds, 2, device)
         t = {k: median(v) for k, v in runs.items()}
 
-        # memory: one config after another, interleaved as well on the CPU (RSS is noisy)
-        peaks = {k: [] for k in setups}
-        for _ in range(args.memory_rounds if device.type == "cpu" else 1):
-            for k, s in setups.items():
-                peaks[k].append(step_peak_bytes(s))
-        peak = {k: (None if None in v else median(v) + setups[k].state_bytes()) for k, v in peaks.items()}
+        # memory: one step each, after the timed ones (allocated bytes are deterministic)
+        peak = {k: step_peak_bytes(s) for k, s in setups.items()}
+        peak = {k: (None if v is None else v + setups[k].state_bytes()) for k, v in peak.items()}
         # what autograd saves: eager configs only (a compiled graph plans its own saved tensors,
         # and probing it with hooks would recompile it)
         saved = {k: (None if "compiled" in k else s.saved_bytes()) for k, s in setups.items()}
@@ -210,7 +221,8 @@ def main():
     cols += ["peak MB", "peak ratio", "saved MB", "saved ratio"]
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
     fast = Q._fast_path(torch.empty(1, device=device))
-    body = (f"Quantizer: {'eager path' if fast is None else type(fast).__name__}. Medians of {rounds} "
+    amp = "bf16 autocast" if device.type == "cuda" or args.bf16 else "float32"
+    body = (f"Quantizer: {'eager path' if fast is None else type(fast).__name__}; {amp}. Medians of {rounds} "
             "interleaved rounds; time ratios are medians of per-round ratios against FP32 (compiled configs against "
             "compiled FP32 where both ran). Targets: W4A4 / FP32 time <= 1.3 (CPU, resnet20 b128), "
             "<= 1.25 (H100, resnet18); peak memory <= 1.3x FP32.\n\n" + table(rows, cols)
