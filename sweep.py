@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"where reports go, as DIR/<name>/ (default: {DEFAULT_REPORTS}/)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report of a stored sweep; run nothing")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files per trial (Tune's logger; imports torch in the driver)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -279,7 +281,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from lsq import report
-    from lsq.trainable import train_lsq
+    from lsq.trainable import NoTensorBoard, train_lsq
 
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
@@ -318,6 +320,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
+                callbacks=[] if args.tensorboard else [NoTensorBoard()],
                 name=name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=max_failures),

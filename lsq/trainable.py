@@ -21,20 +21,45 @@ import json
 import os
 import tempfile
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
 
 from .config import TrialConfig
-from .train import CheckpointError, DivergedError, Trainer
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+# torch and the trainer are imported where a trial runs, not here: the sweep's driver imports this
+# module only to hand `train_lsq` to Tune, and never needs torch (3-4 s of its start on 2 cores).
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LAYERS_FILE = "layers.json"
 
 
+class NoTensorBoard(TBXLoggerCallback):
+    """Stands in for Tune's TensorBoard logger, which Tune adds to every run that has none. That
+    logger imports tensorboardX, which imports torch: 3-4 s of the driver's start on 2 cores, for
+    event files this project's reports do not read. `sweep.py --tensorboard` keeps Tune's own."""
+
+    def __init__(self):  # not TBXLoggerCallback's: that is where tensorboardX is imported
+        self._trial_writer, self._trial_result = {}, {}
+
+    def log_trial_start(self, trial):
+        pass
+
+    def log_trial_result(self, iteration, trial, result):
+        pass
+
+    def log_trial_end(self, trial, failed=False):
+        pass
+
+
 def _threads() -> int:
     """Torch threads = the CPUs Ray assigned to this trial."""
     import ray
+    import torch
 
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -60,6 +85,8 @@ def _candidates(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
 def restore(trainer: Trainer, checkpoint: tune.Checkpoint | None) -> None:
     """Continue from the latest readable checkpoint; a corrupt one falls back to the one before
     it, and with none readable the trial restarts from scratch with a warning."""
+    from .train import CheckpointError
+
     if checkpoint is None:
         return
     for candidate in _candidates(checkpoint):
@@ -91,6 +118,10 @@ def deployment(cfg: TrialConfig, checkpoint_path: str) -> dict:
 
 
 def train_lsq(config: dict) -> None:
+    import torch
+
+    from .train import CheckpointError, DivergedError, Trainer
+
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
     torch.set_num_threads(_threads())
     trainer = Trainer(cfg)

@@ -104,6 +104,7 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
         assert r["wall_seconds"] == pytest.approx(own[-1]["time_total_s"])
         assert json.loads((trial_dir / "params.json").read_text())["w_bits"] == (None if pd.isna(r["w_bits"]) else 4)
         assert (Path(r["checkpoint"]) / "checkpoint.pt").exists() and (Path(r["checkpoint"]) / "layers.json").exists()
+        assert not list(trial_dir.glob("events.out.tfevents*"))  # TensorBoard files only with --tensorboard
         label = "FP32" if pd.isna(r["w_bits"]) else "W4A4"
         assert f"| {label} | ResNet-20 | 2 epochs, wd 1e-4, batch 256 |" in table
         assert f"| {r['final_top1']:.2f} |" in table
@@ -125,8 +126,35 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
 
 def test_join_a_cluster_with_address(local_ray, tmp_path):
     path = space(tmp_path, "joined", epochs=1, batch=256, bits=[W4])
-    proc = run(sweep_cmd(tmp_path, path, "--address", local_ray), cwd=tmp_path)
+    proc = run(sweep_cmd(tmp_path, path, "--address", local_ray, "--tensorboard"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "multi-node Ray cluster" in proc.stderr and "shared storage" in proc.stderr  # local --storage
     results = pd.read_csv(tmp_path / "reports" / "joined" / "results.csv")
     assert list(results["status"]) == ["TERMINATED"]
+    [trial_dir] = [p for p in (tmp_path / "runs" / "joined").iterdir() if p.is_dir()]
+    assert list(trial_dir.glob("events.out.tfevents*")), sorted(p.name for p in trial_dir.iterdir())
+
+
+def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
+    """The driver only hands train_lsq to Tune: importing torch there (directly, or through Tune's
+    TensorBoard logger and tensorboardX) cost 3-4 s of every sweep's start. result.json and
+    progress.csv, which the reports read, are still written."""
+    code = """
+import sys
+sys.argv = ["sweep.py"]
+import sweep
+from lsq.trainable import NoTensorBoard, train_lsq
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.utils.callback import _create_default_callbacks
+tune.with_resources(train_lsq, {"cpu": 1})
+callbacks = _create_default_callbacks([NoTensorBoard()])
+kinds = [type(c).__name__ for c in callbacks]
+assert any(isinstance(c, JsonLoggerCallback) for c in callbacks), kinds
+assert any(isinstance(c, CSVLoggerCallback) for c in callbacks), kinds
+assert [type(c) for c in callbacks if isinstance(c, TBXLoggerCallback)] == [NoTensorBoard], kinds
+print(sorted(m for m in ("torch", "tensorboardX") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
