@@ -287,8 +287,8 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
         _warn_if_space_changed(space, experiment)
-        if any(v is not None for v in (args.cpus_per_trial, args.gpus_per_trial, args.max_failures)):
-            print("note: --cpus-per-trial, --gpus-per-trial and --max-failures shape a new sweep; "
+        if any(v is not None for v in (args.cpus_per_trial, args.gpus_per_trial, args.max_failures)) or args.tensorboard:
+            print("note: --cpus-per-trial, --gpus-per-trial, --max-failures and --tensorboard shape a new sweep; "
                   "a resumed one keeps the values it started with")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False)
