@@ -44,7 +44,7 @@ class NoTensorBoard(TBXLoggerCallback):
     event files this project's reports do not read. `sweep.py --tensorboard` keeps Tune's own."""
 
     def __init__(self):  # not TBXLoggerCallback's: that is where tensorboardX is imported
-        self._trial_writer, self._trial_result = {}, {}
+        pass
 
     def log_trial_start(self, trial):
         pass
