@@ -1,19 +1,13 @@
-"""An option for the quantizer on CUDA, measured by `bench/quantizer.py --options`: the paper's
-forward and backward as two hand-written Triton kernels, one pass over the tensor each way.
+"""A self-check of the quantizer's CUDA fast path (lsq/_triton.py: the paper's forward and
+backward, and the saved-tensor codes, as Triton kernels) against the paper's formulas.
 
-On an H100 every eager quantizer call is bound by kernel launches (about 7 forward and 16
-backward, 0.3-0.5 ms per call whatever the size) and so is PyTorch's fused op (0.19-0.26 ms).
-These kernels launch one forward and two backward (the elementwise pass writing per-block sums
-of the step gradient, then a sum of those: deterministic, unlike atomics). The step size is read
-on the device, so nothing syncs.
+    python bench/_triton_lsq.py      # on a GPU; on a CPU in Triton's interpreter (slow, small)
 
-Exactness: the same float32 operations as lsq/quantizer.py's `_forward` and `_backward`, element
-for element: x = v / s with IEEE division (Triton's `/` is approximate: div_rn), clip by
-comparisons (NaN passes through, as in torch.clamp), round half to even written with floor
-(exact for |x| < 2^23), grad_v = grad * inside. Only the step gradient's sum runs in another
-order. Not wired into the project until a GPU shows it wins (see bench/RESULTS.md).
-
-    python bench/_triton_lsq.py      # self-check against the paper's formulas (CPU: Triton's interpreter)
+Forward and grad_v element for element against float64 formulas, the step gradient to 1e-5;
+signed and unsigned ranges, float32 and bfloat16, channels_last, values on and around every
+clip bound and rounding tie, NaN and inf; the codes of k * s are exactly k, and decode gives
+back k * s bit for bit; and LsqFunction as the project runs it (these kernels) against its eager
+path. tests/test_quantizer_fastpath.py runs it in the interpreter.
 """
 
 from __future__ import annotations
@@ -26,70 +20,9 @@ import torch
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
 import _common  # noqa: E402, F401  (puts the repository on sys.path)
-from lsq.quantizer import _dense  # noqa: E402
-
-BLOCK = 1024
-
-
-@triton.jit
-def _round_half_even(x):
-    f = tl.floor(x)
-    d = x - f  # exact for |x| < 2^23
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-
-
-@triton.jit
-def _lsq_forward(v_ptr, out_ptr, s_ptr, n, qn, qp, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    s = tl.load(s_ptr)
-    x = tl.math.div_rn(tl.load(v_ptr + offs, mask=mask).to(tl.float32), s)
-    x = tl.where(x < -qn, -qn, x)
-    x = tl.where(x > qp, qp, x)
-    tl.store(out_ptr + offs, (_round_half_even(x) * s).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lsq_backward(v_ptr, grad_ptr, grad_v_ptr, partial_ptr, s_ptr, n, qn, qp, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    s = tl.load(s_ptr)
-    x = tl.math.div_rn(tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), s)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    below = x <= -qn
-    above = x >= qp
-    inside = (below | above) == 0
-    tl.store(grad_v_ptr + offs, (g * inside.to(tl.float32)).to(grad_v_ptr.dtype.element_ty), mask=mask)
-    ds = tl.where(inside, _round_half_even(x) - x, tl.where(below, -qn, qp))
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, g * ds, 0.0), axis=0))
-
-
-class TritonKernels:
-    """The kernels behind LsqFunction's interface (bench/quantizer.py's kernel_function)."""
-
-    def accepts(self, v: torch.Tensor) -> bool:
-        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense(v)
-
-    def forward(self, v, s, qn, qp):
-        out = torch.empty_like(v)  # v's strides: both walk the storage in order
-        n = v.numel()
-        _lsq_forward[(triton.cdiv(n, BLOCK),)](v, out, s.float(), n, float(qn), float(qp), BLOCK=BLOCK)
-        return out
-
-    def backward(self, v, s, grad, qn, qp):
-        if grad.stride() != v.stride():
-            grad = torch.empty_like(v, dtype=grad.dtype).copy_(grad)  # v's layout
-        n = v.numel()
-        blocks = triton.cdiv(n, BLOCK)
-        grad_v = torch.empty_like(v)
-        partial = torch.empty(blocks, device=v.device, dtype=torch.float32)
-        _lsq_backward[(blocks,)](v, grad, grad_v, partial, s.float(), n, float(qn), float(qp), BLOCK=BLOCK)
-        return grad_v, partial.sum().to(s.dtype)
+from lsq import quantizer as Q  # noqa: E402
+from lsq._triton import TritonKernels  # noqa: E402
 
 
 def self_check() -> int:
@@ -134,7 +67,114 @@ def self_check() -> int:
         print(f"{bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]}{' channels_last' if channels_last else ''} "
               f"on {device}: {bad} elements differ from the paper, step gradient rel. err {rel:.1e}, "
               f"NaN step gradient with a NaN input: {nan_ok} -> {'ok' if ok else 'FAILED'}", flush=True)
+    failures += check_codes(k, device) + check_lsq_function(k, device)
+    if device == "cuda":  # in the interpreter this would take minutes, and its bf16 cast is not the GPU's
+        failures += check_model(k, device)
     return 1 if failures else 0
+
+
+def check_codes(k: TritonKernels, device: str) -> int:
+    """Every integer k of the ranges that are saved as codes (float32: up to 8 bits; bfloat16: up
+    to 7), times step sizes that are not powers of two: encode gives k, decode gives k * s back."""
+    failures = 0
+    gen = torch.Generator().manual_seed(0)
+    steps = (torch.rand(20, generator=gen) * 0.2 + 1e-3).tolist()
+    for signed, dtype, bits in [(True, torch.float32, 8), (False, torch.float32, 8),
+                                (True, torch.bfloat16, 7), (False, torch.bfloat16, 7)]:
+        qn, qp = Q.qrange(bits, signed)
+        ints = torch.arange(-qn, qp + 1, dtype=torch.float32).repeat(3)
+        bad = 0
+        for s in steps:
+            st = torch.tensor(s, device=device)
+            v_hat = (ints.to(device) * st).to(dtype)  # the forward's output: k * s, cast
+            codes = k.encode(v_hat, st, signed)
+            back = k.decode(codes, st).to(dtype)  # what lsq.quantizer._decode does with it
+            bad += int((codes.cpu().float() != ints).sum()) + int((~torch.eq(back, v_hat)).sum())
+            bad += codes.dtype != (torch.int8 if signed else torch.uint8)
+        ok = bad == 0
+        failures += not ok
+        print(f"codes {bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]} on {device}, "
+              f"{len(steps)} step sizes: {bad} codes or rebuilt values wrong -> {'ok' if ok else 'FAILED'}", flush=True)
+    return failures
+
+
+def check_lsq_function(k: TritonKernels, device: str) -> int:
+    """LsqFunction with these kernels as its fast path against its eager path: the forward and
+    grad_v bit for bit, the step gradient to 1e-5 (a sum in another order)."""
+    failures = 0
+    saved = dict(Q._kernels)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+                # the GPU's float32 -> bfloat16 store rounds to nearest even, as torch does; the
+                # interpreter truncates, so it cannot stand in for the GPU here
+                print("LsqFunction bfloat16: not checked in Triton's interpreter, whose float32-to-bfloat16 "
+                      "cast truncates (a GPU's rounds to nearest even, as torch's does)", flush=True)
+                continue
+            gen = torch.Generator().manual_seed(1)
+            v = (torch.randn(4, 8, 12, 12, generator=gen) * 2).to(dtype).to(device)
+            up = torch.randn(v.shape, generator=gen).to(dtype).to(device)
+            results = []
+            for fast in (True, False):
+                Q._kernels[v.device.type] = k  # the kernels under test as the fast path
+                Q.FAST_PATH = fast
+                vv = v.clone().requires_grad_(True)
+                step = torch.tensor(0.137, device=device, requires_grad=True)
+                out = Q.LsqFunction.apply(vv, step, 8, 7, 0.01)
+                out.backward(up)
+                results.append((out.detach(), vv.grad, step.grad))
+            (o1, g1, s1), (o2, g2, s2) = results
+            rel = abs(float(s1) - float(s2)) / max(abs(float(s2)), 1e-6)
+            ok = torch.equal(o1, o2) and torch.equal(g1, g2) and rel < 1e-5
+            failures += not ok
+            print(f"LsqFunction {str(dtype)[6:]} on {device}, fast path vs eager path: forward equal "
+                  f"{torch.equal(o1, o2)}, grad_v equal {torch.equal(g1, g2)}, step gradient rel. err {rel:.1e} "
+                  f"-> {'ok' if ok else 'FAILED'}", flush=True)
+    finally:
+        Q.FAST_PATH = True
+        Q._kernels.clear()
+        Q._kernels.update(saved)
+    return failures
+
+
+def check_model(k: TritonKernels, device: str) -> int:
+    """One training step of a W4A4 resnet20 as the trainer runs it on CUDA (bf16 autocast,
+    channels_last, activations saved as codes), these kernels against the eager quantizer: the
+    loss and every weight gradient bit for bit (deterministic cuDNN), step sizes to 1e-4."""
+    from lsq.models import build_model
+    from lsq.policy import BitPolicy, quantize_model
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet20", 10), BitPolicy(w_bits=4, a_bits=4)).to(device)
+    model = model.to(memory_format=torch.channels_last).train()
+    x = torch.randn(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device=device)
+    model(x)  # initializes the step sizes
+    saved = dict(Q._kernels)
+    results = []
+    try:
+        for fast in (True, False):
+            Q._kernels[device], Q.FAST_PATH = k, fast
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    finally:
+        Q.FAST_PATH = True
+        Q._kernels.clear()
+        Q._kernels.update(saved)
+    (l1, g1), (l2, g2) = results
+    weights = [n for n in g2 if not n.endswith(".step")]
+    differ = [n for n in weights if not torch.equal(g1[n], g2[n])]
+    step_err = max(float((g1[n] - g2[n]).abs().max() / g2[n].abs().max().clamp_min(1e-12))
+                   for n in g2 if n.endswith(".step"))
+    ok = torch.equal(l1, l2) and not differ and step_err < 1e-4
+    print(f"W4A4 resnet20 training step on {device}, bf16 autocast, channels_last: loss equal {torch.equal(l1, l2)}, "
+          f"{len(differ)} of {len(weights)} weight gradients differ{(' (' + ', '.join(differ[:3]) + ')') if differ else ''}, "
+          f"step gradients max rel. err {step_err:.1e} -> {'ok' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

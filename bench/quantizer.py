@@ -14,8 +14,8 @@ Rows (all measured side by side, interleaved, in one process):
              the half-step band outside each bound)
   none       no quantizer: v * 1, forward and backward
 With --options, also the implementation options explored (see RESULTS.md): the eager path,
-eager + a saved mask, torch.compile of the quantizer's functions, the C loop (CPU) and two
-hand-written Triton kernels (CUDA, bench/_triton_lsq.py).
+eager + a saved mask, torch.compile of the quantizer's functions and the C loop (CPU). On CUDA
+"ours" is the Triton kernels of lsq/_triton.py.
 
 Correctness columns: ours against the paper's formulas in float64 (the step is a power of two,
 so v/s is exact and every element must match exactly; the step gradient to 1e-5).
@@ -161,7 +161,7 @@ def main():
     p.add_argument("--shapes", help="comma-separated indices into the shape list (default: all)")
     p.add_argument("--options", action="store_true",
                    help="also time the options explored: eager path, eager + saved mask, torch.compile, "
-                        "the C loop (CPU), a Triton kernel (CUDA; bench/_triton_lsq.py)")
+                        "the C loop (CPU)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,13 +179,6 @@ def main():
         impls["torch.compile"] = kernel_function(kernels)
         if device.type == "cpu":
             impls["C loop"] = kernel_function(Q._CpuKernels())
-        else:
-            try:
-                from _triton_lsq import TritonKernels
-
-                impls["Triton kernel"] = kernel_function(TritonKernels())
-            except ImportError as e:
-                compile_note += f"\nTriton kernel: not measured ({e})."
     fast = Q._fast_path(torch.empty(1, device=device))
     path = {None: "eager (no fast path here)"}.get(fast, type(fast).__name__)
 
@@ -210,14 +203,6 @@ def main():
             sync(device)
             compile_note += f"\ntorch.compile: first call on {name} took {time.perf_counter() - t0:.1f} s."
 
-        if "Triton kernel" in impls:  # JIT-build it now, outside the timed rounds; drop it if it fails
-            try:
-                vv = v.clone().requires_grad_(True)
-                impls["Triton kernel"].apply(vv, s.clone().requires_grad_(True), qn, qp, g).backward(up)
-            except Exception as e:
-                del impls["Triton kernel"]
-                compile_note += f"\nTriton kernel: dropped, it failed on {name} ({type(e).__name__}: {str(e)[:300]})."
-
         vl, sl = v.clone().requires_grad_(True), s.clone().requires_grad_(True)
 
         def call(f, fast_path=True):
@@ -241,7 +226,6 @@ def main():
             return f"{paired_ratio(runs, k, base):.2f}"
 
         bad, gs_err = check_against_paper(v, s, qn, qp, g, up)
-        checked = {k: check_against_paper(v, s, qn, qp, g, up, impls[k]) for k in ("Triton kernel",) if k in impls}
         row = {"shape": f"{name} {'x'.join(map(str, shape))}", "bits": f"{bits}{'s' if signed else 'u'}"}
         row.update({f"{k} ms": ms(t) for k, t in times.items()})
         rows.append(row)
@@ -253,7 +237,6 @@ def main():
             **{f"{k} / fused": ratio(k, "fused") for k in impls if k != "ours"},
             "elements != paper": bad,
             "step grad rel. err": f"{gs_err:.1e}",
-            **{f"{k}: elements != paper, step grad rel. err": f"{b}, {e:.1e}" for k, (b, e) in checked.items()},
         })
         print(row, ratio_rows[-1], flush=True)
 

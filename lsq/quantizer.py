@@ -16,10 +16,10 @@ rounded value, which differs in the half-step band just outside each clip bound.
 Speed: `_forward` and `_backward` below are the equations, written once in torch ops (the eager
 path). On the CPU (float32) the same arithmetic runs as one fused pass each way: a small C loop
 compiled with the system's C compiler on first use (well under a second, then cached on disk)
-and called through ctypes; it falls back to the eager path when it cannot be built, and
-LSQ_FAST_PATH=0 turns it off. CUDA uses the eager path (measured faster there than
-torch.compile of these functions; bench/RESULTS.md). tests/test_quantizer_fastpath.py checks
-that the fast path gives the eager path's results.
+and called through ctypes. On CUDA they are two small Triton kernels (lsq/_triton.py; eager
+CUDA is bound by kernel launches, and this is one launch forward and two backward). Either falls
+back to the eager path when it cannot be built, and LSQ_FAST_PATH=0 turns both off.
+tests/test_quantizer_fastpath.py checks that the fast paths give the eager path's results.
 """
 
 from __future__ import annotations
@@ -405,6 +405,26 @@ class _CpuKernels:
 _kernels: dict = {}  # device type -> kernels, or None where they could not be built
 
 
+def _checked(fast, device: torch.device):
+    """`fast` once it has built and run on `device` and agreed with the eager path on a small
+    tensor of each dtype the trainer feeds it (float32 weights, bfloat16 activations): the
+    forward, grad_v and the codes bit for bit. Raises otherwise, so that a GPU or Triton version
+    the kernels do not work on falls back to the eager path with a warning, not a failed trial."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=gen) * 4
+    for dtype in (torch.float32, torch.bfloat16):
+        v, grad = x.to(device, dtype), torch.randn(3000, generator=gen).to(device, dtype)
+        s = torch.tensor(0.3, device=device)
+        k = fast.encode(_forward(v, s, 8, 7), s, True)
+        same = (torch.equal(fast.forward(v, s, 8, 7), _forward(v, s, 8, 7))
+                and torch.equal(fast.backward(v, s, grad, 8, 7)[0], _backward(v, s, grad, 8, 7)[0])
+                and torch.equal(k.float(), torch.clamp(v.float() / s, -8, 7).round())
+                and torch.equal(fast.decode(k, s), k.float() * s))
+        if not same:
+            raise RuntimeError(f"{type(fast).__name__} disagrees with the eager path on {dtype}")
+    return fast
+
+
 def _fast_path(v: torch.Tensor):
     """The fast kernels for v, or None for the eager path."""
     if not FAST_PATH or torch.compiler.is_compiling():  # inside a compiled model, stay traceable
@@ -413,10 +433,12 @@ def _fast_path(v: torch.Tensor):
     if kind not in _kernels:
         _kernels[kind] = None
         try:
-            # CUDA stays eager: on an H100 every call is launch- and overhead-bound (0.2-0.6 ms
-            # whatever the size), and torch.compile of these two functions measured slower
-            # than eager there (bench/RESULTS.md). Compile the whole model instead.
-            _kernels[kind] = _CpuKernels() if kind == "cpu" else None
+            if kind == "cpu":
+                _kernels[kind] = _CpuKernels()
+            elif kind == "cuda":  # eager CUDA is launch-bound: one Triton launch instead of ~7
+                from lsq._triton import TritonKernels
+
+                _kernels[kind] = _checked(TritonKernels(), v.device)
         except Exception as e:  # no compiler, no Triton, ...: the eager path does the same math
             warnings.warn(f"LSQ fast path unavailable on {kind} ({e}); using the eager path")
     fast = _kernels[kind]

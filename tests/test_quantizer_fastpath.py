@@ -1,4 +1,4 @@
-"""The quantizer's fast path (a C loop on the CPU) against the paper's
+"""The quantizer's fast paths (a C loop on the CPU, Triton kernels on CUDA) against the paper's
 formulas and against the eager path, element for element.
 
 The paper's formulas are written out here in float64 numpy (as in test_quantizer.py):
@@ -146,10 +146,11 @@ def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, see
     assert torch.equal(out, run(v, torch.ones_like(v), 4, True, S, fast=False)[0])
 
 
-def test_the_triton_kernel_option_follows_the_paper():
-    """bench/_triton_lsq.py, the Triton option bench/quantizer.py measures on CUDA: its own
-    check against the paper's formulas (here in Triton's interpreter on the CPU), which covers
-    every clip bound, rounding tie, NaN and inf, bf16 and channels_last."""
+def test_the_cuda_triton_kernels_follow_the_paper():
+    """lsq/_triton.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
+    Triton's interpreter on the CPU): forward and grad_v against the paper's formulas at every
+    clip bound, rounding tie, NaN and inf, bf16 and channels_last; the saved-tensor codes; and
+    LsqFunction with the kernels against its eager path."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -159,4 +160,35 @@ def test_the_triton_kernel_option_follows_the_paper():
     out = subprocess.run([sys.executable, os.path.join(root, "bench", "_triton_lsq.py")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     lines = [line for line in out.stdout.splitlines() if " -> " in line]
-    assert out.returncode == 0 and len(lines) == 4 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
+    assert out.returncode == 0 and len(lines) == 9 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
+
+
+class _EagerKernels:
+    """A fast path that is the eager path itself, and one off by one code."""
+
+    def __init__(self, off: int = 0):
+        self.off = off
+
+    def forward(self, v, s, qn, qp):
+        return Q._forward(v, s, qn, qp)
+
+    def backward(self, v, s, grad, qn, qp):
+        return Q._backward(v, s, grad, qn, qp)
+
+    def encode(self, v, s, signed):
+        k = (v.float() / s).round()
+        k[0] += self.off
+        return k.to(torch.int8)
+
+    def decode(self, codes, s):
+        return codes.float() * s
+
+
+def test_a_gpu_fast_path_is_checked_against_the_eager_path_before_use():
+    """Kernels that build but compute something else (another GPU, another Triton) must not
+    train: `_checked` passes the eager path itself and refuses one wrong code, which
+    `_fast_path` then turns into a warning and the eager path."""
+    good = _EagerKernels()
+    assert Q._checked(good, torch.device("cpu")) is good
+    with pytest.raises(RuntimeError, match="disagrees with the eager path"):
+        Q._checked(_EagerKernels(off=1), torch.device("cpu"))
