@@ -16,9 +16,10 @@ rounded value, which differs in the half-step band just outside each clip bound.
 Speed: `_forward` and `_backward` below are the equations, written once in torch ops (the eager
 path). On the CPU (float32) the same arithmetic runs as one fused pass each way: a small C loop
 compiled with the system's C compiler on first use (well under a second, then cached on disk)
-and called through ctypes. On CUDA they are two small Triton kernels (lsq/_triton.py; eager
-CUDA is bound by kernel launches, and this is one launch forward and two backward). Either falls
-back to the eager path when it cannot be built, and LSQ_FAST_PATH=0 turns both off.
+and called through ctypes. On CUDA, where eager calls are bound by kernel launches, it is small
+Triton kernels (lsq/_triton.py: one launch forward, two backward), checked against the eager
+path once per process. Either falls back to the eager path when it cannot be built or does not
+agree, and LSQ_FAST_PATH=0 turns both off.
 tests/test_quantizer_fastpath.py checks that the fast paths give the eager path's results.
 """
 
