@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import pickletools
 import posixpath
 import re
 import tempfile
@@ -42,6 +43,10 @@ FILES = ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv"
 RESULT_COLUMNS = ["trial_id", "trial_name", "status", "epochs_done", "best_top1", "final_top1", "best_top5",
                   "final_top5", "int_top1", "export_ok", "gpu_hours", "wall_seconds", "error", "checkpoint"]
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+# Tune's snapshot of an experiment: one set of files per driver session (a timestamp), the
+# experiment state as JSON, the searcher's and the callbacks' states as pickles
+_SNAPSHOT_FILE = re.compile(r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)"
+                            r"-(?P<session>.+)\.(json|pkl)$")
 
 
 @dataclass
@@ -89,6 +94,16 @@ class Storage:
         except (FileNotFoundError, OSError):
             return None
 
+    def read_bytes(self, *parts: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.join(*parts)) as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.move(self.join(src), self.join(dst))
+
     def read_json(self, *parts: str):
         text = self.read_text(*parts)
         if text is None:
@@ -124,13 +139,88 @@ def read_meta(path: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+# ----------------------------------------------------------------------------- Tune's snapshot
+class SnapshotError(Exception):
+    """No whole snapshot of the experiment is left to resume from."""
+
+
+def whole_snapshot_file(name: str, data: bytes | None) -> bool:
+    """Whether one of Tune's snapshot files was written to its end. The experiment state must
+    parse as JSON and hold its trials; a pickle (the searcher's state, tuner.pkl) must run to its
+    STOP opcode, checked opcode by opcode without unpickling anything. Other files are taken as
+    they are."""
+    known = name.startswith("experiment_state-") or name.endswith(".pkl") or _SNAPSHOT_FILE.match(name)
+    if not known:
+        return True
+    if not data:
+        return False
+    if name.startswith("experiment_state-"):
+        try:
+            state = json.loads(data)
+        except ValueError:
+            return False
+        return isinstance(state, dict) and "trial_data" in state
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:  # ValueError "pickle exhausted before seeing STOP", or garbage
+        return False
+    return True
+
+
+def _snapshot_sessions(st: Storage) -> dict[str, list[str]]:
+    """session -> its snapshot files, in the experiment folder's top level."""
+    sessions: dict[str, list[str]] = {}
+    for name, is_dir in st.listdir():
+        m = None if is_dir else _SNAPSHOT_FILE.match(name)
+        if m:
+            sessions.setdefault(m["session"], []).append(name)
+    return sessions
+
+
+def usable_snapshot(path: str) -> tuple[str | None, list[str]]:
+    """(the session a resume restores, the files of newer sessions that must not be read). Tune
+    restores from the newest experiment_state-*.json and the newest searcher state, and fails on
+    a file cut short: a driver killed while one was copied to storage leaves it so. The session
+    used is the newest whose experiment state and every other snapshot file are whole."""
+    st = Storage(path)
+    sessions = _snapshot_sessions(st)
+    newer: list[str] = []
+    for session in sorted(sessions, reverse=True):
+        files = sessions[session]
+        if f"experiment_state-{session}.json" in files and all(
+                whole_snapshot_file(n, st.read_bytes(n)) for n in files):
+            return session, newer
+        newer += sorted(files)
+    return None, newer
+
+
+def recover_snapshot(path: str) -> list[str]:
+    """Before a resume: set aside (rename to NAME.cut) every snapshot file newer than the newest
+    whole session, so that Tune restores from that one. Returns the names set aside. Raises
+    SnapshotError, renaming nothing, when no session is whole or tuner.pkl is cut."""
+    st = Storage(path)
+    if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
+        raise SnapshotError(f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it")
+    session, newer = usable_snapshot(path)
+    if session is None:
+        raise SnapshotError(f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
+                            f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})")
+    for name in newer:
+        st.rename(name, name + ".cut")
+    for name, is_dir in st.listdir():  # copies a killed driver left unfinished (sweep.whole_file_snapshots)
+        if not is_dir and name.startswith(".") and name.endswith(".tmp") and _SNAPSHOT_FILE.match(name[1:].rsplit(".", 2)[0]):
+            st.fs.delete_file(st.join(name))
+    return newer
+
+
 # ----------------------------------------------------------------------------- collecting
 def _tune_state(st: Storage) -> list[dict]:
-    """Trials in Tune's latest experiment snapshot: trial_id, status, folder, config."""
-    names = sorted(n for n, is_dir in st.listdir() if n.startswith("experiment_state") and n.endswith(".json"))
-    if not names:
+    """Trials in Tune's latest whole experiment snapshot: trial_id, status, folder, config."""
+    session, _ = usable_snapshot(st.display)
+    if session is None:
         return []
-    state = st.read_json(names[-1]) or {}
+    state = st.read_json(f"experiment_state-{session}.json") or {}
     trials = []
     for entry in state.get("trial_data", []):
         try:
