@@ -13,7 +13,10 @@ space's configs, each run by `train_lsq` (lsq/trainable.py) -> every epoch a che
 
 Choices that keep a sweep safe to interrupt:
 - Tune's experiment snapshot is written after every controller step (TUNE_GLOBAL_CHECKPOINT_S=0)
-  instead of every ~10 s, so a killed driver loses no checkpoint it has seen.
+  instead of every ~10 s, so a killed driver loses no checkpoint it has seen; and each of its
+  files reaches local storage whole or not at all (`whole_file_snapshots`), where Tune's own copy
+  left it cut short when the driver was killed mid-copy. A snapshot cut short all the same (other
+  storage, an older sweep) is set aside at --resume, which then restores the one before it.
 - Ctrl-C or SIGTERM stops Tune cleanly; the partial report and the resume command are printed.
 - --resume restores the Tuner: finished trials stay finished, interrupted and errored trials
   continue from their last checkpoint.
@@ -138,6 +141,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"or start a new one with --name {name}-2 (or remove {experiment})")
     if args.resume and not exists:
         raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
+    if args.resume:
+        try:
+            cut = report.recover_snapshot(experiment)
+        except report.SnapshotError as e:
+            raise ConfigError(f"--resume: cannot resume sweep '{name}': {e}. Start it again with --name {name}-2; "
+                              f"its trials' checkpoints stay in {experiment}") from None
+        if cut:
+            print(f"note: Tune's newest snapshot of this sweep was cut short (its driver was killed while writing it). "
+                  f"Resuming from the one before: the epochs trained since are trained again, and a trial whose "
+                  f"checkpoint of then has been deleted since ends in ERROR. Set aside as *.cut: {', '.join(cut)}")
     if args.address:
         _check_reachable(args.address)
     if args.address and "://" not in storage:
@@ -275,6 +288,49 @@ def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- the sweep
+def whole_file_snapshots() -> bool:
+    """Make Tune's copies of its experiment snapshot into a local (or NFS) folder whole or absent.
+
+    After every controller step Tune writes the experiment state into a staging folder and copies
+    that folder (after a resume: every *.json and *.pkl of the experiment's top level, older
+    sessions' too) to storage, each file written in place. A driver killed during the copy leaves
+    the files it was writing cut short (0 bytes), and the next --resume fails on them. Tune also
+    rewrites the staging state in place while the previous copy may still read it. Here each file
+    is read whole, checked (`report.whole_snapshot_file`: a state caught mid-rewrite is skipped and
+    its last whole copy stays), written to a hidden temporary name beside its target and renamed
+    over it. Object stores (s3://, gs://) replace whole objects already and keep Tune's copy.
+    Patches Ray 2.60's `_upload_to_fs_path` in this (the driver's) process; with another Ray that
+    lacks it, nothing is patched and `report.recover_snapshot` still repairs at resume."""
+    import pyarrow.fs as pafs
+    from ray.train._internal import storage as ray_storage
+
+    from lsq.report import whole_snapshot_file
+
+    upload = getattr(ray_storage, "_upload_to_fs_path", None)
+    if upload is None or getattr(upload, "whole_files", False):
+        return upload is not None
+
+    def whole_file_upload(local_path, fs, fs_path, exclude=None):
+        if exclude or not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(local_path):
+            return upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+        for root, _, files in os.walk(local_path):
+            target = os.path.normpath(os.path.join(fs_path, os.path.relpath(root, local_path)))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    data = f.read()
+                if not whole_snapshot_file(name, data):
+                    continue  # Tune is rewriting it right now: the next copy takes it
+                tmp = os.path.join(target, f".{name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, os.path.join(target, name))
+
+    whole_file_upload.whole_files = True
+    ray_storage._upload_to_fs_path = whole_file_upload
+    return True
+
+
 def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str, resources: dict,
               max_failures: int) -> int:
     from ray import tune
@@ -283,6 +339,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     from lsq import report
     from lsq.trainable import NoTensorBoard, train_lsq
 
+    whole_file_snapshots()
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")

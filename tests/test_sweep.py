@@ -158,3 +158,54 @@ print(sorted(m for m in ("torch", "tensorboardX") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
+    """Tune copies its experiment snapshot to storage after every step by writing each file in
+    place, so a driver killed mid-copy left it cut short (0 bytes) and the next --resume failed.
+    With sweep.whole_file_snapshots() the copy Tune launches writes each file beside its target
+    and renames it over: a copy stopped before the rename leaves the previous whole file, and a
+    state Tune is rewriting at that moment is not copied."""
+    import pickle
+
+    import pyarrow.fs as pafs
+    from ray.train._internal import storage as ray_storage
+    from ray.train._internal.storage import _FilesystemSyncer
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    import sweep
+
+    monkeypatch.setattr(ray_storage, "_upload_to_fs_path", ray_storage._upload_to_fs_path)  # restored afterwards
+    assert sweep.whole_file_snapshots() and sweep.whole_file_snapshots()  # once, then already in place
+    src, dst = tmp_path / "staging", tmp_path / "runs" / "exp"
+    (src / "sub").mkdir(parents=True)
+    state = {"trial_data": [["{}", "{}"]], "runner_data": {}}
+    (src / "experiment_state-s1.json").write_text(json.dumps(state))
+    (src / "basic-variant-state-s1.json").write_bytes(pickle.dumps({"n": 1}))
+    (src / "sub" / "other.txt").write_text("x")
+    upload, kwargs = _FilesystemSyncer(storage_filesystem=pafs.LocalFileSystem())._sync_up_command(
+        local_path=str(src), uri=str(dst))  # what Tune's background sync runs
+    assert getattr(upload, "whole_files", False)
+    upload(**kwargs)
+    assert json.loads((dst / "experiment_state-s1.json").read_text()) == state
+    assert pickle.loads((dst / "basic-variant-state-s1.json").read_bytes()) == {"n": 1}
+    assert (dst / "sub" / "other.txt").read_text() == "x"
+
+    # Tune rewriting the state in place while this copy runs: the old whole copy stays
+    (src / "experiment_state-s1.json").write_text(json.dumps(state)[:20])
+    upload(**kwargs)
+    assert json.loads((dst / "experiment_state-s1.json").read_text()) == state
+
+    # the driver killed in the middle of a copy (here: just before a rename)
+    state["trial_data"].append(["{}", "{}"])
+    (src / "experiment_state-s1.json").write_text(json.dumps(state))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        upload(**kwargs)
+    monkeypatch.undo()
+    assert len(json.loads((dst / "experiment_state-s1.json").read_text())["trial_data"]) == 1  # whole, previous
+    assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")]  # the unfinished copy, hidden
