@@ -80,12 +80,14 @@ def _lsq_decode(codes_ptr, out_ptr, s_ptr, n, BLOCK: tl.constexpr):
 
 class TritonKernels:
     """The kernels behind the interface of lsq.quantizer's fast paths. Tensors must be dense
-    (contiguous or channels_last: the kernels walk the storage in order) and below 2^31
-    elements (int32 offsets); s is a float32 scalar tensor on the same device."""
+    (contiguous or channels_last: the kernels walk the storage in order), below 2^31 elements
+    (int32 offsets) and on the current device (where Triton launches); s is a float32 scalar
+    tensor on the same device."""
 
     def accepts(self, v: torch.Tensor) -> bool:
         dense = v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last)
-        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and dense and v.numel() < 2**31
+        current = v.device.type != "cuda" or v.device.index == torch.cuda.current_device()
+        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and dense and v.numel() < 2**31 and current
 
     def forward(self, v, s, qn, qp):
         out = torch.empty_like(v)  # v's strides
