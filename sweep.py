@@ -317,8 +317,13 @@ def whole_file_snapshots() -> bool:
             target = os.path.normpath(os.path.join(fs_path, os.path.relpath(root, local_path)))
             os.makedirs(target, exist_ok=True)
             for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    data = f.read()
+                if name.startswith("."):
+                    continue  # Tune's own temporaries (its searcher state is saved atomically)
+                try:
+                    with open(os.path.join(root, name), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    continue  # replaced or removed since the listing
                 if not whole_snapshot_file(name, data):
                     continue  # Tune is rewriting it right now: the next copy takes it
                 tmp = os.path.join(target, f".{name}.{os.getpid()}.tmp")

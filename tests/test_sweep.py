@@ -183,6 +183,7 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     (src / "experiment_state-s1.json").write_text(json.dumps(state))
     (src / "basic-variant-state-s1.json").write_bytes(pickle.dumps({"n": 1}))
     (src / "sub" / "other.txt").write_text("x")
+    (src / ".tmp-basic-variant-state-s2.json").write_bytes(b"\x80")  # Tune's atomic save, half done
     upload, kwargs = _FilesystemSyncer(storage_filesystem=pafs.LocalFileSystem())._sync_up_command(
         local_path=str(src), uri=str(dst))  # what Tune's background sync runs
     assert getattr(upload, "whole_files", False)
@@ -190,6 +191,7 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     assert json.loads((dst / "experiment_state-s1.json").read_text()) == state
     assert pickle.loads((dst / "basic-variant-state-s1.json").read_bytes()) == {"n": 1}
     assert (dst / "sub" / "other.txt").read_text() == "x"
+    assert not (dst / ".tmp-basic-variant-state-s2.json").exists()
 
     # Tune rewriting the state in place while this copy runs: the old whole copy stays
     (src / "experiment_state-s1.json").write_text(json.dumps(state)[:20])
