@@ -87,19 +87,16 @@ class Storage:
             return []
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
 
-    def read_text(self, *parts: str) -> str | None:
-        try:
-            with self.fs.open_input_stream(self.join(*parts)) as f:
-                return f.read().decode("utf-8", errors="replace")
-        except (FileNotFoundError, OSError):
-            return None
-
     def read_bytes(self, *parts: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(self.join(*parts)) as f:
                 return f.read()
         except (FileNotFoundError, OSError):
             return None
+
+    def read_text(self, *parts: str) -> str | None:
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode("utf-8", errors="replace")
 
     def rename(self, src: str, dst: str) -> None:
         self.fs.move(self.join(src), self.join(dst))
@@ -183,7 +180,10 @@ def usable_snapshot(path: str) -> tuple[str | None, list[str]]:
     restores from the newest experiment_state-*.json and the newest searcher state, and fails on
     a file cut short: a driver killed while one was copied to storage leaves it so. The session
     used is the newest whose experiment state and every other snapshot file are whole."""
-    st = Storage(path)
+    return _usable_session(Storage(path))
+
+
+def _usable_session(st: Storage) -> tuple[str | None, list[str]]:
     sessions = _snapshot_sessions(st)
     newer: list[str] = []
     for session in sorted(sessions, reverse=True):
@@ -202,7 +202,7 @@ def recover_snapshot(path: str) -> list[str]:
     st = Storage(path)
     if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
         raise SnapshotError(f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it")
-    session, newer = usable_snapshot(path)
+    session, newer = _usable_session(st)
     if session is None:
         raise SnapshotError(f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
                             f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})")
@@ -217,7 +217,7 @@ def recover_snapshot(path: str) -> list[str]:
 # ----------------------------------------------------------------------------- collecting
 def _tune_state(st: Storage) -> list[dict]:
     """Trials in Tune's latest whole experiment snapshot: trial_id, status, folder, config."""
-    session, _ = usable_snapshot(st.display)
+    session, _ = _usable_session(st)
     if session is None:
         return []
     state = st.read_json(f"experiment_state-{session}.json") or {}
