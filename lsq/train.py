@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import sys
@@ -50,6 +51,29 @@ def pick_device(cfg: TrialConfig) -> torch.device:
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+class SGD(torch.optim.SGD):
+    """torch.optim.SGD, the same code and the same state dict, without importing torch._dynamo.
+
+    torch.optim's methods are wrapped to keep torch.compile out of them, and each wrapper imports
+    torch._dynamo on its first call: about 2 s of every new trial worker's start on 2 cores. The
+    trainer never compiles its optimizer, so it calls the methods underneath. `step` keeps what
+    its wrapper did besides: no autograd while the parameters are updated. Checkpoints hold
+    torch.optim.SGD's state dict, and either class loads the other's.
+    """
+
+    # inspect.unwrap: to the function under every wrapper, including the profiling hook that
+    # torch.optim.SGD.step gains once any torch.optim.SGD exists (the hook wraps ours as well)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    _step = inspect.unwrap(torch.optim.SGD.step)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return SGD._step(self, closure)
 
 
 def param_groups(model: torch.nn.Module, wd: float, step_wd: bool = False) -> list[dict]:
@@ -133,7 +157,7 @@ class Trainer:
         self._compiled_ready = False
         self._compiled_checked = False  # the first compiled step is checked against eager
 
-        self.optimizer = torch.optim.SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
+        self.optimizer = SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
         # a fresh context manager per use: bf16 autocast on CUDA, nothing on the CPU
