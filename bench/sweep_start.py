@@ -2,13 +2,18 @@
 
     python bench/sweep_start.py            # 3 runs of the smoke space, median
     python bench/sweep_start.py --runs 5
+    python bench/sweep_start.py --baseline /tmp/base   # against another checkout, interleaved
 
 Each run starts `python sweep.py search_spaces/smoke.yaml --set epochs=1` in a fresh process
 with its own storage folder, and polls that folder for the first result line a trial writes
 (Tune appends it to <trial>/result.json at the end of the epoch). The sweep is then stopped
 (SIGINT: its normal Ctrl-C path). The time includes Python start, imports, the private Ray's
 start, Tune's set-up, the trial worker's start and imports, data and model set-up, and one
-digits epoch (about 1.5 s of training on 2 cores: reported apart).
+digits epoch (1-4 s on 2 cores, reported apart) of whichever trial reports first.
+
+With --baseline PATH (another checkout, e.g. `git worktree add /tmp/base HEAD~1`), each round
+runs both checkouts in a shuffled order with the same Python, and the table gives both
+medians and the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,12 +32,12 @@ import time
 from _common import ROOT, median, pick_device, record, table  # noqa: I001
 
 
-def first_epoch_seconds(timeout: float = 120.0) -> tuple[float, float | None]:
+def first_epoch_seconds(root: str = ROOT, timeout: float = 120.0) -> tuple[float, float | None]:
     with tempfile.TemporaryDirectory() as storage:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), "search_spaces/smoke.yaml",
+        proc = subprocess.Popen([sys.executable, os.path.join(root, "sweep.py"), "search_spaces/smoke.yaml",
                                  "--set", "epochs=1", "--storage", storage, "--reports", os.path.join(storage, "reports")],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             while time.perf_counter() - t0 < timeout:
                 for path in glob.glob(os.path.join(storage, "*", "*", "result.json")):
@@ -58,19 +64,45 @@ def first_epoch_seconds(timeout: float = 120.0) -> tuple[float, float | None]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--baseline", metavar="PATH", help="another checkout to run interleaved with this one")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
-    runs = []
+    if args.runs < 1:
+        p.error(f"--runs {args.runs}: at least 1")
+    roots = {"this checkout": ROOT}
+    if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "sweep.py")):
+            p.error(f"--baseline {args.baseline}: no sweep.py there (allowed: a checkout of this project)")
+        roots["baseline"] = os.path.abspath(args.baseline)
+    runs = {name: [] for name in roots}
     for i in range(args.runs):
-        total, epoch = first_epoch_seconds()
-        runs.append((total, epoch))
-        print(f"run {i + 1}: first epoch done {total:.1f} s after start (the epoch itself {epoch:.1f} s)", flush=True)
-    total, epoch = median([r[0] for r in runs]), median([r[1] for r in runs])
-    rows = [{"measure": "`python sweep.py` to the first trial's first epoch", "seconds": f"{total:.1f}"},
-            {"measure": "of which the epoch itself (digits, resnet20 W4A4)", "seconds": f"{epoch:.1f}"},
-            {"measure": "overhead before the epoch (target: the total <= 10 s)", "seconds": f"{total - epoch:.1f}"}]
-    body = f"Medians of {args.runs} runs of search_spaces/smoke.yaml --set epochs=1, each a fresh process.\n\n" + table(rows)
+        for name in random.sample(list(roots), len(roots)):
+            total, epoch = first_epoch_seconds(roots[name])
+            runs[name].append((total, epoch))
+            print(f"run {i + 1}, {name}: first epoch done {total:.1f} s after start (the epoch itself {epoch:.1f} s)",
+                  flush=True)
+    rows = []
+    for name, rs in runs.items():
+        total, epoch = median([r[0] for r in rs]), median([r[1] for r in rs])
+        rows.append({"checkout": name, "to the first epoch (s)": f"{total:.1f}", "the epoch itself (s)": f"{epoch:.1f}",
+                     "overhead before it (s)": f"{total - epoch:.1f}"})
+    if args.baseline:
+        ratio = median([a[0] / b[0] for a, b in zip(runs["this checkout"], runs["baseline"])])
+        rows.append({"checkout": "this / baseline (median of per-round ratios)", "to the first epoch (s)": f"{ratio:.2f}x"})
+    where = f" against {args.baseline} ({_describe(roots['baseline'])}), interleaved" if args.baseline else ""
+    body = (f"Medians of {args.runs} runs of search_spaces/smoke.yaml --set epochs=1, each a fresh process{where}; "
+            f"this checkout is {_describe(ROOT)}. Target: `python sweep.py` to the first trial's first epoch <= 10 s.\n\n"
+            + table(rows))
     record("Sweep start to first epoch", pick_device("cpu"), body, append=not args.no_append)
+
+
+def _describe(root: str) -> str:
+    """The checkout's commit, for the record."""
+    try:
+        out = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()[:80] or "not a git checkout"
+    except OSError:
+        return "not a git checkout"
 
 
 if __name__ == "__main__":
