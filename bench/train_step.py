@@ -5,7 +5,7 @@
     python bench/train_step.py --device cuda --models resnet20:128:32,resnet18:256:224 --compile fp32,w4a4
 
 The step is the trainer's (lsq/train.py): cross-entropy, zero_grad(set_to_none), backward, SGD
-with momentum; on CUDA also its bf16 autocast and channels_last. The batch is random data held
+with momentum, in its memory layout (lsq.train.uses_channels_last); on CUDA also its bf16 autocast. The batch is random data held
 on the device, so only the model is timed.
 
 Memory, per config:
@@ -34,7 +34,7 @@ from _common import interleaved, median, ms, paired_ratio, pick_device, record, 
 from lsq import quantizer as Q
 from lsq.models import TORCHVISION, build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
-from lsq.train import param_groups
+from lsq.train import param_groups, uses_channels_last
 
 BITS = {"fp32": None, "w8a8": 8, "w4a4": 4, "w2a2": 2}
 
@@ -46,13 +46,15 @@ def num_classes(model_name: str) -> int:
 class Setup:
     """A model in one config, its optimizer, and a step like Trainer.train_one_epoch's."""
 
-    def __init__(self, name, model_name, bits, x, y, device, compile_mode=None, bf16=False):
+    def __init__(self, name, model_name, bits, x, y, device, compile_mode=None, bf16=False, channels_last=None):
         torch.manual_seed(0)
         model = build_model(model_name, num_classes(model_name))
         if bits is not None:
             quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
         cuda = device.type == "cuda"
-        self.model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        if channels_last is None:  # the trainer's layout
+            channels_last = uses_channels_last(device, model_name)
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if bits is not None:
             init_steps(self.model, x)
         self.opt = torch.optim.SGD(param_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
@@ -177,7 +179,7 @@ def main():
         batch, size = int(batch), int(size)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-        if device.type == "cuda":
+        if uses_channels_last(device, model_name):
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
 
