@@ -78,8 +78,8 @@ class SGD(torch.optim.SGD):
 
 def uses_channels_last(device: torch.device, model_name: str) -> bool:
     """The memory layout the trainer runs in. CUDA: channels_last, the layout of cuDNN's fast
-    bf16 kernels. CPU: channels_last for the CIFAR ResNets, whose training step it made 1.2-1.3x
-    faster, and contiguous for the torchvision ResNets, which it made a little slower
+    bf16 kernels. CPU: channels_last for the CIFAR ResNets, whose training step it made 1.1-1.25x
+    faster, and contiguous for the torchvision ResNets, where it measured 0.98-1.07x the time
     (`python bench/layout.py`, bench/RESULTS.md)."""
     return device.type == "cuda" or model_name in CIFAR_DEPTHS
 

@@ -168,7 +168,7 @@ def test_a_trial_worker_never_imports_torch_dynamo(tmp_path):
 
 
 def test_cifar_resnets_train_in_channels_last_on_the_cpu():
-    """bench/layout.py: channels_last makes a CIFAR ResNet's CPU step 1.2x faster. (That the
+    """bench/layout.py: channels_last makes a CIFAR ResNet's CPU step 1.1-1.25x faster. (That the
     loaders then yield channels_last batches: tests/test_data.py.)"""
     trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1}))
     convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
