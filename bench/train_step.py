@@ -5,8 +5,8 @@
     python bench/train_step.py --device cuda --models resnet20:128:32,resnet18:256:224 --compile fp32,w4a4
 
 The step is the trainer's (lsq/train.py): cross-entropy, zero_grad(set_to_none), backward, SGD
-with momentum, in its memory layout (lsq.train.uses_channels_last); on CUDA also its bf16 autocast. The batch is random data held
-on the device, so only the model is timed.
+with momentum, in the trainer's memory layout (lsq.train.uses_channels_last); on CUDA also its
+bf16 autocast. The batch is random data held on the device, so only the model is timed.
 
 Memory, per config:
   peak   the step's high-water mark of allocated bytes above what was live before it, plus the
