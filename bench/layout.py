@@ -36,10 +36,15 @@ def main():
     if unknown:
         p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)})")
 
-    rows = []
+    specs = []
     for spec in args.models.split(","):
-        model_name, batch, size = spec.split(":")
-        batch, size = int(batch), int(size)
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(n.isdigit() and int(n) > 0 for n in parts[1:]):
+            p.error(f"--models: {spec!r} is not model:batch:image_size (e.g. resnet20:128:32)")
+        specs.append((parts[0], int(parts[1]), int(parts[2])))
+
+    rows = []
+    for model_name, batch, size in specs:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, size, size, generator=gen).to(device)
         y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
