@@ -11,10 +11,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lsq.config import TrialConfig
-from lsq.export import (AGREEMENT_TARGET, DeployLayer, agreement_ok, compare_paths, deploy_model, deployment_check,
-                        export_onnx, main, onnx_session, passes)
+from lsq.export import (AGREEMENT_TARGET, DeployLayer, _full_fp32_matmul, agreement_ok, compare_paths, deploy_model,
+                        deployment_check, export_onnx, main, onnx_session, passes)
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
@@ -206,6 +207,47 @@ def test_class_agreement_allows_one_tie_flip_on_a_small_split(n, allowed):
     for prefix in ("int", "onnx"):
         assert agreement_ok({"n_images": n, f"{prefix}_disagreements": allowed}, prefix)
         assert not agreement_ok({"n_images": n, f"{prefix}_disagreements": allowed + 1}, prefix)
+
+
+@pytest.mark.parametrize("bits, c_in, kernel, stride, padding, dilation, size", [
+    (4, 16, 3, 1, 1, 1, (9, 9)),    # a CIFAR ResNet body conv: bound 144 * 15 * 8 < 2^24, fp32 products
+    (4, 32, 3, 2, 1, 1, (8, 7)),    # downsampling, an odd and non-square input
+    (8, 64, 3, 1, 1, 1, (6, 6)),    # 8 bits, 576 products: bound 18.8M >= 2^24, float64 products
+    (8, 16, 1, 2, 0, 1, (7, 7)),    # a 1x1 strided shortcut
+    (2, 8, (3, 5), (2, 1), (2, 1), (2, 1), (10, 9)),  # a rectangular, dilated kernel
+])
+def test_integer_layer_matrix_products_equal_the_float64_conv(bits, c_in, kernel, stride, padding, dilation, size):
+    """The integer path's conv as matrix products over kernel taps, against PyTorch's float64
+    conv of the same codes, with codes at the ends of their ranges: equal, value for value."""
+    conv = QConv2d(c_in, 12, kernel, stride=stride, padding=padding, dilation=dilation, bias=False,
+                   w_bits=bits, a_bits=bits)
+    x = torch.rand(5, c_in, *size) * 3
+    init_steps(conv, x)
+    layer = DeployLayer(conv, "int")
+    qn, qp = conv.a_quant.qn, conv.a_quant.qp
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(-qn, qp + 1, (5, c_in, *size), generator=g).float()
+    codes[0] = qp  # the largest products: every accumulator at its bound
+    w = layer.w_codes.clone()
+    w[0] = -conv.w_quant.qn
+    reference = F.conv2d(codes.double(), w.double(), stride=stride, padding=padding, dilation=dilation)
+    bound = layer.fan_in * max(qn, qp) * max(conv.w_quant.qn, conv.w_quant.qp)
+    for dtype in ((torch.float32, torch.float64) if bound < 2**24 else (torch.float64,)):
+        got = layer._gemm(codes, w, dtype)
+        assert got.dtype == torch.float64 and torch.equal(got, reference), dtype
+    assert float(reference.abs().max()) == layer.fan_in * qp * conv.w_quant.qn
+
+
+def test_integer_products_leave_fp32_where_matmul_precision_is_lowered():
+    """fp32 products are exact only in full fp32: with TF32/bf16 matmuls allowed, float64."""
+    x = torch.zeros(1)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert _full_fp32_matmul(x)
+        torch.set_float32_matmul_precision("high")
+        assert not _full_fp32_matmul(x)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_fp32_model_exports_without_quantizers(trained, tmp_path):
