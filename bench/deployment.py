@@ -60,10 +60,12 @@ def main():
     same = all(figures["matrix products"][k] == figures["float64 conv"][k]
                for k in ("int_top1", "int_agreement", "int_max_logit_diff", "int_layer_rel_diff", "int_max_abs_acc"))
     t = {k: median(v) for k, v in runs.items()}
-    rows = [{"integer path": k, "compare_paths (s)": f"{v:.2f}", "per 10,000 images (s)": f"{v * 10000 / args.images:.0f}",
+    rows = [{"integer path": k, "compare_paths (s)": f"{v:.2f}",
+             "per 10,000 images (s)": f"{v * 10000 / args.images:.0f}",
              "x float64 conv": f"{paired_ratio(runs, k, 'float64 conv'):.2f}"} for k, v in t.items()]
-    body = (f"resnet20 W{args.bits}A{args.bits} (first/last w8a8), {args.images} random 32x32 images, {args.threads} "
-            f"threads, medians of {args.rounds} interleaved rounds (the ratio: of per-round ratios). Integer figures identical in both "
+    body = (f"resnet20 W{args.bits}A{args.bits} (first/last w8a8), {args.images} random 32x32 images, "
+            f"{args.threads} threads, medians of {args.rounds} interleaved rounds (the ratio: of per-round "
+            "ratios). Integer figures identical in both "
             f"(top-1, agreement, logit and layer differences, largest accumulator): **{same}**.\n\n" + table(rows))
     record("Deployment check: integer path", pick_device("cpu"), body, append=not args.no_append)
     if not same:
