@@ -101,7 +101,7 @@ def _describe(root: str) -> str:
     try:
         out = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip()[:80] or "not a git checkout"
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return "not a git checkout"
 
 
