@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantizer import _dense
+
 BLOCK = 1024
 
 
@@ -85,9 +87,8 @@ class TritonKernels:
     tensor on the same device."""
 
     def accepts(self, v: torch.Tensor) -> bool:
-        dense = v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last)
         current = v.device.type != "cuda" or v.device.index == torch.cuda.current_device()
-        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and dense and v.numel() < 2**31 and current
+        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense(v) and v.numel() < 2**31 and current
 
     def forward(self, v, s, qn, qp):
         out = torch.empty_like(v)  # v's strides
