@@ -27,6 +27,7 @@ Choices that keep a sweep safe to interrupt:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shlex
@@ -227,10 +228,41 @@ def start_ray(args):
                 "Start one with `ray start --head`; if it uses token authentication, give this machine its token "
                 "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from None
     else:
-        ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet)
+        with _lean_local_ray(args.dashboard):
+            ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet)
         if args.dashboard and getattr(ctx, "dashboard_url", None):
             print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ray
+
+
+@contextlib.contextmanager
+def _lean_local_ray(dashboard: bool):
+    """Start the private Ray without the two head processes a one-machine sweep does not use,
+    unless --dashboard asks for them.
+
+    - The HTTP API server (dashboard.py: job submission, the state API behind `ray list`, and the
+      dashboard when asked). Ray 2.60 starts it with every head node, `include_dashboard=False`
+      included: about 1 s of `ray.init` on 2 cores, and an HTTP port open on 127.0.0.1.
+    - The autoscaler's monitor: a one-machine cluster never scales. Tune reads the cluster's
+      resources from Ray's control store (GCS), not from it.
+
+    Each took about 1 CPU-second while the trial workers were starting on the same 2 cores.
+    Patches Ray's `Node.start_api_server` and `Node.start_monitor` in this process for the length
+    of `ray.init`; a Ray without them starts as it always does."""
+    from ray._private import node
+
+    skipped = [name for name in ("start_api_server", "start_monitor") if not dashboard and hasattr(node.Node, name)]
+    originals = {name: node.Node.__dict__.get(name) for name in skipped}
+    for name in skipped:
+        setattr(node.Node, name, lambda self, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(node.Node, name)
+            else:
+                setattr(node.Node, name, original)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -336,6 +368,28 @@ def whole_file_snapshots() -> bool:
     return True
 
 
+def trials_in_prestarted_workers() -> bool:
+    """Let the trials run in the Python workers Ray starts with the node, not in new ones.
+
+    Ray starts one idle worker per CPU as its node comes up, but a worker only serves tasks whose
+    runtime env matches its own (empty) one, and Tune gives every trainable the runtime env
+    {"env_vars": {"PL_DISABLE_FORK": "1"}} (a PyTorch Lightning setting; this project does not use
+    Lightning). So each trial waited for a fresh process while the prestarted ones were killed
+    unused, having cost 1-2 CPU-seconds of a busy start. Dropping that one default makes the
+    runtime env empty (unless one of the variables Tune forwards, such as AWS keys, is set: then
+    it forwards them as before). Patches Ray 2.60's `class_cache.DEFAULT_ENV_VARS` in this (the
+    driver's) process; with another Ray that lacks it, nothing changes."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return False
+    defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
+    if not isinstance(defaults, dict):
+        return False
+    defaults.pop("PL_DISABLE_FORK", None)
+    return not defaults
+
+
 def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str, resources: dict,
               max_failures: int) -> int:
     from ray import tune
@@ -345,6 +399,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     from lsq.trainable import NoTensorBoard, train_lsq
 
     whole_file_snapshots()
+    trials_in_prestarted_workers()
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")

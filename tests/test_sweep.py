@@ -211,3 +211,66 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(json.loads((dst / "experiment_state-s1.json").read_text())["trial_data"]) == 1  # whole, previous
     assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")]  # the unfinished copy, hidden
+
+
+def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
+    """Ray starts an idle worker per CPU with the node, and a worker serves only tasks whose
+    runtime env matches its own empty one. Tune's default runtime env for every trainable
+    ({"env_vars": {"PL_DISABLE_FORK": "1"}}) made each trial wait for a fresh process instead.
+    After sweep.trials_in_prestarted_workers() the trainable's runtime env is empty; variables
+    Tune forwards on purpose (here an AWS key) are still forwarded."""
+    from ray.tune.execution import class_cache
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    import sweep
+
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS))  # restored afterwards
+    for name in class_cache.ENV_VARS_TO_PROPAGATE:
+        monkeypatch.delenv(name, raising=False)
+
+    class Before:
+        pass
+
+    class After:
+        pass
+
+    class WithKey:
+        pass
+
+    assert class_cache._ActorClassCache().get(Before)._default_options["runtime_env"]  # Tune's own default
+    assert sweep.trials_in_prestarted_workers()
+    assert class_cache._ActorClassCache().get(After)._default_options["runtime_env"] in ({}, {"env_vars": {}})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    assert class_cache._ActorClassCache().get(WithKey)._default_options["runtime_env"] == {
+        "env_vars": {"AWS_ACCESS_KEY_ID": "key"}}
+
+
+def test_the_private_ray_starts_without_api_server_or_autoscaler():
+    """`python sweep.py` starts its own Ray without the HTTP API server (no port open, about 1 s
+    of the start) and without the autoscaler's monitor (a one-machine cluster never scales); the
+    cluster runs tasks all the same, and --dashboard keeps Ray's own start."""
+    code = """
+import argparse, sys
+import sweep
+ray = sweep.start_ray(argparse.Namespace(address=None, dashboard=False))
+from ray._private import node, ray_constants, worker
+started = set(worker._global_node.all_processes)
+assert ray_constants.PROCESS_TYPE_DASHBOARD not in started and ray_constants.PROCESS_TYPE_MONITOR not in started, started
+assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started, started
+
+@ray.remote
+def square(x):
+    return x * x
+
+assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+ray.shutdown()
+# Ray's own methods are back, and --dashboard leaves them alone
+assert node.Node.start_api_server.__qualname__ == "Node.start_api_server"
+assert node.Node.start_monitor.__qualname__ == "Node.start_monitor"
+with sweep._lean_local_ray(dashboard=True):
+    assert node.Node.start_monitor.__qualname__ == "Node.start_monitor"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
