@@ -1,12 +1,14 @@
 """Sweep overhead: seconds from `python sweep.py` to the first trial's first epoch.
 
-    python bench/sweep_start.py            # 3 runs of the smoke space, median
+    python bench/sweep_start.py            # 3 runs of the default sweep, median
     python bench/sweep_start.py --runs 5
     python bench/sweep_start.py --baseline /tmp/base   # against another checkout, interleaved
 
-Each run starts `python sweep.py search_spaces/smoke.yaml --set epochs=1` in a fresh process
-with its own storage folder, and polls that folder for the first result line a trial writes
-(Tune appends it to <trial>/result.json at the end of the epoch). The sweep is then stopped
+Each run starts `python sweep.py` (the default sweep, search_spaces/smoke.yaml) in a fresh
+process with its own storage and reports folders, and polls that folder for the first result line
+a trial writes (Tune appends it to <trial>/result.json at the end of the epoch). Until
+2026-11-27 the runs added `--set epochs=1`, so that first epoch was also the last and its report
+waited for the deployment check (ONNX export, integer inference) too. The sweep is then stopped
 (SIGINT: its normal Ctrl-C path). The time includes Python start, imports, the private Ray's
 start, Tune's set-up, the trial worker's start and imports, data and model set-up, and one
 digits epoch (1-4 s on 2 cores, reported apart) of whichever trial reports first.
@@ -35,8 +37,8 @@ from _common import ROOT, median, pick_device, record, table  # noqa: I001
 def first_epoch_seconds(root: str = ROOT, timeout: float = 120.0) -> tuple[float, float | None]:
     with tempfile.TemporaryDirectory() as storage:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(root, "sweep.py"), "search_spaces/smoke.yaml",
-                                 "--set", "epochs=1", "--storage", storage, "--reports", os.path.join(storage, "reports")],
+        proc = subprocess.Popen([sys.executable, os.path.join(root, "sweep.py"),
+                                 "--storage", storage, "--reports", os.path.join(storage, "reports")],
                                 cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             while time.perf_counter() - t0 < timeout:
@@ -90,7 +92,7 @@ def main():
         ratio = median([a[0] / b[0] for a, b in zip(runs["this checkout"], runs["baseline"])])
         rows.append({"checkout": "this / baseline (median of per-round ratios)", "to the first epoch (s)": f"{ratio:.2f}x"})
     where = f" against {args.baseline} ({_describe(roots['baseline'])}), interleaved" if args.baseline else ""
-    body = (f"Medians of {args.runs} runs of search_spaces/smoke.yaml --set epochs=1, each a fresh process{where}; "
+    body = (f"Medians of {args.runs} runs of `python sweep.py` (search_spaces/smoke.yaml), each a fresh process{where}; "
             f"this checkout is {_describe(ROOT)}. Target: `python sweep.py` to the first trial's first epoch <= 10 s.\n\n"
             + table(rows))
     record("Sweep start to first epoch", pick_device("cpu"), body, append=not args.no_append)
