@@ -229,7 +229,12 @@ def start_ray(args):
                 "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from None
     else:
         with _lean_local_ray(args.dashboard):
-            ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet)
+            # Ray kills an idle worker after 1 s once fewer CPUs are free than workers are idle,
+            # and Tune reserves each trial's CPUs (a placement group) a moment before it asks for
+            # the worker: half the time that moment killed the workers Ray had just started, and
+            # the trials waited for new ones. 10 s covers the gap.
+            ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet,
+                           _system_config={"idle_worker_killing_time_threshold_ms": 10_000})
         if args.dashboard and getattr(ctx, "dashboard_url", None):
             print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ray

@@ -245,24 +245,48 @@ def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
         "env_vars": {"AWS_ACCESS_KEY_ID": "key"}}
 
 
-def test_the_private_ray_starts_without_api_server_or_autoscaler():
+def test_the_private_ray_starts_lean_and_trials_get_its_prestarted_workers():
     """`python sweep.py` starts its own Ray without the HTTP API server (no port open, about 1 s
-    of the start) and without the autoscaler's monitor (a one-machine cluster never scales); the
-    cluster runs tasks all the same, and --dashboard keeps Ray's own start."""
+    of the start) and without the autoscaler's monitor (a one-machine cluster never scales), and
+    --dashboard keeps Ray's own start. The workers Ray starts with the node serve the trials even
+    when Tune has reserved the trials' CPUs (placement groups) a while before it asks for them:
+    with Ray's default, idle workers were killed 1 s into such a gap and the trials waited for
+    new processes."""
     code = """
-import argparse, sys
+import argparse, os, sys, time
 import sweep
 ray = sweep.start_ray(argparse.Namespace(address=None, dashboard=False))
+import psutil  # Ray's own copy, on the path once ray is imported
 from ray._private import node, ray_constants, worker
-started = set(worker._global_node.all_processes)
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+started = worker._global_node.all_processes
 assert ray_constants.PROCESS_TYPE_DASHBOARD not in started and ray_constants.PROCESS_TYPE_MONITOR not in started, started
 assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started, started
+raylet = psutil.Process(started[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
 
-@ray.remote
-def square(x):
-    return x * x
+def workers():  # Python workers: "ray::IDLE" until they take a task
+    return {p.pid for p in raylet.children() if " ".join(p.cmdline()).startswith("ray::IDLE")}
 
-assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+n = min(2, int(ray.cluster_resources()["CPU"]))
+deadline = time.time() + 60
+while len(workers()) < n and time.time() < deadline:
+    time.sleep(0.1)
+prestarted = workers()
+assert len(prestarted) >= n, prestarted
+groups = [placement_group([{"CPU": 1}]) for _ in range(n)]  # what Tune does first for each trial
+ray.get([g.ready() for g in groups])
+time.sleep(2.5)  # the gap before the trial's actor comes, longer than Ray's default 1 s
+
+@ray.remote(num_cpus=1)
+class Trial:
+    def pid(self):
+        return os.getpid()
+
+trials = [Trial.options(scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote() for g in groups]
+pids = ray.get([t.pid.remote() for t in trials])
+assert set(pids) <= prestarted and len(set(pids)) == n, (pids, prestarted)
 ray.shutdown()
 # Ray's own methods are back, and --dashboard leaves them alone
 assert node.Node.start_api_server.__qualname__ == "Node.start_api_server"
