@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reports", default=DEFAULT_REPORTS, metavar="DIR",
                    help=f"where reports go, as DIR/<name>/ (default: {DEFAULT_REPORTS}/)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report of a stored sweep; run nothing")
-    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard and its HTTP API server, e.g. for `ray list` (local Ray only)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files per trial (Tune's logger; imports torch in the driver)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
