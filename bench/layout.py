@@ -16,7 +16,7 @@ import torch
 
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, table  # noqa: I001
 from lsq.train import uses_channels_last
-from train_step import BITS, Setup, num_classes
+from train_step import BITS, Setup, batch, parse_specs
 
 
 def main():
@@ -31,23 +31,11 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in BITS]
-    if unknown:
-        p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)})")
-
-    specs = []
-    for spec in args.models.split(","):
-        parts = spec.split(":")
-        if len(parts) != 3 or not all(n.isdigit() and int(n) > 0 for n in parts[1:]):
-            p.error(f"--models: {spec!r} is not model:batch:image_size (e.g. resnet20:128:32)")
-        specs.append((parts[0], int(parts[1]), int(parts[2])))
+    specs, configs = parse_specs(p, args.models, args.configs)
 
     rows = []
-    for model_name, batch, size in specs:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-        y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
+    for model_name, n, size in specs:
+        x, y = batch(model_name, n, size, device)
         xs = {"NCHW": x.contiguous(), "NHWC": x.contiguous(memory_format=torch.channels_last)}
         setups = {}
         for c in configs:
@@ -58,7 +46,7 @@ def main():
             s.step()
         runs = interleaved({k: s.step for k, s in setups.items()}, args.rounds, 2, device)
         for c in configs:
-            rows.append({"model": f"{model_name} b{batch} {size}x{size}", "config": c,
+            rows.append({"model": f"{model_name} b{n} {size}x{size}", "config": c,
                          "NCHW ms": ms(median(runs[f"{c} NCHW"])), "NHWC ms": ms(median(runs[f"{c} NHWC"])),
                          "NHWC / NCHW": f"{paired_ratio(runs, f'{c} NHWC', f'{c} NCHW'):.2f}",
                          "trainer runs": "NHWC" if uses_channels_last(device, model_name) else "NCHW"})

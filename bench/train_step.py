@@ -42,6 +42,27 @@ BITS = {"fp32": None, "w8a8": 8, "w4a4": 4, "w2a2": 2}
 def num_classes(model_name: str) -> int:
     return 1000 if model_name in TORCHVISION else 10  # ImageNet / CIFAR-10
 
+def parse_specs(p: argparse.ArgumentParser, models: str, configs: str) -> tuple[list, list[str]]:
+    """--models (model:batch:image_size, comma-separated) and --configs (names in BITS), checked."""
+    unknown = [c for c in configs.split(",") if c not in BITS]
+    if unknown:
+        p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)})")
+    specs = []
+    for spec in models.split(","):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(n.isdigit() and int(n) > 0 for n in parts[1:]):
+            p.error(f"--models: {spec!r} is not model:batch:image_size (e.g. resnet20:128:32)")
+        specs.append((parts[0], int(parts[1]), int(parts[2])))
+    return specs, configs.split(",")
+
+
+def batch(model_name: str, n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of n images and labels (seed 0), contiguous in NCHW."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, num_classes(model_name), (n,), generator=gen).to(device)
+    return x, y
+
 
 class Setup:
     """A model in one config, its optimizer, and a step like Trainer.train_one_epoch's."""
@@ -170,18 +191,14 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rounds = args.rounds or (30 if device.type == "cuda" else 10)
-    configs = args.configs.split(",")
+    specs, configs = parse_specs(p, args.models, args.configs)
     compiled = [c for c in args.compile.split(",") if c]
 
     rows, notes = [], []
-    for spec in args.models.split(","):
-        model_name, batch, size = spec.split(":")
-        batch, size = int(batch), int(size)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    for model_name, n, size in specs:
+        x, y = batch(model_name, n, size, device)
         if uses_channels_last(device, model_name):
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, num_classes(model_name), (batch,), generator=gen).to(device)
 
         setups = {c: Setup(c, model_name, BITS[c], x, y, device, bf16=args.bf16) for c in configs}
         for c in compiled:
@@ -205,10 +222,10 @@ def main():
         for k in setups:
             ref = base if "compiled" not in k or base + " compiled" not in setups else base + " compiled"
             rows.append({
-                "model": f"{model_name} b{batch} {size}x{size}",
+                "model": f"{model_name} b{n} {size}x{size}",
                 "config": k,
                 "ms / step": ms(t[k]),
-                "images / s": f"{batch / t[k]:.0f}",
+                "images / s": f"{n / t[k]:.0f}",
                 f"time / {ref}": f"{paired_ratio(runs, k, ref):.2f}",
                 "peak MB": mb(peak[k]),
                 "peak ratio": "n/a" if peak[k] is None or peak[ref] is None else f"{peak[k] / peak[ref]:.2f}",

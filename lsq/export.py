@@ -370,6 +370,8 @@ CHECK_IMAGES = 64  # images of the first batch on which the per-layer / per-quan
 class _Agreement:
     """Streaming comparison of one path's logits against the fake-quant model's."""
 
+    KEYS = ("top1", "agreement", "disagreements", "logits_match", "max_logit_diff", "rel_logit_diff")
+
     def __init__(self):
         self.hits = self.agree = self.n = 0
         self.max_logit = 0.0
@@ -385,12 +387,13 @@ class _Agreement:
     def result(self, prefix: str) -> dict:
         diffs = torch.cat(self.diffs)
         rel = diffs / max(self.max_logit, 1e-30)  # relative to the logit scale
-        return {f"{prefix}_top1": 100.0 * self.hits / self.n,
-                f"{prefix}_agreement": 100.0 * self.agree / self.n,  # percent of images, same class
-                f"{prefix}_disagreements": self.n - self.agree,  # images whose class differs
-                f"{prefix}_logits_match": 100.0 * float((rel <= LOGIT_TOL).float().mean()),
-                f"{prefix}_max_logit_diff": float(diffs.max()),
-                f"{prefix}_rel_logit_diff": float(rel.max())}
+        values = (100.0 * self.hits / self.n,
+                  100.0 * self.agree / self.n,  # agreement: percent of images, same class
+                  self.n - self.agree,  # disagreements: images whose class differs
+                  100.0 * float((rel <= LOGIT_TOL).float().mean()),
+                  float(diffs.max()),
+                  float(rel.max()))
+        return {f"{prefix}_{k}": v for k, v in zip(self.KEYS, values, strict=True)}
 
 
 def _teacher_forcing(model: nn.Module, int_model: nn.Module):
@@ -506,8 +509,7 @@ def compare_paths(model: nn.Module, loader, onnx_path: str | None = None) -> dic
         result["int_layer_rel_diff"] = worst["rel"]
         result["int_max_abs_acc"] = max(m.max_abs_acc for m in int_model.modules() if isinstance(m, DeployLayer))
     else:  # nothing runs in integers: no integer figures rather than a float model's
-        result.update(dict.fromkeys(["int_top1", "int_agreement", "int_disagreements", "int_logits_match",
-                                     "int_max_logit_diff", "int_rel_logit_diff", "int_layer_rel_diff", "int_max_abs_acc"]))
+        result.update(dict.fromkeys([f"int_{k}" for k in _Agreement.KEYS] + ["int_layer_rel_diff", "int_max_abs_acc"]))
     if session is not None:
         result.update(paths["onnx"].result("onnx"))
     return result
@@ -607,9 +609,8 @@ def deployment_check(checkpoint_path: str, data_dir: str | None = None, out: str
               "agreement": r["int_agreement"], "int_ok": passes(r, "int"),
               "onnx_path": None if out is None or missing else out, "onnx_nodes": counts})
     if missing or failed:
-        r.update(dict.fromkeys(["onnx_top1", "onnx_agreement", "onnx_disagreements", "onnx_logits_match", "onnx_max_logit_diff",
-                                "onnx_rel_logit_diff", "onnx_quantizers", "onnx_codes_checked",
-                                "onnx_code_mismatch", "onnx_weights_exact"]))
+        r.update(dict.fromkeys([f"onnx_{k}" for k in _Agreement.KEYS] + [
+            "onnx_quantizers", "onnx_codes_checked", "onnx_code_mismatch", "onnx_weights_exact"]))
         r.update({"export_ok": None if missing else False, "export_reason": missing or failed, "onnx_path": None})
     else:
         r["export_ok"] = passes(r, "onnx")
