@@ -410,9 +410,9 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
         _warn_if_space_changed(space, experiment)
-        if any(v is not None for v in (args.cpus_per_trial, args.gpus_per_trial, args.max_failures)) or args.tensorboard:
-            print("note: --cpus-per-trial, --gpus-per-trial, --max-failures and --tensorboard shape a new sweep; "
-                  "a resumed one keeps the values it started with")
+        ignored = _ignored_on_resume(args, report.read_meta(experiment))
+        if ignored:
+            print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False)
     else:
@@ -434,10 +434,11 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                # The limit goes to the generator itself: Tune applies max_concurrent_trials only to
+                # a Searcher, and ignores it (with a log line) for a generator like this one.
+                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=args.max_concurrent or 0),
                 num_samples=len(points),
                 scheduler=scheduler,
-                max_concurrent_trials=args.max_concurrent,
                 reuse_actors=True,
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
@@ -456,7 +457,8 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
             "name": name, "description": space.description, "space": os.path.abspath(space.path),
             "trials": len(space.trials), "cells": space.cells, "seeds": space.seeds,
             "merged": [m.describe(space.trials[m.kept]) for m in space.merged],
-            "resources": resources, "max_failures": max_failures, "early_stopping": space.early_stopping,
+            "resources": resources, "max_failures": max_failures, "max_concurrent": args.max_concurrent,
+            "tensorboard": args.tensorboard, "early_stopping": space.early_stopping,
             "overrides": space.overrides, "command": resume_command(argv, resume=False),
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
@@ -530,6 +532,29 @@ def _pct(x) -> str:
 def _sigterm_as_ctrl_c(signum, frame):
     """SIGTERM (e.g. from a batch scheduler) stops the sweep the way Ctrl-C does."""
     signal.raise_signal(signal.SIGINT)
+
+
+def _ignored_on_resume(args, stored: dict) -> list[str]:
+    """The flags given with --resume that differ from what the sweep started with, each with the
+    value it keeps: Tune restores resources, retries, the concurrency limit and the loggers with
+    the sweep. Flags equal to the stored values (as in the printed resume command) say nothing."""
+    unknown = object()  # a sweep.json from before the key was recorded
+    res = stored.get("resources") or {}
+    limit = stored.get("max_concurrent", None)  # before it was recorded, no limit ever applied
+    flags = [("--cpus-per-trial", args.cpus_per_trial, res.get("cpu", unknown)),
+             ("--gpus-per-trial", args.gpus_per_trial, res.get("gpu", unknown)),
+             ("--max-failures", args.max_failures, stored.get("max_failures", unknown)),
+             ("--max-concurrent", args.max_concurrent, limit)]
+    out = []
+    for flag, given, kept in flags:
+        if given is None or (kept is not unknown and kept is not None and float(given) == float(kept)):
+            continue
+        was = "as it started" if kept is unknown else ("no limit" if kept is None else f"{kept:g}")
+        out.append(f"{flag} {given:g} (keeps {was})")
+    if args.tensorboard and stored.get("tensorboard") is not True:
+        out.append("--tensorboard (keeps " + ("no TensorBoard files" if "tensorboard" in stored else "its loggers")
+                   + ")")
+    return out
 
 
 def _warn_if_space_changed(space: Space, experiment: str) -> None:

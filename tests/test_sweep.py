@@ -125,14 +125,43 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
 
 
 def test_join_a_cluster_with_address(local_ray, tmp_path):
-    path = space(tmp_path, "joined", epochs=1, batch=256, bits=[W4])
-    proc = run(sweep_cmd(tmp_path, path, "--address", local_ray, "--tensorboard"), cwd=tmp_path)
+    path = space(tmp_path, "joined", epochs=1, batch=256, bits=[W4, W2])
+    proc = run(sweep_cmd(tmp_path, path, "--address", local_ray, "--tensorboard", "--max-concurrent", "1"),
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "multi-node Ray cluster" in proc.stderr and "shared storage" in proc.stderr  # local --storage
     results = pd.read_csv(tmp_path / "reports" / "joined" / "results.csv")
-    assert list(results["status"]) == ["TERMINATED"]
-    [trial_dir] = [p for p in (tmp_path / "runs" / "joined").iterdir() if p.is_dir()]
-    assert list(trial_dir.glob("events.out.tfevents*")), sorted(p.name for p in trial_dir.iterdir())
+    assert list(results["status"]) == ["TERMINATED", "TERMINATED"]
+    trial_dirs = sorted(p for p in (tmp_path / "runs" / "joined").iterdir() if p.is_dir())
+    assert len(trial_dirs) == 2
+    for trial_dir in trial_dirs:
+        assert list(trial_dir.glob("events.out.tfevents*")), sorted(p.name for p in trial_dir.iterdir())
+    # one trial after the other in the same worker process: the second trial paid no worker start
+    # (a new Python, Tune's and torch's imports) but got a fresh Trainer from its own config
+    first, second = (rows(d)[-1] for d in trial_dirs)
+    assert first["pid"] == second["pid"]
+    for trial_dir, bits in zip(trial_dirs, (4, 2)):
+        [checkpoint] = trial_dir.glob("checkpoint_*")
+        body = json.loads((checkpoint / "layers.json").read_text())[1]  # layer1.0.conv1
+        assert (body["w_bits"], body["a_bits"]) == (bits, bits), body
+
+
+def test_resume_names_only_the_flags_it_ignores():
+    """Tune restores resources, retries, the concurrency limit and the loggers with a sweep. The
+    printed resume command repeats the first run's flags: those say nothing; changed ones are named
+    with the value the sweep keeps."""
+    import sweep
+
+    stored = {"resources": {"cpu": 2, "gpu": 0}, "max_failures": 1, "max_concurrent": 1, "tensorboard": False}
+    same = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2", "--max-failures", "1", "--max-concurrent", "1"])
+    assert sweep._ignored_on_resume(same, stored) == []
+    changed = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "4", "--max-concurrent", "3", "--tensorboard"])
+    assert sweep._ignored_on_resume(changed, stored) == [
+        "--cpus-per-trial 4 (keeps 2)", "--max-concurrent 3 (keeps 1)", "--tensorboard (keeps no TensorBoard files)"]
+    # a sweep.json from before the limit was recorded: Tune had applied none
+    older = {"resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
+    assert sweep._ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older) == [
+        "--max-concurrent 1 (keeps no limit)"]
 
 
 def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
