@@ -401,8 +401,16 @@ def notes(cfg: TrialConfig) -> str:
     return f"first layer: {first}; last layer: {last}"
 
 
-def params_text(cfg: TrialConfig) -> str:
-    return f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
+# what the headline table's columns already say: Models (bits), Networks, Notes (first/last), Params
+# (epochs, wd, batch); seeds are averaged into one row
+HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
+
+
+def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = ()) -> str:
+    """Epochs, weight decay and batch, then `extra`: the other keys the sweep varies (lr, schedule,
+    dataset, ...), so that no two rows of the table read the same."""
+    text = f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
+    return text + "".join(f", {k} {_cell(getattr(cfg, k), k)}" for k in extra)
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -486,10 +494,11 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
 
     groups = _groups(df)
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
+    extra = _varied(df, exclude=HEADLINE_KEYS)
     out += ["| Models | Networks | Params | Notes | Acc@1 |", "|---|---|---|---|---|"]
     for g in groups:
         cfg = row_config(g.iloc[0])
-        cells = [cfg.label(), _network(cfg.model), params_text(cfg), notes(cfg), _acc_cell(g, seeded)]
+        cells = [cfg.label(), _network(cfg.model), params_text(cfg, extra), notes(cfg), _acc_cell(g, seeded)]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out += ["", "Acc@1: top-1 accuracy (%) on the test set after the last epoch"
             + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]

@@ -144,6 +144,26 @@ def test_table_md_original_style_with_seeds(experiment, tmp_path):
     assert "[layers.md](layers.md)" in table
 
 
+def test_headline_rows_name_every_other_key_the_sweep_varies(tmp_path):
+    """A grid over the learning rate (or schedule, dataset, ...) must not give rows that read the
+    same: Params adds each varied key that no other column shows."""
+    exp = tmp_path / "runs" / "lrs"
+    exp.mkdir(parents=True)
+    trials = [("y_00000", "001_W4A4_w8a8", config(lr=0.05)), ("y_00001", "002_W4A4_w8a8", config(lr=0.001)),
+              ("y_00002", "003_W2A2_w8a8", config(w_bits=2, a_bits=2, lr=0.05, schedule="step"))]
+    state = {"trial_data": [[json.dumps({"trial_id": i, "status": "TERMINATED", "relative_logdir": f,
+                                         "custom_trial_name": f, "config": c}), json.dumps({})] for i, f, c in trials],
+             "runner_data": {}, "stats": {}}
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    for n, (i, f, c) in enumerate(trials):
+        make_trial(exp, i, f, c, [epoch_row(i, e, 50.0 + n + e, 10.0 * e) for e in (1, 2, 3)])
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    notes = "first & last layers: 8-bit weights and input"
+    assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.05, schedule cosine | {notes} | 53.00 |" in table
+    assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.001, schedule cosine | {notes} | 54.00 |" in table
+    assert f"| W2A2 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.05, schedule step | {notes} | 55.00 |" in table
+
+
 def test_layers_and_plot(experiment, tmp_path):
     rep = report.build_report(str(experiment), str(tmp_path / "reports"))
     layers = pd.read_csv(Path(rep.folder) / "layers.csv")
