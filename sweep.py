@@ -558,12 +558,33 @@ def _ignored_on_resume(args, stored: dict) -> list[str]:
 
 
 def _warn_if_space_changed(space: Space, experiment: str) -> None:
+    """Tune resumes the trials it stored, with the configs they started with: say so when the
+    space (its file, or --set) now asks for other trials or other values, e.g. more epochs."""
     from lsq import report
+    from lsq.config import TrialConfig
 
-    stored = report.read_meta(experiment)
-    if stored.get("trials") not in (None, len(space.trials)):
-        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {stored['trials']}: "
-              "--resume continues the stored trials only (use a new --name for the new ones)")
+    stored = report.stored_configs(experiment)
+    if not stored:
+        return
+    name = os.path.basename(experiment.rstrip("/"))
+    way_out = f"--resume continues the stored trials as they started (a new sweep: --name {name}-2)"
+    if len(stored) != len(space.trials):
+        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {len(stored)}: {way_out}")
+        return
+    now = space.points()
+    changed = []
+    for key in TrialConfig.keys():
+        before, after = _unique([c[key] for c in stored]), _unique([p[key] for p in now])
+        if sorted(map(repr, before)) != sorted(map(repr, after)):
+            changed.append(f"{key} {_values(before)} -> {_values(after)}")
+    if changed:
+        print(f"note: the space now differs from the stored sweep ({'; '.join(changed)}): {way_out}")
+
+
+def _values(values: list) -> str:
+    """One key's values across the trials: `8`, or `{0.05, 0.001}`."""
+    text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return text if len(values) == 1 else "{" + text + "}"
 
 
 # ----------------------------------------------------------------------------- text

@@ -233,6 +233,17 @@ def _tune_state(st: Storage) -> list[dict]:
     return trials
 
 
+def stored_configs(experiment: str) -> list[dict]:
+    """The TrialConfig dicts of the trials in Tune's latest whole snapshot: what --resume runs."""
+    configs = []
+    for t in _tune_state(Storage(experiment)):
+        try:
+            configs.append(_config(t["config"]).to_dict())
+        except (TypeError, ValueError):  # not a config this version reads: nothing to compare
+            continue
+    return configs
+
+
 def _results(st: Storage, folder: str) -> list[dict]:
     """The reported rows of one trial, one per epoch (the last report of an epoch wins, so an
     epoch repeated after a resume counts once), plus a final `failed_reason` row if any."""

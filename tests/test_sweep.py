@@ -164,6 +164,28 @@ def test_resume_names_only_the_flags_it_ignores():
         "--max-concurrent 1 (keeps no limit)"]
 
 
+def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
+    """Tune resumes the stored trials with the configs they started with: a space (or --set) that
+    now asks for more epochs or other trials is named, with the way to run it."""
+    import sweep
+    from lsq.space import load_space
+
+    path = space(tmp_path, "grown", epochs=1, batch=256, bits=[W4, W2])
+    exp = tmp_path / "runs" / "grown"
+    exp.mkdir(parents=True)
+    trials = [[json.dumps({"trial_id": f"t{i}", "status": "RUNNING", "relative_logdir": f"t{i}", "config": c}), "{}"]
+              for i, c in enumerate(load_space(path, []).points())]
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
+
+    sweep._warn_if_space_changed(load_space(path, []), str(exp))
+    assert capsys.readouterr().out == ""  # the space it started with: nothing to say
+    sweep._warn_if_space_changed(load_space(path, ["epochs=3", "lr=0.1"]), str(exp))
+    out = capsys.readouterr().out
+    assert "(epochs 1 -> 3; lr 0.05 -> 0.1)" in out and "as they started" in out and "--name grown-2" in out
+    sweep._warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2, FP32]), []), str(exp))
+    assert "the space now has 3 trials, the stored sweep 2" in capsys.readouterr().out
+
+
 def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
     """The driver only hands train_lsq to Tune: importing torch there (directly, or through Tune's
     TensorBoard logger and tensorboardX) cost 3-4 s of every sweep's start. result.json and
