@@ -233,12 +233,15 @@ def _tune_state(st: Storage) -> list[dict]:
     return trials
 
 
-def stored_configs(experiment: str) -> list[dict]:
-    """The TrialConfig dicts of the trials in Tune's latest whole snapshot: what --resume runs."""
-    configs = []
+def stored_configs(experiment: str) -> dict[int, dict]:
+    """The TrialConfig dicts of the trials in Tune's latest whole snapshot (what --resume runs),
+    by the number Tune gave each trial as it created it (`<run>_00003`: the space's fourth point)."""
+    configs = {}
     for t in _tune_state(Storage(experiment)):
+        number = re.search(r"_(\d+)$", str(t["trial_id"]))
         try:
-            configs.append(_config(t["config"]).to_dict())
+            if number:
+                configs[int(number.group(1))] = _config(t["config"]).to_dict()
         except (TypeError, ValueError):  # not a config this version reads: nothing to compare
             continue
     return configs
@@ -421,7 +424,20 @@ def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = ()) -> st
     """Epochs, weight decay and batch, then `extra`: the other keys the sweep varies (lr, schedule,
     dataset, ...), so that no two rows of the table read the same."""
     text = f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
-    return text + "".join(f", {k} {_cell(getattr(cfg, k), k)}" for k in extra)
+    for k in extra:
+        v = getattr(cfg, k)
+        text += f", {k} {os.path.basename(str(v).rstrip('/')) if k in PATH_KEYS and v else _cell(v, k)}"
+    return text
+
+
+PATH_KEYS = ("data_dir", "init_from")  # the headline names the file or folder; results.csv has the path
+
+
+def _headline_extra(df: pd.DataFrame) -> list[str]:
+    """The keys the sweep varies that the headline's columns do not show. A data_dir that varies
+    with the dataset says nothing the dataset does not."""
+    extra = _varied(df, exclude=HEADLINE_KEYS)
+    return [k for k in extra if not (k == "data_dir" and "dataset" in extra)]
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -505,7 +521,7 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
 
     groups = _groups(df)
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
-    extra = _varied(df, exclude=HEADLINE_KEYS)
+    extra = _headline_extra(df)
     out += ["| Models | Networks | Params | Notes | Acc@1 |", "|---|---|---|---|---|"]
     for g in groups:
         cfg = row_config(g.iloc[0])

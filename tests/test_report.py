@@ -162,6 +162,12 @@ def test_headline_rows_name_every_other_key_the_sweep_varies(tmp_path):
     assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.05, schedule cosine | {notes} | 53.00 |" in table
     assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.001, schedule cosine | {notes} | 54.00 |" in table
     assert f"| W2A2 | ResNet-20 | 3 epochs, wd 1e-4, batch 128, lr 0.05, schedule step | {notes} | 55.00 |" in table
+    # a checkpoint is named by its file; a data_dir that moves with the dataset is left to results.csv
+    cfg = report._config({**config(), "init_from": "/ckpt/cifar10_resnet20_fp32.pt"})
+    assert report.params_text(cfg, ["init_from"]) == "3 epochs, wd 1e-4, batch 128, init_from cifar10_resnet20_fp32.pt"
+    both = pd.DataFrame([config(), config(dataset="cifar10", data_dir="/data/cifar10")])
+    assert report._headline_extra(both) == ["dataset"]
+    assert report._headline_extra(pd.DataFrame([config(), config(data_dir="/data/digits2")])) == ["data_dir"]
 
 
 def test_layers_and_plot(experiment, tmp_path):
