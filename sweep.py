@@ -563,20 +563,21 @@ def _warn_if_space_changed(space: Space, experiment: str) -> None:
     from lsq import report
     from lsq.config import TrialConfig
 
-    stored = report.stored_configs(experiment)
-    if not stored:
-        return
     name = os.path.basename(experiment.rstrip("/"))
     way_out = f"--resume continues the stored trials as they started (a new sweep: --name {name}-2)"
-    if len(stored) != len(space.trials):
-        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {len(stored)}: {way_out}")
+    created = report.read_meta(experiment).get("trials")
+    if created not in (None, len(space.trials)):
+        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {created}: {way_out}")
         return
+    # Trial i runs point i. Tune may not have created every trial yet (--max-concurrent, a large
+    # grid): it creates those on resume from the points it stored, so only created ones compare.
     now = space.points()
+    pairs = [(c, now[i]) for i, c in sorted(report.stored_configs(experiment).items()) if i < len(now)]
     changed = []
     for key in TrialConfig.keys():
-        before, after = _unique([c[key] for c in stored]), _unique([p[key] for p in now])
-        if sorted(map(repr, before)) != sorted(map(repr, after)):
-            changed.append(f"{key} {_values(before)} -> {_values(after)}")
+        differ = [(old[key], new[key]) for old, new in pairs if repr(old[key]) != repr(new[key])]
+        if differ:
+            changed.append(f"{key} {_values(_unique([o for o, _ in differ]))} -> {_values(_unique([n for _, n in differ]))}")
     if changed:
         print(f"note: the space now differs from the stored sweep ({'; '.join(changed)}): {way_out}")
 

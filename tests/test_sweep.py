@@ -106,7 +106,7 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
         assert (Path(r["checkpoint"]) / "checkpoint.pt").exists() and (Path(r["checkpoint"]) / "layers.json").exists()
         assert not list(trial_dir.glob("events.out.tfevents*"))  # TensorBoard files only with --tensorboard
         label = "FP32" if pd.isna(r["w_bits"]) else "W4A4"
-        assert f"| {label} | ResNet-20 | 2 epochs, wd 1e-4, batch 256 |" in table
+        assert f"| {label} | ResNet-20 | 2 epochs, wd 1e-4, batch 256, dataset digits |" in table  # it varies
         assert f"| {r['final_top1']:.2f} |" in table
 
     # the report again, from storage alone, in a process that starts no Ray
@@ -170,20 +170,33 @@ def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path
     import sweep
     from lsq.space import load_space
 
-    path = space(tmp_path, "grown", epochs=1, batch=256, bits=[W4, W2])
+    from lsq import report
+
+    path = space(tmp_path, "grown", epochs=1, batch=256, bits=[W4, W2, FP32])
     exp = tmp_path / "runs" / "grown"
     exp.mkdir(parents=True)
-    trials = [[json.dumps({"trial_id": f"t{i}", "status": "RUNNING", "relative_logdir": f"t{i}", "config": c}), "{}"]
-              for i, c in enumerate(load_space(path, []).points())]
-    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
+    report.write_meta(str(exp), {"trials": 3})
 
+    def stored(*numbers):  # Tune's snapshot, which lists its trials in no particular order
+        points = load_space(path, []).points()
+        trials = [[json.dumps({"trial_id": f"ab12_{i:05d}", "status": "RUNNING", "relative_logdir": f"t{i}",
+                               "config": points[i]}), "{}"] for i in numbers]
+        (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
+
+    stored(2, 0, 1)
     sweep._warn_if_space_changed(load_space(path, []), str(exp))
     assert capsys.readouterr().out == ""  # the space it started with: nothing to say
     sweep._warn_if_space_changed(load_space(path, ["epochs=3", "lr=0.1"]), str(exp))
     out = capsys.readouterr().out
     assert "(epochs 1 -> 3; lr 0.05 -> 0.1)" in out and "as they started" in out and "--name grown-2" in out
-    sweep._warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2, FP32]), []), str(exp))
-    assert "the space now has 3 trials, the stored sweep 2" in capsys.readouterr().out
+    # --max-concurrent 1, interrupted in trial 2: Tune has created two trials so far
+    stored(1, 0)
+    sweep._warn_if_space_changed(load_space(path, []), str(exp))
+    assert capsys.readouterr().out == ""
+    sweep._warn_if_space_changed(load_space(path, ["w_bits=3"]), str(exp))  # trial 3, not created yet, not compared
+    assert "(w_bits {4, 2} -> 3)" in capsys.readouterr().out
+    sweep._warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2]), []), str(exp))
+    assert "the space now has 2 trials, the stored sweep 3" in capsys.readouterr().out
 
 
 def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
