@@ -34,6 +34,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 
 from lsq.config import ConfigError
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted. Resume with:\n  {resume_command(argv)}", file=sys.stderr)
+        print(_interrupted_text(args, argv), file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an environment problem: one line unless --debug
         if args.debug:
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--max-failures {max_failures}: allowed: a whole number >= 0")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
-    experiment = _join(storage, name)
+    experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     exists = report.experiment_exists(experiment)
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
         check_inputs(space, local=not args.address and not args.dry_run)
@@ -219,26 +220,72 @@ def start_ray(args):
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tune_log = logging.getLogger("ray.tune.tune")
+    if _TUNE_STOP_LINES not in tune_log.filters:
+        tune_log.addFilter(_TUNE_STOP_LINES)
     quiet = ray.LoggingConfig(log_level="WARNING")
-    if args.address:
-        try:
-            ray.init(address=args.address, logging_config=quiet)
-        except Exception as e:
-            raise ConfigError(
-                f"--address {args.address}: cannot join the Ray cluster ({type(e).__name__}: {str(e).strip()[:300]}). "
-                "Start one with `ray start --head`; if it uses token authentication, give this machine its token "
-                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from None
-    else:
-        with _lean_local_ray(args.dashboard):
-            # Ray kills an idle worker after 1 s once fewer CPUs are free than workers are idle,
-            # and Tune reserves each trial's CPUs (a placement group) a moment before it asks for
-            # the worker: half the time that moment killed the workers Ray had just started, and
-            # the trials waited for new ones. 10 s covers the gap.
-            ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet,
-                           _system_config={"idle_worker_killing_time_threshold_ms": 10_000})
-        if args.dashboard and getattr(ctx, "dashboard_url", None):
-            print(f"Ray dashboard: http://{ctx.dashboard_url}")
+    with _ctrl_c_once_started(ray):
+        if args.address:
+            try:
+                ray.init(address=args.address, logging_config=quiet)
+            except Exception as e:
+                raise ConfigError(
+                    f"--address {args.address}: cannot join the Ray cluster ({type(e).__name__}: "
+                    f"{str(e).strip()[:300]}). Start one with `ray start --head`; if it uses token authentication, "
+                    "give this machine its token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)") from None
+        else:
+            with _lean_local_ray(args.dashboard):
+                # Ray kills an idle worker after 1 s once fewer CPUs are free than workers are idle,
+                # and Tune reserves each trial's CPUs (a placement group) a moment before it asks for
+                # the worker: half the time that moment killed the workers Ray had just started, and
+                # the trials waited for new ones. 10 s covers the gap.
+                ctx = ray.init(address="local", include_dashboard=args.dashboard, logging_config=quiet,
+                               _system_config={"idle_worker_killing_time_threshold_ms": 10_000})
+            if args.dashboard and getattr(ctx, "dashboard_url", None):
+                print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ray
+
+
+@contextlib.contextmanager
+def _ctrl_c_once_started(ray):
+    """Hold a Ctrl-C that comes while Ray starts until it has started, then shut it down and
+    interrupt. A KeyboardInterrupt raised inside `ray.init` lands in the middle of building its
+    core worker, and the half-built worker crashed the interpreter at exit (status 139 instead of
+    130) and left Ray's agents running for a minute. The wait is a few seconds at most; a second
+    Ctrl-C interrupts at once. Where SIGINT is ignored (a background job), nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+        print("\nstopping as soon as Ray has started (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        ray.shutdown()
+        raise KeyboardInterrupt
+
+
+def _tune_stop_lines(record) -> bool:
+    """Tune's own lines at Ctrl-C end in advice to call `Tuner.restore(...)` from Python, which is
+    not how a sweep resumes (sweep.py prints its resume command): one short line instead."""
+    message = record.getMessage()
+    if message.startswith("Stop signal received"):
+        print("\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)", file=sys.stderr, flush=True)
+        return False
+    return not message.startswith("Experiment has been interrupted")
+
+
+_TUNE_STOP_LINES = _tune_stop_lines  # one filter on Tune's logger, however often Ray is started
 
 
 @contextlib.contextmanager
@@ -527,6 +574,23 @@ def _progress_reporter(tune, varied: list[str]):
 
 def _pct(x) -> str:
     return "" if x is None else f"{x:.2f}"
+
+
+def _interrupted_text(args, argv: list[str]) -> str:
+    """What to do after Ctrl-C: resume a sweep Tune has stored, or start again one it has not."""
+    experiment = getattr(args, "experiment", None)
+    if args.report_only or args.dry_run:
+        return "\ninterrupted."
+    try:
+        from lsq import report
+
+        stored = experiment is not None and (args.resume or report.experiment_exists(experiment))
+    except Exception:  # storage unreachable: the resume command is the safer advice
+        stored = True
+    if stored:
+        return f"\ninterrupted. Resume with:\n  {resume_command(argv)}"
+    return f"\ninterrupted before the sweep started (nothing to resume). Start it again with:\n  " \
+           f"{resume_command(argv, resume=False)}"
 
 
 def _sigterm_as_ctrl_c(signum, frame):

@@ -199,6 +199,62 @@ def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path
     assert "the space now has 2 trials, the stored sweep 3" in capsys.readouterr().out
 
 
+def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
+    """A KeyboardInterrupt inside ray.init left a half-built core worker that crashed the exit
+    (status 139) and Ray's agents running: the first Ctrl-C now waits for the start to end."""
+    import signal
+
+    import sweep
+
+    class Ray:
+        stopped = False
+
+        def shutdown(self):
+            self.stopped = True
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes
+
+    before = signal.getsignal(signal.SIGINT)
+    started, ray = [], Ray()
+    with pytest.raises(KeyboardInterrupt):
+        with sweep._ctrl_c_once_started(ray):
+            ctrl_c()
+            started.append("the rest of ray.init")
+    assert started == ["the rest of ray.init"] and ray.stopped
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+        with sweep._ctrl_c_once_started(Ray()):
+            ctrl_c()
+            ctrl_c()
+            started.append("not reached")
+    assert started == ["the rest of ray.init"] and signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
+    try:
+        with sweep._ctrl_c_once_started(Ray()):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_before_anything_is_stored_does_not_advise_resume(tmp_path):
+    import sweep
+
+    argv = ["s.yaml", "--storage", str(tmp_path)]
+    args = sweep.parse_args(argv)
+    again, resume = sweep.resume_command(argv, resume=False), sweep.resume_command(argv)  # test_faults runs a printed one
+    assert again.endswith(f"s.yaml --storage {tmp_path}") and resume == again + " --resume"
+    assert sweep._interrupted_text(args, argv).endswith(f"Start it again with:\n  {again}")
+    args.experiment = str(tmp_path / "s")  # named, but Tune had stored nothing yet
+    assert "nothing to resume" in sweep._interrupted_text(args, argv)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
+    assert sweep._interrupted_text(args, argv).endswith(f"Resume with:\n  {resume}")
+    report_only = sweep.parse_args(argv + ["--report-only"])
+    assert sweep._interrupted_text(report_only, argv) == "\ninterrupted."
+
+
 def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
     """The driver only hands train_lsq to Tune: importing torch there (directly, or through Tune's
     TensorBoard logger and tensorboardX) cost 3-4 s of every sweep's start. result.json and
