@@ -238,6 +238,23 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
         signal.signal(signal.SIGINT, before)
 
 
+def test_tunes_stop_lines_give_way_to_the_sweeps_own(capsys):
+    """At Ctrl-C Tune logs that it saves its state and how to resume from Python (`Tuner.restore`);
+    the sweep prints its own resume command, so Tune's two lines become one short one."""
+    import logging
+
+    import sweep
+
+    def record(msg):
+        return logging.LogRecord("ray.tune.tune", logging.WARNING, "tune.py", 1, msg, None, None)
+
+    assert not sweep._tune_stop_lines(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
+    assert capsys.readouterr().err == "\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)\n"
+    assert not sweep._tune_stop_lines(record("Experiment has been interrupted, but the most recent state was saved."))
+    assert sweep._tune_stop_lines(record("Trial failed for another reason"))  # every other warning stays
+    assert capsys.readouterr().err == ""
+
+
 def test_ctrl_c_before_anything_is_stored_does_not_advise_resume(tmp_path):
     import sweep
 
