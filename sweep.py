@@ -221,8 +221,8 @@ def start_ray(args):
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tune_log = logging.getLogger("ray.tune.tune")
-    if _TUNE_STOP_LINES not in tune_log.filters:
-        tune_log.addFilter(_TUNE_STOP_LINES)
+    if _tune_stop_lines not in tune_log.filters:  # once, however often Ray is started
+        tune_log.addFilter(_tune_stop_lines)
     quiet = ray.LoggingConfig(log_level="WARNING")
     with _ctrl_c_once_started(ray):
         if args.address:
@@ -283,9 +283,6 @@ def _tune_stop_lines(record) -> bool:
         print("\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)", file=sys.stderr, flush=True)
         return False
     return not message.startswith("Experiment has been interrupted")
-
-
-_TUNE_STOP_LINES = _tune_stop_lines  # one filter on Tune's logger, however often Ray is started
 
 
 @contextlib.contextmanager
