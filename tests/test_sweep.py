@@ -216,26 +216,26 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler runs between bytecodes
 
-    before = signal.getsignal(signal.SIGINT)
-    started, ray = [], Ray()
-    with pytest.raises(KeyboardInterrupt):
-        with sweep._ctrl_c_once_started(ray):
-            ctrl_c()
-            started.append("the rest of ray.init")
-    assert started == ["the rest of ray.init"] and ray.stopped
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
-        with sweep._ctrl_c_once_started(Ray()):
-            ctrl_c()
-            ctrl_c()
-            started.append("not reached")
-    assert started == ["the rest of ray.init"] and signal.getsignal(signal.SIGINT) is before
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where CI ignores it
     try:
+        started, ray = [], Ray()
+        with pytest.raises(KeyboardInterrupt):
+            with sweep._ctrl_c_once_started(ray):
+                ctrl_c()
+                started.append("the rest of ray.init")
+        assert started == ["the rest of ray.init"] and ray.stopped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            with sweep._ctrl_c_once_started(Ray()):
+                ctrl_c()
+                ctrl_c()
+                started.append("not reached")
+        assert started == ["the rest of ray.init"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
         with sweep._ctrl_c_once_started(Ray()):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_tunes_stop_lines_give_way_to_the_sweeps_own(capsys):
