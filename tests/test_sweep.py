@@ -168,9 +168,8 @@ def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path
     """Tune resumes the stored trials with the configs they started with: a space (or --set) that
     now asks for more epochs or other trials is named, with the way to run it."""
     import sweep
-    from lsq.space import load_space
-
     from lsq import report
+    from lsq.space import load_space
 
     path = space(tmp_path, "grown", epochs=1, batch=256, bits=[W4, W2, FP32])
     exp = tmp_path / "runs" / "grown"
