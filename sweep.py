@@ -453,8 +453,9 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
-        _warn_if_space_changed(space, experiment)
-        ignored = _ignored_on_resume(args, report.read_meta(experiment))
+        stored = report.read_meta(experiment)
+        _warn_if_space_changed(space, experiment, stored)
+        ignored = _ignored_on_resume(args, stored)
         if ignored:
             print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
@@ -618,15 +619,16 @@ def _ignored_on_resume(args, stored: dict) -> list[str]:
     return out
 
 
-def _warn_if_space_changed(space: Space, experiment: str) -> None:
+def _warn_if_space_changed(space: Space, experiment: str, stored: dict | None = None) -> None:
     """Tune resumes the trials it stored, with the configs they started with: say so when the
-    space (its file, or --set) now asks for other trials or other values, e.g. more epochs."""
+    space (its file, or --set) now asks for other trials or other values, e.g. more epochs.
+    `stored`: the sweep's sweep.json, if the caller has read it already."""
     from lsq import report
     from lsq.config import TrialConfig
 
     name = os.path.basename(experiment.rstrip("/"))
     way_out = f"--resume continues the stored trials as they started (a new sweep: --name {name}-2)"
-    created = report.read_meta(experiment).get("trials")
+    created = (report.read_meta(experiment) if stored is None else stored).get("trials")
     if created not in (None, len(space.trials)):
         print(f"note: the space now has {len(space.trials)} trials, the stored sweep {created}: {way_out}")
         return

@@ -36,6 +36,7 @@ PRESET_WORDS = {
     "w8a8": "8-bit weights and input",
 }
 BIT_RANGE = (2, 8)
+PATH_KEYS = ("data_dir", "init_from")  # the keys that name a file or folder
 _EXPLICIT_END = re.compile(r"^w(\d+)a(\d+)$")
 
 

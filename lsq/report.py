@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow.fs as pafs
 
-from .config import PRESET_WORDS, PRESETS, TrialConfig
+from .config import PATH_KEYS, PRESET_WORDS, PRESETS, TrialConfig
 
 SWEEP_FILE = "sweep.json"
 LAYERS_FILE = "layers.json"
@@ -422,15 +422,14 @@ HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "
 
 def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = ()) -> str:
     """Epochs, weight decay and batch, then `extra`: the other keys the sweep varies (lr, schedule,
-    dataset, ...), so that no two rows of the table read the same."""
+    dataset, ...), so that no two rows of the table read the same. A path is named by its file or
+    folder; results.csv has it whole."""
     text = f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
     for k in extra:
         v = getattr(cfg, k)
         text += f", {k} {os.path.basename(str(v).rstrip('/')) if k in PATH_KEYS and v else _cell(v, k)}"
     return text
 
-
-PATH_KEYS = ("data_dir", "init_from")  # the headline names the file or folder; results.csv has the path
 
 
 def _headline_extra(df: pd.DataFrame) -> list[str]:

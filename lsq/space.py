@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrialConfig, coerce
+from .config import PATH_KEYS, ConfigError, TrialConfig, coerce
 
 TOP_KEYS = ("name", "description", "fixed", "grid", "variants", "seeds", "resources",
             "early_stopping", "max_failures")
@@ -61,7 +61,6 @@ EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 DEFAULT_MAX_FAILURES = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_PATH_KEYS = ("data_dir", "init_from")
 _KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
 
 
@@ -373,7 +372,7 @@ def _count(value: Any, where: str, key: str) -> int:
 def _absolute_paths(cfg: TrialConfig) -> dict:
     """Relative data_dir / init_from -> absolute: Ray runs each trial in its own working directory."""
     out = {}
-    for k in _PATH_KEYS:
+    for k in PATH_KEYS:
         v = getattr(cfg, k)
         if isinstance(v, str) and v and v != "torchvision" and "://" not in v:
             out[k] = os.path.abspath(os.path.expanduser(v))
@@ -462,7 +461,7 @@ def _locate(message: str, path: str, number: int, origin: dict, where) -> str:
         at = f"--set {key}"
     else:
         at = f"{where(*source)}, cell {number}"
-    if key in _PATH_KEYS and source != ("--set",):
+    if key in PATH_KEYS and source != ("--set",):
         body += f"; set it in the file, or for every trial with --set {key}=..."
     return f"{at}: {body}"
 
