@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.report_only:
         name = check_name(args.name, "--name") if args.name else read_name(space_path)
+        check_storage(args.storage)
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
             raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     space = load_space(space_path, args.set)
     name = check_name(args.name, "--name") if args.name else space.name
+    check_storage(args.storage)
     resources = dict(space.resources)
     if args.cpus_per_trial is not None:
         resources["cpu"] = check_resource("cpu", args.cpus_per_trial, "--cpus-per-trial")
@@ -161,6 +163,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               "trials' checkpoints there, so it must be shared storage (the same NFS path on every node) or "
               "cloud storage such as --storage s3://bucket/runs.", file=sys.stderr)
 
+    create_storage(args.storage)
     ray = start_ray(args)
     try:
         resources = fit_resources(ray, resources, space, local=not args.address)
@@ -188,6 +191,63 @@ def check_inputs(space: Space, local: bool) -> None:
             raise ConfigError(f"{where}: key 'data_dir' = {t.data_dir!r}: no such folder on this machine; allowed: "
                               f"the folder holding {t.dataset} (--set data_dir=...), or --address for a cluster whose "
                               "nodes hold it")
+
+
+STORAGE_TIMEOUT_S = 30.0
+
+
+def check_storage(storage: str) -> None:
+    """Fail fast, naming --storage, where the sweep could not store its trials, writing nothing: a
+    local path must lie in a folder this user may create folders in (the real test is
+    `create_storage`, before Ray starts); a URI must name a file system pyarrow knows and answer
+    within STORAGE_TIMEOUT_S (without a network, Google Cloud Storage retries for many minutes
+    without a word, and Tune would wait as long)."""
+    if "://" not in storage:
+        folder = os.path.abspath(storage)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--storage {storage}: {folder} is a file; allowed: a folder (created if missing) or a URI "
+                              "such as s3://bucket/runs")
+        if not os.access(folder, os.W_OK | os.X_OK) or os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"--storage {storage}: {folder} is read-only for this user; allowed: a folder this user "
+                              "can write to, or a URI such as s3://bucket/runs")
+        return
+    outcome = []
+    probe = threading.Thread(target=lambda: outcome.append(_probe_storage(storage)), daemon=True)
+    probe.start()
+    probe.join(min(3.0, STORAGE_TIMEOUT_S))
+    if probe.is_alive():
+        print(f"waiting for --storage {storage} to answer (at most {STORAGE_TIMEOUT_S:g} s)", file=sys.stderr, flush=True)
+        probe.join(max(0.0, STORAGE_TIMEOUT_S - 3.0))
+    if not outcome:
+        raise ConfigError(f"--storage {storage}: no answer in {STORAGE_TIMEOUT_S:g} s. Is the network up, and are "
+                          "the bucket's name and this machine's credentials right?")
+    if outcome[0] is not None:
+        raise ConfigError(f"--storage {storage}: cannot use it ({outcome[0]})")
+
+
+def create_storage(storage: str) -> None:
+    """Create a local storage folder now, where a failure is one clear error: os.access says yes to
+    root on NFS with root squashing and on /proc, and Tune's own attempt fails after Ray has started."""
+    if "://" not in storage:
+        try:
+            os.makedirs(storage, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--storage {storage}: cannot create it ({e.strerror or e}); allowed: a folder this user "
+                              "can write to, or a URI such as s3://bucket/runs") from None
+
+
+def _probe_storage(uri: str) -> str | None:
+    """None where pyarrow reaches the storage at `uri`, else why not, in one line."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        fs.get_file_info(root)
+    except Exception as e:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return None
 
 
 # ----------------------------------------------------------------------------- Ray
