@@ -111,6 +111,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.report_only:
         name = check_name(args.name, "--name") if args.name else read_name(space_path)
         check_storage(args.storage)
+        check_folder("--reports", args.reports)
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
             raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     space = load_space(space_path, args.set)
     name = check_name(args.name, "--name") if args.name else space.name
     check_storage(args.storage)
+    check_folder("--reports", args.reports)
     resources = dict(space.resources)
     if args.cpus_per_trial is not None:
         resources["cpu"] = check_resource("cpu", args.cpus_per_trial, "--cpus-per-trial")
@@ -203,15 +205,7 @@ def check_storage(storage: str) -> None:
     within STORAGE_TIMEOUT_S (without a network, Google Cloud Storage retries for many minutes
     without a word, and Tune would wait as long)."""
     if "://" not in storage:
-        folder = os.path.abspath(storage)
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--storage {storage}: {folder} is a file; allowed: a folder (created if missing) or a URI "
-                              "such as s3://bucket/runs")
-        if not os.access(folder, os.W_OK | os.X_OK) or os.statvfs(folder).f_flag & os.ST_RDONLY:
-            raise ConfigError(f"--storage {storage}: {folder} is read-only for this user; allowed: a folder this user "
-                              "can write to, or a URI such as s3://bucket/runs")
+        check_folder("--storage", storage, " or a URI such as s3://bucket/runs")
         return
     outcome = []
     probe = threading.Thread(target=lambda: outcome.append(_probe_storage(storage)), daemon=True)
@@ -225,6 +219,19 @@ def check_storage(storage: str) -> None:
                           "the bucket's name and this machine's credentials right?")
     if outcome[0] is not None:
         raise ConfigError(f"--storage {storage}: cannot use it ({outcome[0]})")
+
+
+def check_folder(flag: str, path: str, or_else: str = "") -> None:
+    """A local folder the sweep will write to: it, or the nearest folder above it that exists, must
+    be a folder this user may write in. Writes nothing."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path}: {folder} is a file; allowed: a folder (created if missing){or_else}")
+    if not os.access(folder, os.W_OK | os.X_OK) or os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise ConfigError(f"{flag} {path}: {folder} is read-only for this user; allowed: a folder this user can "
+                          f"write to{or_else}")
 
 
 def create_storage(storage: str) -> None:
@@ -578,7 +585,13 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-    result = report.build_report(experiment, args.reports, name)
+    try:
+        result = report.build_report(experiment, args.reports, name)
+    except OSError as e:  # the folder changed during the sweep, or the disk is full
+        print(f"error: cannot write the report to {os.path.join(args.reports, name)} ({e.strerror or e}). The "
+              f"results are safe in {experiment}: the same command with --report-only --reports DIR writes it "
+              "elsewhere", file=sys.stderr)
+        return 1
     _print_report(result)
     statuses = result.results["status"]
     if statuses.isin(["RUNNING", "PENDING"]).any():

@@ -100,6 +100,7 @@ BAD = {
                                                                                     "allowed: a folder"]),
     "storage_unknown_scheme": ("fixed: {epochs: 1}\n", ["--storage", "foo://bucket/runs"], ["--storage foo://bucket/runs",
                                                                                            "cannot use it", "Unrecognized"]),
+    "reports_under_a_file": ("fixed: {epochs: 1}\n", ["--reports", "text.pt/r"], ["--reports text.pt/r", "text.pt is a file"]),
     "set_python_tag": ("fixed: {epochs: 1}\n", ["--set", f"epochs={TAG}"], ["--set", "cannot read the value as YAML", "constructor"]),
 }
 
