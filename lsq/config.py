@@ -95,6 +95,14 @@ class TrialConfig:
                           "costs up to a minute of compiling in the first epoch, and falls back to eager "
                           "if the first compiled step's gradients disagree with eager"},
     )
+    deploy_check: bool = field(
+        default=True,
+        metadata={"sweep_only": True,
+                  "help": "after the last epoch, run the deployment check (integer inference and the ONNX "
+                          "export, lsq/export.py) on the whole test split, on the CPU: about 3 minutes for "
+                          "CIFAR-10 on 2 threads, while the trial holds its GPU; never for ImageNet (a "
+                          "sweep's trials only: `python -m lsq.train` has `python -m lsq.export` for it)"},
+    )
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -378,6 +378,8 @@ def parse_args(argv=None) -> tuple[TrialConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m lsq.train", description="Train one LSQ trial, no Ray.",
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrialConfig):
+        if f.metadata.get("sweep_only"):  # what the Tune trainable does after training, not this CLI
+            continue
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
         p.add_argument(*sorted(names), dest=f.name, metavar=f.name.upper(),
                        help=f"{f.metadata.get('help', '')} (default: {f.default})")

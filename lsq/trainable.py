@@ -105,9 +105,11 @@ def restore(trainer: Trainer, checkpoint: tune.Checkpoint | None) -> None:
 def deployment(cfg: TrialConfig, checkpoint_path: str) -> dict:
     """Does the final model survive deployment? Integer-inference top-1 and the ONNX check
     (lsq/export.py), reported with the last epoch. ImageNet's test split is too large for the
-    CPU reference path, so it is skipped there."""
+    CPU reference path, so it is skipped there, as it is wherever the config says deploy_check=false."""
     if cfg.dataset == "imagenet":
         return {"int_top1": None, "export_ok": None, "export_reason": "skipped for imagenet"}
+    if not cfg.deploy_check:
+        return {"int_top1": None, "export_ok": None, "export_reason": "skipped: deploy_check=false"}
     from .export import deployment_check
 
     try:

@@ -10,7 +10,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from lsq.config import TrialConfig  # noqa: E402
-from lsq.trainable import CHECKPOINT_FILE, LAYERS_FILE, train_lsq  # noqa: E402
+from lsq.trainable import CHECKPOINT_FILE, LAYERS_FILE, deployment, train_lsq  # noqa: E402
 
 CFG = {"dataset": "digits", "model": "resnet20", "w_bits": 4, "a_bits": 4, "epochs": 3,
        "lr": 0.1, "batch_size": 128, "seed": 3}
@@ -89,3 +89,13 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path):
     # Tune restarted the trial from the epoch-1 checkpoint: epochs 1, 2, 3 once each, same numbers
     assert [m["epoch"] for m in history(crashed)] == [1, 2, 3]
     assert history(crashed) == history(straight)
+
+
+def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
+    """deploy_check=false skips the check (minutes per CIFAR-10 trial) and says why in the report's
+    fields; left on, even a checkpoint that cannot be read is a finding, not a failed trial."""
+    missing = str(tmp_path / "no-such-checkpoint.pt")
+    off = deployment(TrialConfig.from_dict({**CFG, "deploy_check": False}), missing)
+    assert off == {"int_top1": None, "export_ok": None, "export_reason": "skipped: deploy_check=false"}
+    on = deployment(TrialConfig.from_dict(CFG), missing)
+    assert on["int_top1"] is None and on["export_ok"] is False and "no such file" in on["export_reason"]
