@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     exists = report.experiment_exists(experiment)
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
-        check_inputs(space, local=not args.address and not args.dry_run)
+        check_inputs(space, local=not args.address)  # the dry run too: it is there to catch mistakes
 
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))

@@ -8,7 +8,9 @@
 #   CIFAR_TGZ  the CIFAR-10 JPEG archive (default ../shared/data/cifar10-jpg.tar.gz, relative to
 #              the repository root); without it the epoch part is skipped with a message
 #   OUT        if set, every table is also appended to $OUT/RESULTS.md (bench/RESULTS.md style)
-#   PYTHON     the interpreter (default: python3)
+#   PYTHON     the interpreter (default: the repository's .venv/bin/python if there is one, else python3)
+#
+# Exit status: 0 when every part ran to its end, 1 when one failed or ran out of its time budget.
 #
 # Parts, each with a time budget (together 470 s), the most needed first: (1) the quantizer's
 # Triton kernels (lsq/_triton.py, CUDA's fast path) against the paper's formulas; (2) a FP32
@@ -22,12 +24,13 @@
 # Tables go to stdout and bench/RESULTS.md (and $OUT); part (3) prints its epochs only.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 DEVICE=cuda
 if [ "${1:-}" = "--device" ]; then DEVICE=$2; fi
 export CIFAR_TGZ=${CIFAR_TGZ:-../shared/data/cifar10-jpg.tar.gz}
 [ -n "${OUT:-}" ] && mkdir -p "$OUT"
 start=$SECONDS
+failed=0
 
 part() {  # part SECONDS command...: run with a time budget; a failure or time-out does not stop the rest
     local budget=$1; shift
@@ -36,6 +39,7 @@ part() {  # part SECONDS command...: run with a time budget; a failure or time-o
     local rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "!!! timed out after ${budget} s: $*"
     elif [ $rc -ne 0 ]; then echo "!!! exit $rc: $*"; fi
+    [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
 "$PY" - <<'EOF'
@@ -73,4 +77,6 @@ else  # most important first: what a time-out cuts off is the least needed
     done
     part 70 "$PY" bench/epoch.py --device cuda --batch-size 256 --batches 0 --rounds 2 --compile reduce-overhead
 fi
-echo; echo "=== all parts done in $((SECONDS - start)) s"
+echo
+if [ $failed -eq 0 ]; then echo "=== all parts done in $((SECONDS - start)) s"
+else echo "=== $failed part(s) failed or timed out (lines starting !!! above); $((SECONDS - start)) s in all"; exit 1; fi

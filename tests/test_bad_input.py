@@ -83,6 +83,8 @@ BAD = {
     "missing_data_dir": ("fixed:\n  dataset: cifar10\n", [], ["'data_dir'", "required", "--set data_dir"]),
     "data_dir_not_a_folder": ("fixed:\n  dataset: cifar10\n  data_dir: no/such/folder\n", [],
                               ["'data_dir'", "no/such/folder", "no such folder", "allowed"]),
+    "data_dir_not_a_folder_dry_run": ("fixed:\n  dataset: cifar10\n  data_dir: no/such/folder\n", ["--dry-run"],
+                                      ["'data_dir'", "no/such/folder", "no such folder", "allowed"]),
     # init_from
     "init_from_missing": ("fixed:\n  init_from: nope/fp32.pt\n", [], [":2", "'init_from'", "no such file", "torchvision", "--set init_from"]),
     "init_from_not_a_checkpoint": ("fixed:\n  init_from: text.pt\n", [], ["(trial 1, W4A4)", "'init_from'", "text.pt", "not a loadable checkpoint", "weights_only=True"]),
@@ -141,7 +143,7 @@ def test_bad_input_is_one_clear_error_exit_2_nothing_written(case, workdir, caps
     assert "Traceback" not in err and not out, (out, err)
     for word in BAD[case][2]:
         assert word in err, (word, err)
-    if not BAD[case][1]:
+    if not BAD[case][1] or BAD[case][1] == ["--dry-run"]:
         assert path in err, err  # a mistake in the file names the file
     assert tree(workdir) == before  # nothing written, nothing changed
     assert not (workdir / "pwned").exists()  # no code from the input ran
