@@ -236,8 +236,18 @@ def _torchvision_cifar(name: str, root: str, download: bool):
 
 
 def _download(name: str, root: str):
-    """One download attempt through torchvision (usually fails: no network)."""
-    return _torchvision_cifar(name, root, download=True)
+    """One download attempt through torchvision (usually fails: no network). The trials of a
+    sweep start together: an exclusive lock on data_dir/.lsq_download.lock lets one download
+    while the others wait, then find the archive complete (torchvision checks its MD5) and only
+    read it, instead of all writing the same 170 MB file at once."""
+    import fcntl
+
+    with open(os.path.join(root, ".lsq_download.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _torchvision_cifar(name, root, download=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _classes(folder: str) -> list[str]:

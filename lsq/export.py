@@ -43,8 +43,9 @@ Command line (loads a trainer checkpoint, writes the ONNX file, validates both p
     python -m lsq.export CHECKPOINT.pt [--out model.onnx] [--data_dir DIR] [--json figures.json]
 
 `deployment_check(checkpoint)` returns the same figures as a dict for the reports. onnx and
-onnxruntime are an optional extra (requirements-export.txt); without them the integer check
-still runs and export_ok is None with the reason.
+onnxruntime are an optional extra (requirements-export.txt); without them `deployment_check`
+still runs the integer check and gives export_ok None with the reason, while the command line,
+whose job is the ONNX file, stops with an error that says what to install.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ average pooling and a linear classifier. Shortcuts use **option A**: identity, a
 shape changes, a stride-2 subsample padded with zero channels. So every shortcut is
 parameter-free (resnet20 has 0.27M parameters) and no conv hides in the shortcut path.
 
-resnet18/34/50 are torchvision's ImageNet models, unchanged.
+resnet18/34/50 are torchvision's ImageNet models, unchanged but for the first conv where the
+input has other than 3 channels (the 1-channel digits set).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ path). On the CPU (float32) the same arithmetic runs as one fused pass each way:
 compiled with the system's C compiler on first use (well under a second, then cached on disk)
 and called through ctypes. On CUDA, where eager calls are bound by kernel launches, it is small
 Triton kernels (lsq/_triton.py: one launch forward, two backward), checked against the eager
-path once per process. Either falls back to the eager path when it cannot be built or does not
-agree, and LSQ_FAST_PATH=0 turns both off.
+path once per process. Either falls back to the eager path when it cannot be built (the CUDA
+kernels also when their check disagrees; the C loop is checked by the tests, not at run time),
+and LSQ_FAST_PATH=0 turns both off.
 tests/test_quantizer_fastpath.py checks that the fast paths give the eager path's results.
 """
 

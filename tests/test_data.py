@@ -360,3 +360,27 @@ def test_imagenet_image_folder(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"no ImageNet found.*val"):
         D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path / "other")), CPU, gen())
+
+
+def test_trials_that_download_at_once_take_turns(tmp_path, monkeypatch):
+    """A sweep's trials start together on an empty data_dir: one downloads while the others wait
+    (they then find torchvision's archive complete), instead of all writing one file at once."""
+    import threading
+
+    inside, most, order = [0], [0], []
+
+    def fake_download(name, root, download):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        order.append(threading.current_thread().name)
+        inside[0] -= 1
+        return "data"
+
+    monkeypatch.setattr(D, "_torchvision_cifar", fake_download)
+    threads = [threading.Thread(target=D._download, args=("cifar10", str(tmp_path)), name=f"t{i}") for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and sorted(order) == ["t0", "t1", "t2"]
