@@ -148,7 +148,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"or start a new one with --name {name}-2 (or remove {experiment})")
     if args.resume and not exists:
         raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
+    stored = None
     if args.resume:
+        stored = report.read_meta(experiment)
+        if stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
+            resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
         try:
             cut = report.recover_snapshot(experiment)
         except report.SnapshotError as e:
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ray = start_ray(args)
     try:
         resources = fit_resources(ray, resources, space, local=not args.address)
-        return run_sweep(args, argv, space, name, storage, experiment, resources, max_failures)
+        return run_sweep(args, argv, space, name, storage, experiment, resources, max_failures, stored)
     finally:
         ray.shutdown()
 
@@ -508,7 +512,9 @@ def trials_in_prestarted_workers() -> bool:
 
 
 def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str, resources: dict,
-              max_failures: int) -> int:
+              max_failures: int, stored: dict | None = None) -> int:
+    """Run (or, given `stored`, the sweep.json of the sweep being resumed, resume) the Tuner and
+    write the report; the exit status."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -520,7 +526,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
-        stored = report.read_meta(experiment)
+        stored = stored or {}
         _warn_if_space_changed(space, experiment, stored)
         ignored = _ignored_on_resume(args, stored)
         if ignored:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+import ray  # (also puts Ray's bundled psutil on sys.path)
 import psutil  # noqa: E402
 import torch
 from ray.tune.utils.serialization import TuneFunctionDecoder
@@ -146,7 +146,8 @@ def _alive(p) -> bool:
 
 def snapshot(experiment: Path) -> dict:
     """Tune's latest experiment snapshot: trial folder -> status, last reported epoch ("epoch"),
-    and the checkpoint a resume restores with its epoch ("checkpoint", "at"). Tune registers a
+    the checkpoint a resume restores with its epoch ("checkpoint", "at"), and the resources Tune
+    gives the trial ("resources": its placement group's bundles). Tune registers a
     checkpoint one controller step after its result, so "at" may trail "epoch" by one.
     {} while there is no snapshot, or while it is being rewritten."""
     files = sorted(glob.glob(str(experiment / "experiment_state-*.json")))
@@ -162,8 +163,9 @@ def snapshot(experiment: Path) -> dict:
         runtime = json.loads(runtime_json, cls=TuneFunctionDecoder, allow_cloudpickle=True)  # our own file
         last = runtime.get("last_result") or {}
         saved = runtime["checkpoint_manager"].latest_checkpoint_result
+        bundles = ray.cloudpickle.loads(bytes.fromhex(trial["placement_group_factory"])).bundles
         out[trial["relative_logdir"]] = {
-            "status": trial["status"], "epoch": last.get("epoch", 0), "file": files[-1],
+            "status": trial["status"], "epoch": last.get("epoch", 0), "file": files[-1], "resources": bundles,
             "checkpoint": os.path.basename(saved.checkpoint.path) if saved else None,
             "at": saved.metrics["epoch"] if saved else 0}
     return out
@@ -291,8 +293,12 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     pickle.loads(pickle.dumps(_Payload(control)))
     assert control.exists()  # positive control: the payload does run code when unpickled unprotected
 
-    run = start("--resume")
+    # The last resume asks for other resources: the sweep keeps its own (Tune would give every
+    # trial the new ones, and 2 threads would not reproduce the 1-thread reference exactly).
+    run = start("--resume", "--cpus-per-trial", "2")
     assert run.wait() == 0, run.output()[-5000:]
+    assert "ignored: --cpus-per-trial 2 (keeps 1)" in run.output(), run.output()[-3000:]
+    assert [s["resources"] for s in snapshot(experiment).values()] == [[{"CPU": 1.0}]] * 3
     logs = "\n".join(r.output() for r in runs)
     assert not marker.exists(), "a trial checkpoint was unpickled without weights_only"
     assert "Traceback" not in logs, logs[-5000:]
