@@ -18,6 +18,8 @@ Choices that keep a sweep safe to interrupt:
   left it cut short when the driver was killed mid-copy. A snapshot cut short all the same (other
   storage, an older sweep) is set aside at --resume, which then restores the one before it.
 - Ctrl-C or SIGTERM stops Tune cleanly; the partial report and the resume command are printed.
+- One driver per sweep: a second one (the command run twice, a --resume while the first still
+  runs) is refused (`one_driver`).
 - --resume restores the Tuner: finished trials stay finished, interrupted and errored trials
   continue from their last checkpoint.
 - The local Ray listens on 127.0.0.1 only and uses a fresh auth token per sweep (Ray 2.59+ token
@@ -137,11 +139,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
         check_inputs(space, local=not args.address)  # the dry run too: it is there to catch mistakes
 
+    running = running_driver(experiment)
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
-        if exists and not args.resume:
+        if running:
+            print(f"note: {_running_text(name, experiment, running)}")
+        elif exists and not args.resume:
             print(f"note: sweep '{name}' already exists in {storage}: a real run needs --resume or another --name")
         return 0
+    if running:
+        raise ConfigError(_running_text(name, experiment, running))
     if exists and not args.resume:
         raise ConfigError(
             f"sweep '{name}' already exists in {storage}. Continue it with\n  {resume_command(argv)}\n"
@@ -170,12 +177,72 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               "cloud storage such as --storage s3://bucket/runs.", file=sys.stderr)
 
     create_storage(args.storage)
-    ray = start_ray(args)
+    with one_driver(experiment, name):
+        ray = start_ray(args)
+        try:
+            resources = fit_resources(ray, resources, space, local=not args.address)
+            return run_sweep(args, argv, space, name, storage, experiment, resources, max_failures, stored)
+        finally:
+            ray.shutdown()
+
+
+LOCK_FILE = ".sweep.lock"
+
+
+def running_driver(experiment: str) -> str | None:
+    """Who holds the sweep's lock (see `one_driver`) right now, or None."""
+    path = os.path.join(experiment, LOCK_FILE)
+    if "://" in experiment or not os.path.isfile(path):
+        return None
+    import fcntl
+
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "another process"
+        return None  # closing the file drops the shared lock
+
+
+def _running_text(name: str, experiment: str, holder: str) -> str:
+    return (f"sweep '{name}' is running now ({holder}) in {experiment}. Wait for it, or stop it (Ctrl-C) and "
+            f"then --resume; or start another sweep with --name {name}-2")
+
+
+@contextlib.contextmanager
+def one_driver(experiment: str, name: str):
+    """One driver per sweep at a time. The same command started twice, or a --resume while the
+    first driver still runs (in another terminal, or hung), would have two Tunes write the same
+    trial folders. The driver holds an exclusive lock on <experiment>/.sweep.lock for its life;
+    the kernel releases it however the driver ends, SIGKILL included. Local and NFS storage only:
+    cloud storage has no locks. A folder that holds nothing but the lock afterwards (Ray failed to
+    start) is removed again."""
+    if "://" in experiment:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(experiment, exist_ok=True)
+    path = os.path.join(experiment, LOCK_FILE)
+    lock = open(path, "a+")  # not inherited by the processes Ray starts (Python's files are close-on-exec)
     try:
-        resources = fit_resources(ray, resources, space, local=not args.address)
-        return run_sweep(args, argv, space, name, storage, experiment, resources, max_failures, stored)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(_running_text(name, experiment, holder)) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    try:
+        yield
     finally:
-        ray.shutdown()
+        if os.listdir(experiment) == [LOCK_FILE]:
+            os.remove(path)
+            os.rmdir(experiment)
+        lock.close()
 
 
 def check_inputs(space: Space, local: bool) -> None:

@@ -124,6 +124,27 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
     assert sorted(str(p) for p in (tmp_path / "runs").rglob("*")) == before
 
 
+def test_one_driver_per_sweep(tmp_path, capsys):
+    """The same sweep started again, or resumed, while its driver still runs would have two Tunes
+    write the same trial folders: refused, naming the driver. The lock goes with the driver."""
+    import sweep
+
+    path = space(tmp_path, "busy", epochs=1, batch=256, bits=[W4])
+    experiment = tmp_path / "runs" / "busy"
+    flags = ["--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    with sweep.one_driver(str(experiment), "busy"):  # a driver of this sweep (here: this process)
+        assert (experiment / sweep.LOCK_FILE).read_text().startswith(f"driver pid {os.getpid()} on ")
+        for again in ([], ["--resume"]):
+            assert sweep.main([path, *flags, *again]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: sweep 'busy' is running now (driver pid {os.getpid()} on "), err
+            assert "--name busy-2" in err and err.count("\n") == 1
+        assert sweep.main([path, *flags, "--dry-run"]) == 0
+        assert "note: sweep 'busy' is running now" in capsys.readouterr().out
+    assert not experiment.exists()  # it held nothing but the lock: gone with it
+    assert sweep.running_driver(str(experiment)) is None
+
+
 def test_join_a_cluster_with_address(local_ray, tmp_path):
     path = space(tmp_path, "joined", epochs=1, batch=256, bits=[W4, W2])
     proc = run(sweep_cmd(tmp_path, path, "--address", local_ray, "--tensorboard", "--max-concurrent", "1"),
@@ -147,7 +168,7 @@ def test_join_a_cluster_with_address(local_ray, tmp_path):
 
 
 def test_resume_names_only_the_flags_it_ignores():
-    """Tune restores resources, retries, the concurrency limit and the loggers with a sweep. The
+    """A resumed sweep keeps its resources, retries, concurrency limit and loggers. The
     printed resume command repeats the first run's flags: those say nothing; changed ones are named
     with the value the sweep keeps."""
     import sweep
