@@ -194,7 +194,7 @@ def running_driver(experiment: str) -> str | None:
     path = os.path.join(experiment, LOCK_FILE)
     if "://" in experiment or not os.path.isfile(path):
         return None
-    import fcntl
+    import fcntl  # the file exists: one_driver wrote it, so fcntl is there
 
     with open(path) as lock:
         try:
@@ -217,11 +217,13 @@ def one_driver(experiment: str, name: str):
     the kernel releases it however the driver ends, SIGKILL included. Local and NFS storage only:
     cloud storage has no locks. A folder that holds nothing but the lock afterwards (Ray failed to
     start) is removed again."""
-    if "://" in experiment:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        fcntl = None
+    if "://" in experiment or fcntl is None:
         yield
         return
-    import fcntl
-
     os.makedirs(experiment, exist_ok=True)
     path = os.path.join(experiment, LOCK_FILE)
     lock = open(path, "a+")  # not inherited by the processes Ray starts (Python's files are close-on-exec)

@@ -240,8 +240,10 @@ def _download(name: str, root: str):
     sweep start together: an exclusive lock on data_dir/.lsq_download.lock lets one download
     while the others wait, then find the archive complete (torchvision checks its MD5) and only
     read it, instead of all writing the same 170 MB file at once."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, one attempt each
+        return _torchvision_cifar(name, root, download=True)
     with open(os.path.join(root, ".lsq_download.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
