@@ -589,43 +589,97 @@ def _num(v) -> str:
 
 
 # ----------------------------------------------------------------------------- plot
+@dataclass
+class Series:
+    """One line of the plot: mean top-1 (and its std over seeds, 0 for one) per body weight bits."""
+    label: str
+    bits: list[int]
+    top1: list[float]
+    std: list[float]
+
+
+def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], str]:
+    """What accuracy_vs_bits.png shows: (lines, FP32 baselines as (label, mean top-1), x label).
+
+    A line is one first/last policy, plus every other key that takes several values at the same
+    bits; a key that only changes with the bits (weight decay by bits, as in the paper) stays
+    within one line. Trials that differ only in their seed make one point, their mean. Where the
+    activations do not follow the weights (W4A8), the activation bits are part of the line too,
+    so that W4A8 and W4A4 are never averaged into one point."""
+    done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
+    quant = done[done["w_bits"].notna()]
+    fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
+    same_bits = bool(len(quant)) and all(_plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"]))
+    cell = ["w_bits", "a_bits", "first", "last"]
+
+    def splitting(frame: pd.DataFrame, by: list[str]) -> list[str]:  # keys with several values within a cell
+        if not len(frame):
+            return []
+        cells = frame.groupby(by, dropna=False, sort=False) if by else [((), frame)]
+        return [k for k in _varied(frame, exclude=(*cell, "seed"))
+                if any(len({repr(_plain(v)) for v in g[k]}) > 1 for _, g in cells)]
+
+    def words(keys: list[str], row) -> str:
+        return ", ".join(f"{k} {os.path.basename(str(row[k]).rstrip('/')) if k in PATH_KEYS and _plain(row[k]) else _cell(row[k], k)}"
+                         for k in keys)
+
+    lines = []
+    other = splitting(quant, cell)
+    line_keys = ["first", "last"] + ([] if same_bits else ["a_bits"]) + other
+    for _, g in (quant.groupby(line_keys, sort=False, dropna=False) if len(quant) else []):
+        row = g.iloc[0]
+        policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
+        text = f"first/last {policy}" + ("" if same_bits else f", activations {_cell(row['a_bits'], 'a_bits')}")
+        text += f", {words(other, row)}" if other else ""
+        stats = g.groupby("w_bits")["final_top1"].agg(["mean", "std"]).sort_index()
+        lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],
+                            [0.0 if math.isnan(x) else float(x) for x in stats["std"]]))
+    baselines = []
+    base_keys = [k for k in _varied(fp32, exclude=(*cell, "seed"))] if len(fp32) else []
+    for _, g in (fp32.groupby(base_keys, sort=False, dropna=False) if base_keys else [((), fp32)]):
+        if len(g):
+            baselines.append(("FP32" + (f" ({words(base_keys, g.iloc[0])})" if base_keys else ""),
+                              float(g["final_top1"].mean())))
+    xlabel = "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body"
+    return lines, baselines, xlabel
+
+
 def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
-    """Top-1 against bit-width, one line per first/last policy (and other varied keys); FP32 dashed."""
+    """Top-1 against bit-width (`plot_plan`), each point with its value (up to 3 lines); FP32
+    dashed. The legend sits in the axes when it is short, else below them, and the figure grows
+    to hold it."""
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    lines, baselines, xlabel = plot_plan(df)
+    labels = [s.label for s in lines] + [b[0] for b in baselines]
+    inside = len(labels) <= 4 and all(len(t) <= 40 for t in labels)
+    wrapped = [textwrap.fill(t, 90) for t in labels]
+    below = 0 if inside else 0.2 + 0.16 * sum(t.count("\n") + 1 for t in wrapped)
+    fig = Figure(figsize=(6.4, 4.2 + below), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
-    other = [k for k in _varied(df, exclude=("w_bits", "a_bits", "first", "last", "seed"))]
-    quant = done[done["w_bits"].notna()]
-    fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
-
-    def label(keys, values) -> str:
-        return ", ".join(f"{k} {_cell(v, k)}" for k, v in zip(keys, values))
-
-    if len(quant):
-        for key, g in quant.groupby(["first", "last"] + other, sort=False, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            means = g.groupby("w_bits")["final_top1"].mean().sort_index()
-            policy = key[0] if key[0] == key[1] else f"{key[0]}/{key[1]}"
-            text = f"first/last {policy}" + (f", {label(other, key[2:])}" if other else "")
-            ax.plot(means.index.astype(int), means.values, marker="o", label=text)
-        ax.set_xticks(sorted(quant["w_bits"].dropna().astype(int).unique()))
-    for key, g in (fp32.groupby(other, sort=False, dropna=False) if other and len(fp32) else [((), fp32)]):
-        if len(g):
-            key = key if isinstance(key, tuple) else (key,)
-            text = "FP32" + (f" ({label(other, key)})" if other else "")
-            ax.axhline(g["final_top1"].mean(), linestyle="--", color="gray", linewidth=1, label=text)
-    ax.set_xlabel("bit-width (weights = activations of the body)")
+    for s, text in zip(lines, wrapped):
+        drawn = ax.errorbar(s.bits, s.top1, yerr=s.std if any(s.std) else None, marker="o", capsize=3, label=text)
+        for x, y in zip(s.bits, s.top1) if len(lines) <= 3 else ():  # more lines: the table has the figures
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(5, 4), ha="left", fontsize=7,
+                        color=drawn[0].get_color())
+    for (label, value), text in zip(baselines, wrapped[len(lines):]):
+        ax.axhline(value, linestyle="--", color="gray", linewidth=1, label=f"{text}: {value:.2f}")
+    if lines:
+        ax.set_xticks(sorted({b for s in lines for b in s.bits}))
+    ax.margins(x=0.08, y=0.1)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    if not labels:
+        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
+    elif inside:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
+        fig.legend(loc="outside lower center", fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

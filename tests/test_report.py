@@ -182,6 +182,60 @@ def test_layers_and_plot(experiment, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def results(*rows) -> pd.DataFrame:
+    """A results table as collect() gives it: every config key, a status and a final top-1."""
+    return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
+
+
+def test_plot_lines_follow_the_ablation():
+    """One line per first/last policy and per key that varies at the same bits; a key that only
+    moves with the bits (weight decay by bits) stays on one line; seeds become a mean and a std;
+    W4A8 is never averaged with W4A4; checkpoints are named by their file."""
+    paper = results((90.0, {"w_bits": None, "a_bits": None, "init_from": None}),
+                    *[(80.0 + b, {"w_bits": b, "a_bits": b, "wd": wd, "init_from": "/runs/x/fp32.pt"})
+                      for b, wd in [(2, 2.5e-5), (3, 5e-5), (4, 1e-4)]])
+    lines, baselines, xlabel = report.plot_plan(paper)
+    assert [(s.label, s.bits, s.top1) for s in lines] == [("first/last w8a8", [2, 3, 4], [82.0, 83.0, 84.0])]
+    assert baselines == [("FP32", 90.0)] and xlabel.endswith("(weights = activations of the body)")
+
+    grid = results(*[(70.0 + b + seed + (1 if first == "fp32" else 0) + 100 * wd,
+                      {"w_bits": b, "a_bits": b, "first": first, "last": first, "wd": wd, "seed": seed})
+                     for b in (2, 4) for first in ("w8a8", "fp32") for wd in (1e-4, 5e-5) for seed in (0, 1)])
+    lines, _, _ = report.plot_plan(grid)
+    assert [s.label for s in lines] == ["first/last w8a8, wd 1e-4", "first/last w8a8, wd 5e-5",
+                                        "first/last fp32, wd 1e-4", "first/last fp32, wd 5e-5"]
+    assert lines[2].bits == [2, 4] and lines[2].top1 == pytest.approx([73.5 + 0.01, 75.5 + 0.01])
+    assert lines[2].std == pytest.approx([math.sqrt(0.5)] * 2)  # seeds 0 and 1: one apart
+
+    mixed = results((84.0, {"w_bits": 4, "a_bits": 4}), (85.0, {"w_bits": 4, "a_bits": 8}),
+                    (80.0, {"w_bits": 2, "a_bits": 2}), (83.0, {"w_bits": 2, "a_bits": 8}))
+    lines, _, xlabel = report.plot_plan(mixed)
+    assert {s.label: s.top1 for s in lines} == {"first/last w8a8, activations 4": [84.0],
+                                                "first/last w8a8, activations 2": [80.0],
+                                                "first/last w8a8, activations 8": [83.0, 85.0]}
+    assert xlabel == "weight bits of the body"
+
+    starts = results(*[(80.0 + b + i, {"w_bits": b, "a_bits": b, "init_from": f"/ckpt/run{i}/fp32_{i}.pt"})
+                       for b in (2, 4) for i in (0, 1)])
+    assert [s.label for s in report.plot_plan(starts)[0]] == ["first/last w8a8, init_from fp32_0.pt",
+                                                               "first/last w8a8, init_from fp32_1.pt"]
+
+
+def test_plot_legend_stays_in_the_picture():
+    """Many long labels go below the axes, and the figure grows to hold them."""
+    import io
+
+    from matplotlib.image import imread
+
+    many = results(*[(70.0 + b + i, {"w_bits": b, "a_bits": b, "lr": lr, "nesterov": i % 2 == 0, "warmup_epochs": i,
+                                     "init_from": f"/a/long/path/to/checkpoints/fp32_resnet20_{i}.pt"})
+                     for b in (2, 4) for i, lr in enumerate([0.1, 0.05, 0.01, 0.005, 0.001])])
+    short = imread(io.BytesIO(report.plot_accuracy_vs_bits(results((80.0, {"w_bits": 4, "a_bits": 4})))))
+    tall = imread(io.BytesIO(report.plot_accuracy_vs_bits(many)))
+    assert tall.shape[0] > short.shape[0] and tall.shape[1] == short.shape[1]
+    assert len(report.plot_plan(many)[0]) == 5
+
+
 def test_files_are_replaced_atomically(experiment, tmp_path, monkeypatch):
     reports = tmp_path / "reports"
     report.build_report(str(experiment), str(reports))
