@@ -224,9 +224,12 @@ def one_driver(experiment: str, name: str):
     if "://" in experiment or fcntl is None:
         yield
         return
-    os.makedirs(experiment, exist_ok=True)
     path = os.path.join(experiment, LOCK_FILE)
-    lock = open(path, "a+")  # not inherited by the processes Ray starts (Python's files are close-on-exec)
+    try:
+        os.makedirs(experiment, exist_ok=True)
+        lock = open(path, "a+")  # not inherited by the processes Ray starts (Python's files are close-on-exec)
+    except OSError as e:
+        raise ConfigError(f"--storage: cannot write in {experiment} ({e.strerror or e})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -241,9 +244,10 @@ def one_driver(experiment: str, name: str):
     try:
         yield
     finally:
-        if os.listdir(experiment) == [LOCK_FILE]:
-            os.remove(path)
-            os.rmdir(experiment)
+        with contextlib.suppress(OSError):  # (the folder may have been removed meanwhile)
+            if os.listdir(experiment) == [LOCK_FILE]:
+                os.remove(path)
+                os.rmdir(experiment)
         lock.close()
 
 
