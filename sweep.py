@@ -1,7 +1,7 @@
 """Run a search space as a Ray Tune sweep, resumably, and write its report.
 
     python sweep.py                                    # search_spaces/smoke.yaml on a local Ray
-    python sweep.py search_spaces/imagenet_resnet18_paper.yaml --set data_dir=/data/imagenet --dry-run
+    python sweep.py search_spaces/imagenet_resnet18_paper.yaml --set data_dir=/data/imagenet --dry-run  # your folder
     python sweep.py SPACE --address auto --storage s3://bucket/runs     # on a cluster
     python sweep.py SPACE --resume                     # continue after Ctrl-C or a crash
     python sweep.py SPACE --report-only                # rebuild reports/<name>/ from storage
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.report_only:
         name = check_name(args.name, "--name") if args.name else read_name(space_path)
-        check_storage(args.storage)
+        check_storage(args.storage, write=False)  # reading only: an archived, read-only sweep is fine
         check_folder("--reports", args.reports)
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     space = load_space(space_path, args.set)
     name = check_name(args.name, "--name") if args.name else space.name
+    experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     check_storage(args.storage)
     check_folder("--reports", args.reports)
     resources = dict(space.resources)
@@ -134,10 +135,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--max-failures {max_failures}: allowed: a whole number >= 0")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
-    experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     exists = report.experiment_exists(experiment)
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
         check_inputs(space, local=not args.address)  # the dry run too: it is there to catch mistakes
+    stored = report.read_meta(experiment) if args.resume and exists else None
+    if stored and stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
+        resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
 
     running = running_driver(experiment)
     if args.dry_run:
@@ -155,20 +158,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"or start a new one with --name {name}-2 (or remove {experiment})")
     if args.resume and not exists:
         raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
-    stored = None
-    if args.resume:
-        stored = report.read_meta(experiment)
-        if stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
-            resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
-        try:
-            cut = report.recover_snapshot(experiment)
-        except report.SnapshotError as e:
-            raise ConfigError(f"--resume: cannot resume sweep '{name}': {e}. Start it again with --name {name}-2; "
-                              f"its trials' checkpoints stay in {experiment}") from None
-        if cut:
-            print(f"note: Tune's newest snapshot of this sweep was cut short (its driver was killed while writing it). "
-                  f"Resuming from the one before: the epochs trained since are trained again, and a trial whose "
-                  f"checkpoint of then has been deleted since ends in ERROR. Set aside as *.cut: {', '.join(cut)}")
     if args.address:
         _check_reachable(args.address)
     if args.address and "://" not in storage:
@@ -177,7 +166,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               "cloud storage such as --storage s3://bucket/runs.", file=sys.stderr)
 
     create_storage(args.storage)
-    with one_driver(experiment, name):
+    with one_driver(experiment, name):  # from here on, this driver alone writes the sweep's folder
+        if args.resume:
+            try:
+                cut = report.recover_snapshot(experiment)
+            except report.SnapshotError as e:
+                raise ConfigError(f"--resume: cannot resume sweep '{name}': {e}. Start it again with --name "
+                                  f"{name}-2; its trials' checkpoints stay in {experiment}") from None
+            if cut:
+                print(f"note: Tune's newest snapshot of this sweep was cut short (its driver was killed while writing "
+                      f"it). Resuming from the one before: the epochs trained since are trained again, and a trial "
+                      f"whose checkpoint of then has been deleted since ends in ERROR. Set aside as *.cut: "
+                      f"{', '.join(cut)}")
         ray = start_ray(args)
         try:
             resources = fit_resources(ray, resources, space, local=not args.address)
@@ -190,7 +190,8 @@ LOCK_FILE = ".sweep.lock"
 
 
 def running_driver(experiment: str) -> str | None:
-    """Who holds the sweep's lock (see `one_driver`) right now, or None."""
+    """Who holds the sweep's lock (see `one_driver`) right now, or None (also where the file
+    system cannot lock)."""
     path = os.path.join(experiment, LOCK_FILE)
     if "://" in experiment or not os.path.isfile(path):
         return None
@@ -201,6 +202,8 @@ def running_driver(experiment: str) -> str | None:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return lock.read().strip() or "another process"
+        except OSError:  # e.g. NFSv3 without its lock service: nothing to learn here
+            return None
         return None  # closing the file drops the shared lock
 
 
@@ -214,7 +217,8 @@ def one_driver(experiment: str, name: str):
     """One driver per sweep at a time. The same command started twice, or a --resume while the
     first driver still runs (in another terminal, or hung), would have two Tunes write the same
     trial folders. The driver holds an exclusive lock on <experiment>/.sweep.lock for its life;
-    the kernel releases it however the driver ends, SIGKILL included. Local and NFS storage only:
+    the kernel releases it however the driver ends, SIGKILL included. A local path only (NFS
+    included, where its lock service works: without one the sweep warns and runs unguarded);
     cloud storage has no locks. A folder that holds nothing but the lock afterwards (Ray failed to
     start) is removed again."""
     try:
@@ -230,22 +234,30 @@ def one_driver(experiment: str, name: str):
         lock = open(path, "a+")  # not inherited by the processes Ray starts (Python's files are close-on-exec)
     except OSError as e:
         raise ConfigError(f"--storage: cannot write in {experiment} ({e.strerror or e})") from None
+    mine = False  # the lock is this driver's (or no lock is possible here): it may tidy up
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        for attempt in range(20):  # a `running_driver` check holds a shared lock for a moment
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if attempt == 19:
+                    lock.seek(0)
+                    raise ConfigError(_running_text(name, experiment, lock.read().strip() or "another process")) from None
+                time.sleep(0.05)
+                continue
+            except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                print(f"warning: cannot lock {path} ({e.strerror or e}): nothing stops a second driver of this "
+                      "sweep", file=sys.stderr)
+            mine = True
+            break
         lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise ConfigError(_running_text(name, experiment, holder)) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    try:
+        lock.truncate()
+        lock.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
         yield
     finally:
         with contextlib.suppress(OSError):  # (the folder may have been removed meanwhile)
-            if os.listdir(experiment) == [LOCK_FILE]:
+            if mine and os.listdir(experiment) == [LOCK_FILE]:
                 os.remove(path)
                 os.rmdir(experiment)
         lock.close()
@@ -275,14 +287,16 @@ def check_inputs(space: Space, local: bool) -> None:
 STORAGE_TIMEOUT_S = 30.0
 
 
-def check_storage(storage: str) -> None:
+def check_storage(storage: str, write: bool = True) -> None:
     """Fail fast, naming --storage, where the sweep could not store its trials, writing nothing: a
     local path must lie in a folder this user may create folders in (the real test is
-    `create_storage`, before Ray starts); a URI must name a file system pyarrow knows and answer
-    within STORAGE_TIMEOUT_S (without a network, Google Cloud Storage retries for many minutes
-    without a word, and Tune would wait as long)."""
+    `create_storage`, before Ray starts; with write=False, reading a stored sweep, any path will
+    do); a URI must name a file system pyarrow knows and answer within STORAGE_TIMEOUT_S (without
+    a network, Google Cloud Storage retries for many minutes without a word, and Tune would wait
+    as long)."""
     if "://" not in storage:
-        check_folder("--storage", storage, " or a URI such as s3://bucket/runs")
+        if write:
+            check_folder("--storage", storage, " or a URI such as s3://bucket/runs")
         return
     outcome = []
     probe = threading.Thread(target=lambda: outcome.append(_probe_storage(storage)), daemon=True)
@@ -306,7 +320,8 @@ def check_folder(flag: str, path: str, or_else: str = "") -> None:
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {path}: {folder} is a file; allowed: a folder (created if missing){or_else}")
-    if not os.access(folder, os.W_OK | os.X_OK) or os.statvfs(folder).f_flag & os.ST_RDONLY:
+    read_only_fs = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
+    if not os.access(folder, os.W_OK | os.X_OK) or read_only_fs:
         raise ConfigError(f"{flag} {path}: {folder} is read-only for this user; allowed: a folder this user can "
                           f"write to{or_else}")
 
@@ -316,7 +331,7 @@ def create_storage(storage: str) -> None:
     root on NFS with root squashing and on /proc, and Tune's own attempt fails after Ray has started."""
     if "://" not in storage:
         try:
-            os.makedirs(storage, exist_ok=True)
+            os.makedirs(os.path.abspath(storage), exist_ok=True)  # ("" is the current folder)
         except OSError as e:
             raise ConfigError(f"--storage {storage}: cannot create it ({e.strerror or e}); allowed: a folder this user "
                               "can write to, or a URI such as s3://bucket/runs") from None
@@ -664,19 +679,24 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+    unreported = False
     try:
         result = report.build_report(experiment, args.reports, name)
-    except OSError as e:  # the folder changed during the sweep, or the disk is full
-        print(f"error: cannot write the report to {os.path.join(args.reports, name)} ({e.strerror or e}). The "
-              f"results are safe in {experiment}: the same command with --report-only --reports DIR writes it "
-              "elsewhere", file=sys.stderr)
-        return 1
-    _print_report(result)
-    statuses = result.results["status"]
+        _print_report(result)
+        statuses = result.results["status"]
+    except OSError as e:  # the reports folder changed during the sweep, the disk is full, the storage went away
+        unreported = True
+        print(f"error: cannot build the report in {os.path.join(args.reports, name)} ({e.strerror or e}). The "
+              f"sweep's results stay in {experiment}: the same command with --report-only (and --reports DIR "
+              "for another folder) builds it again", file=sys.stderr)
+        try:
+            statuses = report.collect(experiment)[0]["status"]
+        except Exception:
+            return 1
     if statuses.isin(["RUNNING", "PENDING"]).any():
         print(f"\nThe sweep was interrupted. Resume it with:\n  {resume_command(argv)}")
         return 130
-    return 1 if (statuses == "ERROR").any() else 0
+    return 1 if unreported or (statuses == "ERROR").any() else 0
 
 
 def _trial_name(trial) -> str:
@@ -755,8 +775,9 @@ def _ignored_on_resume(args, stored: dict) -> list[str]:
     unknown = object()  # a sweep.json from before the key was recorded
     res = stored.get("resources") or {}
     limit = stored.get("max_concurrent", None)  # before it was recorded, no limit ever applied
-    flags = [("--cpus-per-trial", args.cpus_per_trial, res.get("cpu", unknown)),
-             ("--gpus-per-trial", args.gpus_per_trial, res.get("gpu", unknown)),
+    # Resources are kept only where sweep.json has them (see run); without, the flags do apply.
+    flags = [("--cpus-per-trial", args.cpus_per_trial if res else None, res.get("cpu", unknown)),
+             ("--gpus-per-trial", args.gpus_per_trial if res else None, res.get("gpu", unknown)),
              ("--max-failures", args.max_failures, stored.get("max_failures", unknown)),
              ("--max-concurrent", args.max_concurrent, limit)]
     out = []

@@ -245,11 +245,11 @@ def _download(name: str, root: str):
     except ImportError:  # Windows: no flock, one attempt each
         return _torchvision_cifar(name, root, download=True)
     with open(os.path.join(root, ".lsq_download.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _torchvision_cifar(name, root, download=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFSv3 without its lock service): one attempt each
+            pass
+        return _torchvision_cifar(name, root, download=True)  # closing the file releases the lock
 
 
 def _classes(folder: str) -> list[str]:

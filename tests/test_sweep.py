@@ -183,6 +183,50 @@ def test_resume_names_only_the_flags_it_ignores():
     older = {"resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
     assert sweep._ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older) == [
         "--max-concurrent 1 (keeps no limit)"]
+    # no sweep.json at all: the resume runs with the flags' resources, so they are not 'ignored'
+    assert sweep._ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2"]), {}) == []
+
+
+def test_without_file_locks_the_sweep_warns_and_runs(tmp_path, monkeypatch, capsys):
+    """NFSv3 without its lock service answers flock with ENOLCK: a warning, not a failed sweep."""
+    import errno
+    import fcntl
+
+    import sweep
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    experiment = tmp_path / "runs" / "nolock"
+    with sweep.one_driver(str(experiment), "nolock"):
+        assert sweep.running_driver(str(experiment)) is None
+    assert "warning: cannot lock" in capsys.readouterr().err and not experiment.exists()
+
+
+def test_report_only_reads_a_read_only_sweep(tmp_path, monkeypatch, capsys):
+    import sweep
+
+    experiment = tmp_path / "archive" / "old"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: not str(p).startswith(str(tmp_path / "archive")) and real_access(p, m))
+    assert sweep.main(["--report-only", "--name", "old", "--storage", str(tmp_path / "archive"),
+                       "--reports", str(tmp_path / "reports")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "reports" / "old" / "table.md").exists()
+
+
+def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
+    import sweep
+
+    experiment = tmp_path / "runs" / "kept"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (experiment / "sweep.json").write_text(json.dumps({"name": "kept", "resources": {"cpu": 1, "gpu": 0}}))
+    path = space(tmp_path, "kept", epochs=1, batch=256, bits=[W4])
+    assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", "--dry-run", "--cpus-per-trial", "2"]) == 0
+    assert "resources per trial: 1 CPU" in capsys.readouterr().out
 
 
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
