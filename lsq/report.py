@@ -420,15 +420,32 @@ def notes(cfg: TrialConfig) -> str:
 HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
 
 
-def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = ()) -> str:
+def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = (), paths: dict | None = None) -> str:
     """Epochs, weight decay and batch, then `extra`: the other keys the sweep varies (lr, schedule,
-    dataset, ...), so that no two rows of the table read the same. A path is named by its file or
-    folder; results.csv has it whole."""
+    dataset, ...), so that no two rows of the table read the same. A path is named as `paths`
+    names it (see `short_paths`), else by its file or folder; results.csv has it whole."""
     text = f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
     for k in extra:
-        v = getattr(cfg, k)
-        text += f", {k} {os.path.basename(str(v).rstrip('/')) if k in PATH_KEYS and v else _cell(v, k)}"
+        text += f", {k} {_value_text(k, getattr(cfg, k), paths)}"
     return text
+
+
+def short_paths(values) -> dict[str, str]:
+    """Each distinct path by its shortest ending that tells it from the others: `fp32.pt`, or
+    `run1/checkpoint.pt` and `run2/checkpoint.pt` where the files share a name."""
+    distinct = sorted({str(_plain(v)).rstrip("/") for v in values if _plain(v)})
+    for depth in range(1, max((p.count("/") + 1 for p in distinct), default=1) + 1):
+        names = {p: "/".join(p.split("/")[-depth:]) for p in distinct}
+        if len(set(names.values())) == len(distinct):
+            return names
+    return {p: p for p in distinct}
+
+
+def _value_text(key: str, v, paths: dict | None = None) -> str:
+    v = _plain(v)
+    if key in PATH_KEYS and v:
+        return (paths or {}).get(str(v).rstrip("/")) or os.path.basename(str(v).rstrip("/"))
+    return _cell(v, key)
 
 
 
@@ -521,10 +538,12 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     groups = _groups(df)
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
     extra = _headline_extra(df)
+    paths = {k: short_paths(df[k]) for k in extra if k in PATH_KEYS}
     out += ["| Models | Networks | Params | Notes | Acc@1 |", "|---|---|---|---|---|"]
     for g in groups:
         cfg = row_config(g.iloc[0])
-        cells = [cfg.label(), _network(cfg.model), params_text(cfg, extra), notes(cfg), _acc_cell(g, seeded)]
+        cells = [cfg.label(), _network(cfg.model), params_text(cfg, extra, {n: p for d in paths.values() for n, p in d.items()}),
+                 notes(cfg), _acc_cell(g, seeded)]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out += ["", "Acc@1: top-1 accuracy (%) on the test set after the last epoch"
             + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]
@@ -603,14 +622,18 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
 
     A line is one first/last policy, plus every other key that takes several values at the same
     bits; a key that only changes with the bits (weight decay by bits, as in the paper) stays
-    within one line. Trials that differ only in their seed make one point, their mean. Where the
-    activations do not follow the weights (W4A8), the activation bits are part of the line too,
-    so that W4A8 and W4A4 are never averaged into one point."""
+    within one line. Trials that differ only in their seed make one point, their mean. Where some
+    activations do not follow the weights (W4A8), those trials make lines of their own per
+    activation bits, so that W4A8 and W4A4 are never averaged into one point."""
     done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
     quant = done[done["w_bits"].notna()]
     fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
-    same_bits = bool(len(quant)) and all(_plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"]))
+    follows = [_plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"])]
+    same_bits = bool(len(quant)) and all(follows)
+    # the activations of a line: "= weights" (W2A2, W4A4, ...) or fixed bits (W2A8, W4A8, ...)
+    quant = quant.assign(_acts=["= weights" if f else _cell(a, "a_bits") for f, a in zip(follows, quant["a_bits"])])
     cell = ["w_bits", "a_bits", "first", "last"]
+    paths = {n: p for k in PATH_KEYS for n, p in short_paths(done[k]).items()}
 
     def splitting(frame: pd.DataFrame, by: list[str]) -> list[str]:  # keys with several values within a cell
         if not len(frame):
@@ -620,16 +643,15 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
                 if any(len({repr(_plain(v)) for v in g[k]}) > 1 for _, g in cells)]
 
     def words(keys: list[str], row) -> str:
-        return ", ".join(f"{k} {os.path.basename(str(row[k]).rstrip('/')) if k in PATH_KEYS and _plain(row[k]) else _cell(row[k], k)}"
-                         for k in keys)
+        return ", ".join(f"{k} {_value_text(k, row[k], paths)}" for k in keys)
 
     lines = []
     other = splitting(quant, cell)
-    line_keys = ["first", "last"] + ([] if same_bits else ["a_bits"]) + other
+    line_keys = ["first", "last"] + ([] if same_bits else ["_acts"]) + other
     for _, g in (quant.groupby(line_keys, sort=False, dropna=False) if len(quant) else []):
         row = g.iloc[0]
         policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
-        text = f"first/last {policy}" + ("" if same_bits else f", activations {_cell(row['a_bits'], 'a_bits')}")
+        text = f"first/last {policy}" + ("" if same_bits else f", activations {row['_acts']}")
         text += f", {words(other, row)}" if other else ""
         stats = g.groupby("w_bits")["final_top1"].agg(["mean", "std"]).sort_index()
         lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],

@@ -165,6 +165,12 @@ def test_headline_rows_name_every_other_key_the_sweep_varies(tmp_path):
     # a checkpoint is named by its file; a data_dir that moves with the dataset is left to results.csv
     cfg = report._config({**config(), "init_from": "/ckpt/cifar10_resnet20_fp32.pt"})
     assert report.params_text(cfg, ["init_from"]) == "3 epochs, wd 1e-4, batch 128, init_from cifar10_resnet20_fp32.pt"
+    # files of one name (each FP32 trial's checkpoint.pt) by as much of their path as tells them apart
+    paths = report.short_paths(["/runs/a/001_FP32/checkpoint.pt", "/runs/a/002_FP32/checkpoint.pt", None])
+    assert paths == {"/runs/a/001_FP32/checkpoint.pt": "001_FP32/checkpoint.pt",
+                     "/runs/a/002_FP32/checkpoint.pt": "002_FP32/checkpoint.pt"}
+    cfg = report._config({**config(), "init_from": "/runs/a/002_FP32/checkpoint.pt"})
+    assert report.params_text(cfg, ["init_from"], paths).endswith(", init_from 002_FP32/checkpoint.pt")
     both = pd.DataFrame([config(), config(dataset="cifar10", data_dir="/data/cifar10")])
     assert report._headline_extra(both) == ["dataset"]
     assert report._headline_extra(pd.DataFrame([config(), config(data_dir="/data/digits2")])) == ["data_dir"]
@@ -207,18 +213,22 @@ def test_plot_lines_follow_the_ablation():
     assert lines[2].bits == [2, 4] and lines[2].top1 == pytest.approx([73.5 + 0.01, 75.5 + 0.01])
     assert lines[2].std == pytest.approx([math.sqrt(0.5)] * 2)  # seeds 0 and 1: one apart
 
-    mixed = results((84.0, {"w_bits": 4, "a_bits": 4}), (85.0, {"w_bits": 4, "a_bits": 8}),
+    mixed = results((84.0, {"w_bits": 4, "a_bits": 4}), (85.0, {"w_bits": 4, "a_bits": 8}), (82.0, {"w_bits": 3, "a_bits": 3}),
                     (80.0, {"w_bits": 2, "a_bits": 2}), (83.0, {"w_bits": 2, "a_bits": 8}))
     lines, _, xlabel = report.plot_plan(mixed)
-    assert {s.label: s.top1 for s in lines} == {"first/last w8a8, activations 4": [84.0],
-                                                "first/last w8a8, activations 2": [80.0],
-                                                "first/last w8a8, activations 8": [83.0, 85.0]}
+    assert {s.label: (s.bits, s.top1) for s in lines} == {
+        "first/last w8a8, activations = weights": ([2, 3, 4], [80.0, 82.0, 84.0]),
+        "first/last w8a8, activations 8": ([2, 4], [83.0, 85.0])}
     assert xlabel == "weight bits of the body"
 
     starts = results(*[(80.0 + b + i, {"w_bits": b, "a_bits": b, "init_from": f"/ckpt/run{i}/fp32_{i}.pt"})
                        for b in (2, 4) for i in (0, 1)])
     assert [s.label for s in report.plot_plan(starts)[0]] == ["first/last w8a8, init_from fp32_0.pt",
                                                                "first/last w8a8, init_from fp32_1.pt"]
+    same_name = results(*[(80.0 + b + i, {"w_bits": b, "a_bits": b, "init_from": f"/runs/s/00{i}_FP32/checkpoint.pt"})
+                          for b in (2, 4) for i in (1, 2)])
+    assert [s.label for s in report.plot_plan(same_name)[0]] == ["first/last w8a8, init_from 001_FP32/checkpoint.pt",
+                                                                  "first/last w8a8, init_from 002_FP32/checkpoint.pt"]
 
 
 def test_plot_legend_stays_in_the_picture():
