@@ -555,10 +555,13 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
         rows.append([r["trial_name"], r["status"]] + [_cell(r[k], k) for k in varied] +
                     [f"{r['epochs_done']}/{r['epochs']}", _fmt(r["best_top1"]), _fmt(r["final_top1"]),
                      _fmt(r["final_top5"]), _fmt(r["int_top1"]), _export_cell(r["export_ok"]), _fmt(r["wall_seconds"], 0), _short(_plain(r["error"]) or "")])
+    off = [_plain(v) is False for v in df["deploy_check"]] if "deploy_check" in df else []
+    skipped = (" The deployment check did not run in this sweep (deploy_check=false)." if off and all(off) else
+               " Trials with deploy_check=false skip it (–)." if any(off) else "")
     out += ["## Every trial", "", _md_table(header, rows), "",
             "int top-1: top-1 of integer inference (integer codes, int accumulation, one rescale per layer; "
             "lsq/export.py). export: the ONNX model (QuantizeLinear/DequantizeLinear with the learned step "
-            "sizes) agrees with the fake-quantized model in onnxruntime.", ""]
+            "sizes) agrees with the fake-quantized model in onnxruntime." + skipped, ""]
     links = ["[results.csv](results.csv)", "[results.parquet](results.parquet)"]
     if has_layers:
         links.append("[layers.md](layers.md) (learned step sizes and weight error per layer)")

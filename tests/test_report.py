@@ -188,6 +188,21 @@ def test_layers_and_plot(experiment, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_table_says_when_the_deployment_check_was_off(tmp_path):
+    exp = tmp_path / "runs" / "nodeploy"
+    exp.mkdir(parents=True)
+    trials = [("z_00000", "001_W4A4_w8a8", config(deploy_check=False)),
+              ("z_00001", "002_W2A2_w8a8", config(w_bits=2, a_bits=2, deploy_check=False))]
+    state = {"trial_data": [[json.dumps({"trial_id": i, "status": "TERMINATED", "relative_logdir": f,
+                                         "custom_trial_name": f, "config": c}), json.dumps({})] for i, f, c in trials],
+             "runner_data": {}, "stats": {}}
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    for i, f, c in trials:
+        make_trial(exp, i, f, c, [epoch_row(i, e, 50.0 + e, 10.0 * e) for e in (1, 2, 3)])
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    assert "The deployment check did not run in this sweep (deploy_check=false)." in table
+
+
 def results(*rows) -> pd.DataFrame:
     """A results table as collect() gives it: every config key, a status and a final top-1."""
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
