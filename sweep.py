@@ -704,22 +704,29 @@ def _trial_name(trial) -> str:
     return trial_name(trial.config, int(trial.trial_id.rsplit("_", 1)[-1]) + 1)
 
 
+HEARTBEAT_S = 120.0
+
+
 def _progress_reporter(tune, varied: list[str]):
-    """A compact progress table (trial, status, epoch, top-1), printed when something changed."""
+    """A compact progress table (trial, status, epoch, top-1), printed when something changed; while
+    nothing does (a long epoch), one line every HEARTBEAT_S that says the sweep is still at work."""
     shown_in_name = ("w_bits", "a_bits", "first", "last")
     params = [k for k in varied if k not in shown_in_name]
 
     class Progress(tune.ProgressReporter):
         def __init__(self):
-            self._last, self._last_time, self._start = None, 0.0, time.time()
+            self._last, self._last_time, self._changed, self._start = None, 0.0, 0.0, time.time()
 
         def setup(self, start_time=None, *args, **kwargs):
             self._start = start_time or self._start
 
         def should_report(self, trials, done=False):
             state = [(t.trial_id, t.status, t.last_result.get("epoch")) for t in trials]
-            if done or (state != self._last and time.time() - self._last_time >= 5):
-                self._last, self._last_time = state, time.time()
+            now = time.time()
+            if done or (state != self._last and now - self._last_time >= 5) or now - self._last_time >= HEARTBEAT_S:
+                if state != self._last:
+                    self._changed = now
+                self._last, self._last_time = state, now
                 return True
             return False
 
@@ -728,6 +735,11 @@ def _progress_reporter(tune, varied: list[str]):
             for t in trials:
                 counts[t.status] = counts.get(t.status, 0) + 1
             elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self._start))
+            if not done and self._changed < self._last_time:  # the heartbeat: nothing new since the table
+                quiet = time.strftime("%H:%M:%S", time.gmtime(self._last_time - self._changed))
+                print(f"[{elapsed}] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                      + f": training, no epoch finished in the last {quiet}", flush=True)
+                return
             rows = [["trial", "status", "epoch", "top-1", "best"] + params]
             for t in sorted(trials, key=lambda t: t.trial_id):
                 r, c = t.last_result or {}, t.config

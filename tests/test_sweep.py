@@ -217,6 +217,35 @@ def test_report_only_reads_a_read_only_sweep(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "reports" / "old" / "table.md").exists()
 
 
+def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, capsys):
+    """The table is printed when something changes; an ImageNet epoch can take an hour, and in
+    between one line every HEARTBEAT_S says the trials are still training."""
+    import types
+
+    from ray import tune
+
+    import sweep
+
+    monkeypatch.setattr(sweep, "HEARTBEAT_S", 0.3)
+    progress = sweep._progress_reporter(tune, [])
+    trials = [types.SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={}, config={"epochs": 90},
+                                    __str__=lambda self: "x") for i in range(2)]
+    assert progress.should_report(trials)
+    progress.report(trials, False)
+    assert "2 RUNNING" in capsys.readouterr().out
+    assert not progress.should_report(trials)  # nothing new, and too soon for a heartbeat
+    time.sleep(0.4)
+    assert progress.should_report(trials)
+    progress.report(trials, False)
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "2 RUNNING: training, no epoch finished in the last 00:00:00" in line, line
+    trials[0].last_result = {"epoch": 1, "top1": 50.0, "best_top1": 50.0}
+    time.sleep(0.4)
+    assert progress.should_report(trials)
+    progress.report(trials, False)
+    assert "1/90" in capsys.readouterr().out  # a change: the table again
+
+
 def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     import sweep
 
