@@ -441,12 +441,16 @@ def short_paths(values) -> dict[str, str]:
     return {p: p for p in distinct}
 
 
+def _path_names(df: pd.DataFrame, keys) -> dict[str, str]:
+    """`short_paths` of every path in the columns `keys` that name files or folders, as one map."""
+    return {path: short for k in keys if k in PATH_KEYS for path, short in short_paths(df[k]).items()}
+
+
 def _value_text(key: str, v, paths: dict | None = None) -> str:
     v = _plain(v)
     if key in PATH_KEYS and v:
         return (paths or {}).get(str(v).rstrip("/")) or os.path.basename(str(v).rstrip("/"))
     return _cell(v, key)
-
 
 
 def _headline_extra(df: pd.DataFrame) -> list[str]:
@@ -538,12 +542,11 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     groups = _groups(df)
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
     extra = _headline_extra(df)
-    paths = {k: short_paths(df[k]) for k in extra if k in PATH_KEYS}
+    paths = _path_names(df, extra)
     out += ["| Models | Networks | Params | Notes | Acc@1 |", "|---|---|---|---|---|"]
     for g in groups:
         cfg = row_config(g.iloc[0])
-        cells = [cfg.label(), _network(cfg.model), params_text(cfg, extra, {n: p for d in paths.values() for n, p in d.items()}),
-                 notes(cfg), _acc_cell(g, seeded)]
+        cells = [cfg.label(), _network(cfg.model), params_text(cfg, extra, paths), notes(cfg), _acc_cell(g, seeded)]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out += ["", "Acc@1: top-1 accuracy (%) on the test set after the last epoch"
             + (", mean ± std over seeds (n finished trials)." if seeded else "."), ""]
@@ -636,7 +639,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     # the activations of a line: "= weights" (W2A2, W4A4, ...) or fixed bits (W2A8, W4A8, ...)
     quant = quant.assign(_acts=["= weights" if f else _cell(a, "a_bits") for f, a in zip(follows, quant["a_bits"])])
     cell = ["w_bits", "a_bits", "first", "last"]
-    paths = {n: p for k in PATH_KEYS for n, p in short_paths(done[k]).items()}
+    paths = _path_names(done, PATH_KEYS)
 
     def splitting(frame: pd.DataFrame, by: list[str]) -> list[str]:  # keys with several values within a cell
         if not len(frame):
@@ -660,7 +663,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],
                             [0.0 if math.isnan(x) else float(x) for x in stats["std"]]))
     baselines = []
-    base_keys = [k for k in _varied(fp32, exclude=(*cell, "seed"))] if len(fp32) else []
+    base_keys = _varied(fp32, exclude=(*cell, "seed")) if len(fp32) else []
     for _, g in (fp32.groupby(base_keys, sort=False, dropna=False) if base_keys else [((), fp32)]):
         if len(g):
             baselines.append(("FP32" + (f" ({words(base_keys, g.iloc[0])})" if base_keys else ""),
