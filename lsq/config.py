@@ -95,6 +95,12 @@ class TrialConfig:
                           "costs up to a minute of compiling in the first epoch, and falls back to eager "
                           "if the first compiled step's gradients disagree with eager"},
     )
+    amp: bool = field(
+        default=True,
+        metadata={"help": "CUDA: train under bf16 autocast, fast, but a conv/linear then sees bf16(k*s), up to "
+                          "|k|/256 of a step from k*s (at 8 bits, adjacent levels can merge); false: float32 "
+                          "with TF32 off, each quantized value k*s to float32 precision. The CPU always trains in float32"},
+    )
     deploy_check: bool = field(
         default=True,
         metadata={"sweep_only": True,

@@ -84,6 +84,19 @@ def uses_channels_last(device: torch.device, model_name: str) -> bool:
     return device.type == "cuda" or model_name in CIFAR_DEPTHS
 
 
+def precision(device: torch.device, amp: bool):
+    """The context each batch runs in (a fresh one per use): bf16 autocast on CUDA with amp,
+    nothing otherwise. On CUDA it also sets TF32, process-wide and so for every trial a reused
+    worker runs: TF32 keeps 10 of float32's 23 mantissa bits, and like bf16 (7) it would round the
+    k*s a quantized layer computes with, so amp=false turns it off for convolutions and matrix
+    products alike; with amp, the convolutions left in float32 may use it (PyTorch's default)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    torch.backends.cudnn.allow_tf32 = amp
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext
+
+
 def param_groups(model: torch.nn.Module, wd: float, step_wd: bool = False) -> list[dict]:
     """Weight decay on weights; LSQ step sizes excluded unless step_wd (BN params decay as usual)."""
     steps = [p for n, p in model.named_parameters() if n.endswith(".step")]
@@ -169,9 +182,7 @@ class Trainer:
         self.optimizer = SGD(param_groups(model, cfg.wd, cfg.step_wd), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
-        # a fresh context manager per use: bf16 autocast on CUDA, nothing on the CPU
-        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda
-                         else contextlib.nullcontext)
+        self.autocast = precision(self.device, cfg.amp)
         if cuda:
             torch.backends.cudnn.benchmark = True
         self.epoch = 0  # epochs completed

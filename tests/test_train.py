@@ -1,5 +1,6 @@
 """The trainer without Ray: accuracy on digits, init_from, exact resume, the single-run CLI."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from lsq.config import ConfigError, TrialConfig
 from lsq.policy import BitPolicy, describe, init_steps, quantize_model, quantizers
 from lsq.train import (SGD, CheckpointError, DivergedError, Trainer, lr_factor, main, param_groups, parse_args,
-                       uses_channels_last)
+                       precision, uses_channels_last)
 
 FAST = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 1}
 
@@ -183,6 +184,32 @@ def test_lr_schedules():
     assert lr_factor(cos, 6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
     step = TrialConfig.from_dict({"epochs": 90, "schedule": "step", "lr_step_size": 30, "lr_gamma": 0.1})
     assert [lr_factor(step, e) for e in (0, 29, 30, 60)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_bf16_rounds_the_8_bit_grid_and_amp_false_trains_cuda_in_exact_float32():
+    """Why amp exists: bf16 keeps 7 mantissa bits, so bf16(k*s) lies up to |k|/256 of a step
+    from k*s, and at 8 bits some adjacent levels become one. amp=false must turn off bf16
+    autocast and TF32 (10 mantissa bits, the same kind of rounding) on CUDA; the CPU never
+    autocasts."""
+    k = torch.arange(256, dtype=torch.float32)
+    s = torch.tensor(0.0123)  # a step size as training leaves it, not a power of two
+    grid = k * s
+    off = ((grid.bfloat16().float() - grid) / s).abs()
+    assert bool((off <= k / 256 + 1e-6).all()) and float(off.max()) > 0.25
+    assert len(torch.unique(grid.bfloat16())) < 256  # levels merged
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert precision(torch.device("cuda"), amp=False) is contextlib.nullcontext
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        bf16 = precision(torch.device("cuda"), amp=True)
+        assert (bf16.func, bf16.args, bf16.keywords) == (torch.autocast, ("cuda",), {"dtype": torch.bfloat16})
+        assert torch.backends.cudnn.allow_tf32  # a reused worker's next trial gets PyTorch's default back
+        assert precision(torch.device("cpu"), amp=True) is contextlib.nullcontext
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    cfg, _ = parse_args(["--amp", "false"])
+    assert cfg.amp is False and TrialConfig().amp is True
 
 
 def test_cli_accepts_original_flags(tmp_path):
