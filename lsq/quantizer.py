@@ -128,16 +128,23 @@ class LsqQuantizer(nn.Module):
     def grad_scale_factor(self, v: torch.Tensor) -> float:
         if not self.grad_scale:
             return 1.0
-        per_sample = self.kind == "activation" and self.grad_scale_n == "per_sample"
-        n = v[0].numel() if per_sample else v.numel()
-        return 1.0 / math.sqrt(n * self.qp)
+        per_sample = self.kind == "activation" and self.grad_scale_n == "per_sample" and v.dim() > 1
+        n = math.prod(v.shape[1:]) if per_sample else v.numel()  # an unbatched input is one sample
+        return 1.0 / math.sqrt(max(n, 1) * self.qp)
 
     @torch.no_grad()
     def init_step(self, v: torch.Tensor) -> None:
         """s = 2 * mean(|v|) / sqrt(Qp)   (section 2.1)."""
         if not self.signed and bool((v < 0).any()):
             warnings.warn(f"unsigned {self.kind} quantizer sees negative inputs; they will clip to 0")
-        self.step.copy_(2 * v.detach().abs().float().mean() / math.sqrt(self.qp))
+        step = 2 * v.detach().abs().float().mean() / math.sqrt(self.qp)
+        if not math.isfinite(value := float(step)):  # one device sync, once per quantizer
+            raise ValueError(f"cannot initialize the step size of a {self.bits}-bit {self.kind} quantizer: "
+                             f"2 * mean(|v|) / sqrt(Qp) = {value} (its {self.kind} holds NaN or infinite values)")
+        if value == 0.0:
+            warnings.warn(f"{self.kind} quantizer initialized from all-zero values: its step size starts at "
+                          f"{STEP_EPS:g} and every value it quantizes clips until the gradient raises it")
+        self.step.copy_(step)
         self.initialized.fill_(True)
         self._init_known = True
 
@@ -147,7 +154,7 @@ class LsqQuantizer(nn.Module):
         if not self._init_known:
             if bool(self.initialized):
                 self._init_known = True
-            elif self.training:
+            elif self.training and v.numel():  # an empty batch has no mean: the next one initializes
                 self.init_step(v)
         return LsqFunction.apply(v, self.step, self.qn, self.qp, self.grad_scale_factor(v))
 

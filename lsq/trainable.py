@@ -5,8 +5,6 @@ loss, train_loss, best_top1, lr, epoch_seconds, images_per_second; accuracies in
 checkpoint directory holding the files below. The last epoch also reports int_top1 (top-1 of
 integer inference) and export_ok (the ONNX model agrees with the fake-quantized one).
 
-
-
     checkpoint.pt   the trainer's checkpoint dict (model + quantizer init flags, optimizer,
                     lr_scheduler, epoch, best_top1, history, RNG states)
     layers.json     per-layer diagnostics: bits, learned step sizes, weight quantization error

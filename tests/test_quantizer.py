@@ -195,6 +195,32 @@ def test_activation_grad_scale_uses_features_per_sample_or_numel(bits, signed):
     assert grads[1] == pytest.approx(4 * grads[0], rel=1e-6)
 
 
+def test_grad_scale_of_an_unbatched_or_empty_activation():
+    """QLinear accepts an unbatched input (one sample: N is all of it), and an empty batch must
+    not fail: N is still the features per sample."""
+    q = ready_quantizer(4, False, "activation")
+    assert q.grad_scale_factor(torch.ones(16)) == pytest.approx(1 / math.sqrt(16 * 15))
+    assert q.grad_scale_factor(torch.ones(0, 3, 4, 4)) == pytest.approx(1 / math.sqrt(48 * 15))
+    fresh = LsqQuantizer(4, False, "activation").train()
+    assert fresh(torch.ones(0, 3, 4, 4)).shape == (0, 3, 4, 4) and not fresh.is_initialized()
+    fresh(torch.ones(2, 3, 4, 4))  # the first batch with values initializes
+    assert fresh.step.item() == pytest.approx(2 / math.sqrt(15))
+
+
+def test_step_init_from_non_finite_values_is_a_clear_error_and_zeros_warn():
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(4, 4)
+        w[1, 2] = bad
+        q = LsqQuantizer(4, True, "weight").train()
+        with pytest.raises(ValueError, match="cannot initialize the step size of a 4-bit weight quantizer"):
+            q(w)
+        assert not q.is_initialized()  # a later, finite input still initializes it
+    q = LsqQuantizer(4, False, "activation").train()
+    with pytest.warns(UserWarning, match="initialized from all-zero values"):
+        q(torch.zeros(2, 3))
+    assert q.is_initialized()
+
+
 def test_weight_grad_scale_uses_number_of_weights_for_both_settings():
     qp = 7
     w = torch.full((8, 4, 3, 3), 20 * S)  # all clip above
