@@ -238,6 +238,31 @@ def test_integer_layer_matrix_products_equal_the_float64_conv(bits, c_in, kernel
     assert float(reference.abs().max()) == layer.fan_in * qp * conv.w_quant.qn
 
 
+@pytest.mark.parametrize("bits, c_in, products", [
+    (4, 16, torch.float32),   # bound 144 * 15 * 8 = 17,280 < 2^24: fp32 sums are exact
+    (8, 64, torch.float64),   # bound 576 * 255 * 128 = 18.8M >= 2^24: fp32 would round odd sums
+])
+def test_integer_forward_takes_float64_products_where_fp32_sums_could_round(bits, c_in, products, monkeypatch):
+    """The whole integer path of a layer, at the codes that reach the accumulator's bound: its
+    output is the float64 conv of the codes, rescaled once; the products are fp32 only below 2^24."""
+    conv = QConv2d(c_in, 4, 3, padding=1, bias=False, w_bits=bits, a_bits=bits)
+    init_steps(conv, torch.rand(2, c_in, 6, 6))
+    layer = DeployLayer(conv, "int")
+    qa = conv.a_quant.qp  # unsigned input: codes 0..Qa
+    k = torch.randint(0, qa + 1, (2, c_in, 6, 6), generator=torch.Generator().manual_seed(0)).float()
+    k[0] = qa
+    w = layer.w_codes
+    w[0] = -conv.w_quant.qn
+    dtypes = []
+    real_gemm = layer._gemm
+    monkeypatch.setattr(layer, "_gemm", lambda x, w, dtype: dtypes.append(dtype) or real_gemm(x, w, dtype))
+    y = layer(k * layer.a_scale)
+    acc = F.conv2d(k.double(), w.double(), padding=1)
+    assert dtypes == [products]
+    assert layer.max_abs_acc == 9 * c_in * qa * conv.w_quant.qn  # the centre pixels reach the bound
+    assert torch.equal(y, (acc * (float(layer.a_scale) * float(layer.w_scale))).float())
+
+
 def test_integer_products_leave_fp32_where_matmul_precision_is_lowered():
     """fp32 products are exact only in full fp32: with TF32/bf16 matmuls allowed, float64."""
     x = torch.zeros(1)

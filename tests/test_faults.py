@@ -260,9 +260,8 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     # kill 1: as soon as Tune's snapshot knows a checkpoint (two trials run, the third waits)
     run = start()
     run.until(lambda: glob.glob(str(experiment / "*" / "checkpoint_*")), "a first checkpoint")
-    seen = time.time()  # Tune's snapshot is fresh: it knows of it within seconds, not ~10 s later
+    # (that Tune snapshots after every step, TUNE_GLOBAL_CHECKPOINT_S=0, is checked in test_bad_input.py)
     run.until(lambda: any(s["checkpoint"] for s in snapshot(experiment).values()), "the checkpoint in the snapshot")
-    assert time.time() - seen < 3, "the experiment snapshot lags the checkpoints"
     kill(run)
 
     # kill 2, mid-way: a trial has just checkpointed epoch 2 and trains epoch 3. Then that

@@ -84,11 +84,53 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path):
         assert layers[0]["layer"] == "conv1" and layers[0]["w_bits"] == 8 and layers[0]["a_signed"] is True
         assert all(row["w_step"] > 0 for row in layers)
 
-    crashed = fit(crash_once, {**CFG, "_marker": str(tmp_path / "crashed")}, tmp_path, "crashed")
-    assert os.path.exists(tmp_path / "crashed")  # the crash did happen
-    # Tune restarted the trial from the epoch-1 checkpoint: epochs 1, 2, 3 once each, same numbers
+    # the last epoch carries the deployment check: integer inference agrees with the fake-quantized model
+    assert straight.metrics["export_ok"] is True, straight.metrics.get("export_reason")
+    assert abs(straight.metrics["int_top1"] - straight.metrics["top1"]) <= 1.0
+
+    # (the marker must not be a path Tune creates itself, such as the experiment's folder)
+    marker = tmp_path / "crash_marker"
+    crashed = fit(crash_once, {**CFG, "_marker": str(marker)}, tmp_path, "crashed")
+    assert marker.exists()  # the crash did happen
+    # Tune restarted the trial from the epoch-1 checkpoint: epochs 1, 2, 3 once each, same numbers,
+    # and the last two came after the restore
     assert [m["epoch"] for m in history(crashed)] == [1, 2, 3]
+    assert crashed.metrics_dataframe["iterations_since_restore"].tolist() == [1, 1, 2]
     assert history(crashed) == history(straight)
+
+
+def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
+    """A trial whose latest checkpoint is unreadable continues from the one before it (losing one
+    more epoch, not the run); with none readable it starts over, and says so."""
+    from lsq.train import Trainer
+    from lsq.trainable import restore
+
+    cfg = TrialConfig.from_dict(CFG)
+    trainer = Trainer(cfg)
+    folders = []
+    for epoch in (1, 2):
+        trainer.epoch = epoch
+        folder = tmp_path / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir()
+        trainer.save(str(folder / CHECKPOINT_FILE))
+        folders.append(folder)
+    latest = tune.Checkpoint.from_directory(str(folders[-1]))
+
+    fresh = Trainer(cfg)
+    restore(fresh, latest)
+    assert fresh.epoch == 2
+
+    (folders[1] / CHECKPOINT_FILE).write_bytes(b"truncated")
+    fresh = Trainer(cfg)
+    with pytest.warns(UserWarning, match="resumed from the older checkpoint .*checkpoint_000000 \\(epoch 1\\)"):
+        restore(fresh, latest)
+    assert fresh.epoch == 1
+
+    (folders[0] / CHECKPOINT_FILE).write_bytes(b"truncated")
+    fresh = Trainer(cfg)
+    with pytest.warns(UserWarning, match="no readable checkpoint for this trial .*restarting from epoch 0"):
+        restore(fresh, latest)
+    assert fresh.epoch == 0
 
 
 def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
