@@ -337,14 +337,18 @@ class Trainer:
 
 
 # keys that may differ between a checkpoint and the run that resumes it
-_RESUMABLE_CHANGES = ("data_dir", "epochs", "workers", "device", "init_from", "compile")
+_RESUMABLE_CHANGES = ("data_dir", "epochs", "workers", "device", "init_from", "compile", "deploy_check")
 
 
 def same_trial(stored: dict | None, cfg: TrialConfig) -> bool:
+    """Whether a checkpoint's config is this trial's. A key the checkpoint predates (added in a
+    later version) counts as its default, which is what that version trained with."""
     if not isinstance(stored, dict):
         return False
+    defaults = TrialConfig().to_dict()
+
     def fixed(d):
-        return {k: v for k, v in d.items() if k not in _RESUMABLE_CHANGES}
+        return {k: v for k, v in {**defaults, **d}.items() if k not in _RESUMABLE_CHANGES}
     return fixed(stored) == fixed(cfg.to_dict())
 
 

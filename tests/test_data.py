@@ -316,6 +316,35 @@ def test_cifar_cache_outside_read_only_folder(cifar_tree, monkeypatch, tmp_path_
     assert sorted(os.listdir(home / ".cache" / "lsq" / key)) == [".lsq_cache_test.pt", ".lsq_cache_train.pt"]
 
 
+def test_cifar_in_torchvisions_format(tmp_path, monkeypatch):
+    """CIFAR-10 as torchvision downloads it (cifar-10-batches-py: pickled rows of 3,072 bytes,
+    the red plane, then green, then blue): the images come back as written, in file order."""
+    import pickle
+
+    import torchvision
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g, written = gen(5), {}
+    for split, files in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        images = torch.randint(0, 256, (2 * len(files), 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (len(images),), generator=g)
+        for i, name in enumerate(files):
+            rows = images[2 * i:2 * i + 2].flatten(1).numpy()
+            (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": labels[2 * i:2 * i + 2].tolist()}))
+        written[split] = images, labels
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    # these files are not the real ones, whose MD5 sums torchvision checks
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+    data = D.load_data(cfg(dataset="cifar10", data_dir=str(tmp_path), batch_size=4), CPU, gen())
+    assert (data.num_classes, data.train_size, data.test_size) == (10, 10, 2)
+    x, y = epoch(data.test)
+    assert torch.equal(to_uint8(x, CIFAR10_MEAN, CIFAR10_STD), written["test"][0])
+    assert torch.equal(y, written["test"][1])
+
+
 def test_cifar_errors(tmp_path, monkeypatch):
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError, match=r"'data_dir'.*nope"):

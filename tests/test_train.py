@@ -12,7 +12,7 @@ import torch
 from lsq.config import ConfigError, TrialConfig
 from lsq.policy import BitPolicy, describe, init_steps, quantize_model, quantizers
 from lsq.train import (SGD, CheckpointError, DivergedError, Trainer, lr_factor, main, param_groups, parse_args,
-                       precision, uses_channels_last)
+                       precision, same_trial, uses_channels_last)
 
 FAST = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 1}
 
@@ -88,6 +88,20 @@ def test_w4a4_learns_and_resume_is_exact(tmp_path):
     assert [m["epoch"] for m in tail] == [2, 3]
     # the restored quantizers did not re-initialize: steps equal the uninterrupted run's path
     assert all(bool(q.initialized) for q in resumed.model.modules() if hasattr(q, "initialized"))
+
+
+def test_which_checkpoints_a_trial_accepts_as_its_own():
+    """Resuming may change where the data is, how long to train and how to run (device, compile,
+    the deployment check), never what is trained; a checkpoint written before a key existed is
+    read with that key's default."""
+    cfg = TrialConfig.from_dict({**FAST, "w_bits": 2, "a_bits": 2})
+    stored = cfg.to_dict()
+    assert same_trial(stored, cfg.replace(epochs=9, device="cpu", compile="default", deploy_check=False))
+    for change in ({"lr": 0.2}, {"w_bits": 4}, {"first": "fp32"}, {"seed": 2}, {"amp": False}):
+        assert not same_trial(stored, cfg.replace(**change)), change
+    older = {k: v for k, v in stored.items() if k not in ("amp", "deploy_check")}
+    assert same_trial(older, cfg) and not same_trial(older, cfg.replace(amp=False))
+    assert not same_trial(None, cfg) and not same_trial({**stored, "unknown_key": 1}, cfg)
 
 
 def test_checkpoint_of_other_trial_is_refused(tmp_path):

@@ -99,6 +99,19 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path):
     assert history(crashed) == history(straight)
 
 
+@pytest.mark.parametrize("assigned, threads", [({"CPU": 1.0}, 1), ({"CPU": 2.0, "GPU": 1.0}, 2), ({"CPU": 0.5}, 1)])
+def test_a_trial_trains_with_as_many_threads_as_it_has_cpus(monkeypatch, assigned, threads):
+    """Two 1-CPU trials on 2 cores must not each start 2 threads (they would fight for the cores)."""
+    from lsq.trainable import _threads
+
+    class Context:
+        def get_assigned_resources(self):
+            return assigned
+
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    assert _threads() == threads
+
+
 def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
     """A trial whose latest checkpoint is unreadable continues from the one before it (losing one
     more epoch, not the run); with none readable it starts over, and says so."""
