@@ -514,14 +514,15 @@ def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
     cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     res = dict(resources)
+    if not gpus and any(t.device == "cuda" for t in space.trials):  # whatever gpu the trials ask for
+        raise ConfigError("key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu "
+                          "(e.g. --set device=auto)")
     if res["gpu"] and not gpus:
         print(f"note: the cluster has no GPU: running CPU-only (asked for gpu={res['gpu']} per trial)")
         res["gpu"] = 0
-        if any(t.device == "cuda" for t in space.trials):
-            raise ConfigError("key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu "
-                              "(e.g. --set device=auto)")
     elif res["gpu"] > gpus:
-        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {gpus:g} GPUs")
+        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {gpus:g} GPUs; allowed: "
+                          f"at most {gpus:g} (resources.gpu in the space, or --gpus-per-trial)")
     if local and res["cpu"] > cpus:
         print(f"note: this machine has {cpus:g} CPUs: each trial gets {cpus:g} (asked for {res['cpu']})")
         res["cpu"] = cpus

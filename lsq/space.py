@@ -10,7 +10,8 @@ A search space file has these top-level keys, all optional:
     seeds:          N or [s1, s2, ...]  repeats of every cell (N means seeds 0..N-1)
     resources:      {cpu: 1, gpu: 0.5}  per trial; a fractional gpu packs trials onto one card
     early_stopping: {metric: top1, mode: max, grace_period: 1, reduction_factor: 3}
-                    turns on ASHA; without it every trial runs to the end (FIFO)
+                    turns on ASHA; without it every trial runs to the end (FIFO). The mode
+                    follows the metric (max for top1/top5/best_top1, min for loss)
     max_failures:   retries of a crashed trial from its last checkpoint (default 2)
 
 A grid key is a TrialConfig key with a list of values, or an axis name of your choosing with a
@@ -58,6 +59,7 @@ TOP_KEYS = ("name", "description", "fixed", "grid", "variants", "seeds", "resour
             "early_stopping", "max_failures")
 RESOURCE_KEYS = ("cpu", "gpu")
 EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction_factor": 3}
+METRIC_MODES = {"top1": "max", "top5": "max", "loss": "min", "best_top1": "max"}  # the better direction
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 DEFAULT_MAX_FAILURES = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -304,10 +306,9 @@ def _seeds(section: Any, where) -> list[int] | None:
         if not section:
             raise ConfigError(f"{where('seeds')}: 'seeds' is an empty list; allowed: a count N >= 1 or a list of seeds")
         return [coerce("seed", s, where=where("seeds", i)) for i, s in enumerate(section)]
-    n = _count(section, where("seeds"), "seeds")
-    if n < 1:
-        raise ConfigError(f"{where('seeds')}: 'seeds' = {n}: allowed: a count N >= 1 or a list of seeds")
-    return list(range(n))
+    if isinstance(section, bool) or not isinstance(section, int) or section < 1:
+        raise ConfigError(f"{where('seeds')}: 'seeds' = {section!r}: allowed: a count N >= 1 or a list of seeds")
+    return list(range(section))
 
 
 def _resources(section: Any, where) -> dict:
@@ -343,7 +344,7 @@ def _early_stopping(section: Any, where) -> dict | None:
     if section is True:
         section = {}
     if not isinstance(section, dict):
-        raise ConfigError(f"{where('early_stopping')}: 'early_stopping' must be a mapping with keys "
+        raise ConfigError(f"{where('early_stopping')}: 'early_stopping' = {section!r}: allowed: a mapping with keys "
                           f"{', '.join(EARLY_STOPPING)} (or true for the defaults)")
     out = dict(EARLY_STOPPING)
     for key, value in section.items():
@@ -351,12 +352,20 @@ def _early_stopping(section: Any, where) -> dict | None:
             raise ConfigError(f"{where('early_stopping', key)}: unknown key '{key}'{_did_you_mean(key, EARLY_STOPPING)}; "
                               f"allowed: {', '.join(EARLY_STOPPING)}")
         out[key] = value
-    if out["metric"] not in ("top1", "top5", "loss", "best_top1"):
-        raise ConfigError(f"{where('early_stopping', 'metric')}: metric {out['metric']!r}: allowed: top1, top5, loss, best_top1")
+    if out["metric"] not in METRIC_MODES:
+        raise ConfigError(f"{where('early_stopping', 'metric')}: metric {out['metric']!r}: allowed: {', '.join(METRIC_MODES)}")
+    better = METRIC_MODES[out["metric"]]
+    if "mode" not in section:  # a default of max would make ASHA keep the trials of highest loss
+        out["mode"] = better
     if out["mode"] not in ("max", "min"):
         raise ConfigError(f"{where('early_stopping', 'mode')}: mode {out['mode']!r}: allowed: max, min")
-    if _count(out["grace_period"], where("early_stopping", "grace_period"), "grace_period") < 1:
-        raise ConfigError(f"{where('early_stopping', 'grace_period')}: grace_period must be >= 1 (epochs)")
+    if out["mode"] != better:
+        raise ConfigError(f"{where('early_stopping', 'mode')}: mode {out['mode']!r} for metric {out['metric']!r}: "
+                          f"allowed: {better} (a {'higher' if better == 'max' else 'lower'} {out['metric']} is better)")
+    gp = out["grace_period"]
+    if isinstance(gp, bool) or not isinstance(gp, int) or gp < 1:
+        raise ConfigError(f"{where('early_stopping', 'grace_period')}: grace_period {gp!r}: allowed: a whole number "
+                          "of epochs >= 1")
     rf = out["reduction_factor"]
     if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
         raise ConfigError(f"{where('early_stopping', 'reduction_factor')}: reduction_factor {rf!r}: allowed: a number > 1")

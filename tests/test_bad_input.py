@@ -3,14 +3,17 @@ file and line, the key, the value and what is allowed; exit status 2; no traceba
 written (the storage and reports folders, which already hold another sweep, stay unchanged).
 
 One table, run through the command line (`sweep.main`, what `python sweep.py` calls; a few
-cases again in a fresh process). No Ray here: every mistake is caught before Ray starts.
+cases again in a fresh process). No Ray here: every mistake is caught before Ray starts (a test
+that starts it fails). What the cluster cannot give (GPUs, CPUs) is known only once Ray has
+started: those cases run with a stand-in for Ray that reports the cluster's resources.
 """
 
 import os
 import pickle
 import subprocess
 import sys
-import time
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,36 @@ BAD = {
     "bad_name": ("name: my sweep\n", [], [":1", "'my sweep'", "letters, digits"]),
     "seed_and_seeds": ("fixed: {seed: 3}\nseeds: 2\n", [], [":1", "'seed'", "one of them"]),
     "max_concurrent_zero": ("fixed: {epochs: 1}\n", ["--max-concurrent", "0"], ["--max-concurrent 0", "allowed", ">= 1"]),
+    "seeds_zero": ("fixed: {epochs: 1}\nseeds: 0\n", [], [":2", "'seeds' = 0", "allowed: a count N >= 1"]),
+    "seeds_negative": ("seeds: -2\n", [], [":1", "'seeds' = -2", "allowed: a count N >= 1"]),
+    "cpu_zero": ("resources: {cpu: 0}\n", [], [":1", "'cpu' = 0", "allowed: a number > 0"]),
+    "cpus_per_trial_zero": ("fixed: {epochs: 1}\n", ["--cpus-per-trial", "0", "--dry-run"],
+                            ["--cpus-per-trial", "'cpu' = 0", "allowed: a number > 0"]),
+    "max_failures_negative": ("fixed: {epochs: 1}\n", ["--max-failures", "-1", "--dry-run"],
+                              ["--max-failures -1", "allowed: a whole number >= 0"]),
+    "max_failures_negative_in_file": ("max_failures: -1\n", [], [":1", "'max_failures' = -1", "allowed: a whole number >= 0"]),
+    "momentum_over_one": ("fixed:\n  momentum: 1.5\n", [], [":2", "'momentum' = 1.5", "must be <= 1"]),
+    "momentum_over_one_set": ("fixed: {epochs: 1}\n", ["--set", "momentum=1.01", "--dry-run"],
+                              ["--set momentum=1.01", "'momentum' = 1.01", "must be <= 1"]),
+    # early stopping (ASHA)
+    "es_unknown_metric": ("early_stopping:\n  metric: accuracy\n", [],
+                          [":2", "early_stopping.metric", "metric 'accuracy'", "allowed: top1, top5, loss, best_top1"]),
+    "es_unknown_mode": ("early_stopping:\n  metric: top1\n  mode: maximize\n", [],
+                        [":3", "early_stopping.mode", "mode 'maximize'", "allowed: max, min"]),
+    "es_mode_against_metric": ("early_stopping: {metric: loss, mode: max}\n", [],
+                               [":1", "mode 'max' for metric 'loss'", "allowed: min", "lower loss is better"]),
+    "es_grace_period_zero": ("early_stopping:\n  grace_period: 0\n", [],
+                             [":2", "early_stopping.grace_period", "grace_period 0", "allowed: a whole number of epochs >= 1"]),
+    "es_grace_period_text": ("early_stopping:\n  grace_period: two\n", [],
+                             [":2", "grace_period 'two'", "allowed: a whole number of epochs >= 1"]),
+    "es_reduction_factor_one": ("early_stopping:\n  reduction_factor: 1\n", [],
+                                [":2", "early_stopping.reduction_factor", "reduction_factor 1", "allowed: a number > 1"]),
+    "es_reduction_factor_text": ("early_stopping:\n  reduction_factor: half\n", [],
+                                 [":2", "reduction_factor 'half'", "allowed: a number > 1"]),
+    "es_unknown_key": ("early_stopping:\n  metrc: top5\n", [],
+                       [":2", "'metrc'", "did you mean 'metric'", "allowed: metric, mode, grace_period, reduction_factor"]),
+    "es_not_a_mapping": ("early_stopping: top1\n", [],
+                         [":1", "'early_stopping' = 'top1'", "allowed: a mapping with keys metric, mode", "true"]),
     # unknown names
     "unknown_model": ("fixed:\n  model: resnet21\n", [], [":2", "'model' = 'resnet21'", "resnet20"]),
     "unknown_dataset": ("fixed:\n  dataset: mnist\n", [], [":2", "'dataset' = 'mnist'", "digits, cifar10"]),
@@ -117,6 +150,7 @@ def workdir(tmp_path, monkeypatch):
     """The test's folder as the working directory, with the files the cases name, and storage and
     reports folders that already hold another sweep (bad input must leave them as they are)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "start_ray", lambda args: pytest.fail("Ray started: the mistake went unnoticed"))
     for name, make in FILES.items():
         make(tmp_path / name)
     for f in ("runs/other/experiment_state-2026-01-01_00-00-00.json", "reports/other/table.md"):
@@ -166,17 +200,21 @@ def test_bad_input_in_a_fresh_process(case, workdir):
 @pytest.mark.parametrize("flags", [[], ["--dry-run"], ["--report-only"]])
 def test_storage_that_does_not_answer_is_an_error_in_bounded_time(flags, workdir, monkeypatch, capsys):
     """Without a network, gs:// storage retries for many minutes in silence: the sweep waits a
-    bounded time, says that it waits, and stops with an error naming --storage."""
-    monkeypatch.setattr(sweep, "STORAGE_TIMEOUT_S", 3.5)
-    monkeypatch.setattr(sweep, "_probe_storage", lambda uri: time.sleep(60))
+    bounded time, says that it waits, and stops with an error naming --storage. The probe here
+    never answers while the sweep waits: it is let go afterwards (or after 60 s, should the sweep
+    wait without bound: its answer then is no "no answer" message, and the test fails)."""
+    monkeypatch.setattr(sweep, "STORAGE_TIMEOUT_S", 0.25)
+    let_go = threading.Event()
+    monkeypatch.setattr(sweep, "_probe_storage", lambda uri: let_go.wait(60) and None)
     (workdir / "s.yaml").write_text("name: other\nfixed: {epochs: 1}\n")
     before = tree(workdir)
-    t0 = time.monotonic()
-    assert sweep.main(["s.yaml", "--storage", "gs://bucket/runs", *flags]) == 2
-    assert time.monotonic() - t0 < 30
+    try:
+        assert sweep.main(["s.yaml", "--storage", "gs://bucket/runs", *flags]) == 2
+    finally:
+        let_go.set()
     out, err = capsys.readouterr()
-    assert err.splitlines() == ["waiting for --storage gs://bucket/runs to answer (at most 3.5 s)",
-                                "error: --storage gs://bucket/runs: no answer in 3.5 s. Is the network up, and are the "
+    assert err.splitlines() == ["waiting for --storage gs://bucket/runs to answer (at most 0.25 s)",
+                                "error: --storage gs://bucket/runs: no answer in 0.25 s. Is the network up, and are the "
                                 "bucket's name and this machine's credentials right?"], err
     assert not out and tree(workdir) == before
 
@@ -191,6 +229,69 @@ def test_storage_that_cannot_be_created_stops_before_ray(workdir, monkeypatch, c
     assert err.startswith("error: --storage /proc/lsq-runs: ") and err.count("\n") == 1, err
     assert "cannot create it" in err or "read-only for this user" in err, err
     assert not os.path.exists("/proc/lsq-runs")
+
+
+# ----------------------------------------------------------------------------- what the cluster can give
+# Checked once Ray has started (`fit_resources`: the cluster's CPUs and GPUs are Ray's to say).
+# Here Ray is a stand-in that reports the cluster's resources; the sweep itself is not run.
+def fit(workdir, monkeypatch, capsys, space_text, cluster, *flags):
+    """sweep.main on a cluster with `cluster` resources: (exit status, stdout, stderr, the
+    resources the sweep would have run with, or None where it did not get that far)."""
+    ran = []
+    fake_ray = types.SimpleNamespace(cluster_resources=lambda: dict(cluster), shutdown=lambda: None)
+    monkeypatch.setattr(sweep, "start_ray", lambda args: fake_ray)
+    monkeypatch.setattr(sweep, "run_sweep", lambda args, argv, space, name, storage, experiment, resources, *rest:
+                        ran.append(resources) or 0)
+    (workdir / "fit.yaml").write_text(space_text)
+    status = sweep.main(["fit.yaml", "--storage", str(workdir / "runs"), "--reports", str(workdir / "reports"), *flags])
+    return status, *capsys.readouterr(), (ran[0] if ran else None)
+
+
+@pytest.mark.parametrize("gpu", [0, 1])
+def test_device_cuda_on_a_cluster_without_gpu_is_an_error(gpu, workdir, monkeypatch, capsys):
+    """device=cuda fails in every trial where there is no GPU, whatever GPU share the trials ask
+    for: one error naming the key, the value and what is allowed, exit 2, nothing run or written."""
+    space = f"fixed: {{epochs: 1, device: cuda}}\nresources: {{gpu: {gpu}}}\n"
+    status, out, err, ran = fit(workdir, monkeypatch, capsys, space, {"CPU": 8.0})
+    assert status == 2 and ran is None, (status, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in ("'device' = 'cuda'", "no GPU", "allowed here: auto, cpu"):
+        assert word in err, (word, err)
+    assert not (workdir / "runs" / "fit").exists() and not (workdir / "reports" / "fit").exists()
+
+
+def test_a_gpu_share_on_a_cluster_without_gpu_runs_cpu_only_and_says_so(workdir, monkeypatch, capsys):
+    space = "fixed: {epochs: 1}\nresources: {cpu: 2, gpu: 0.5}\n"
+    status, out, err, ran = fit(workdir, monkeypatch, capsys, space, {"CPU": 8.0})
+    assert status == 0 and ran == {"cpu": 2, "gpu": 0}, (status, out, err)
+    assert "note: the cluster has no GPU: running CPU-only (asked for gpu=0.5 per trial)" in out, out
+
+
+@pytest.mark.parametrize("gpu, status", [(1, 0), (2, 2)])
+def test_more_gpus_per_trial_than_the_cluster_has_is_an_error(gpu, status, workdir, monkeypatch, capsys):
+    """A trial that asks for more GPUs than the whole cluster has would wait for ever: one error
+    naming the GPUs asked for, the cluster's and what is allowed. As many as the cluster has is fine."""
+    got, out, err, ran = fit(workdir, monkeypatch, capsys, "fixed: {epochs: 1}\n", {"CPU": 8.0, "GPU": 1.0},
+                             "--gpus-per-trial", str(gpu))
+    assert got == status, (got, out, err)
+    if status == 0:
+        assert ran == {"cpu": 1, "gpu": 1} and not err and "note:" not in out, (out, err)
+        return
+    assert ran is None and err.startswith("error: ") and err.count("\n") == 1, err
+    for word in ("gpu=2", "the cluster has 1 GPUs", "allowed: at most 1"):
+        assert word in err, (word, err)
+
+
+@pytest.mark.parametrize("cpu, address, got", [(8, [], 2.0), (2, [], 2), (8, ["--address", "auto"], 8)])
+def test_more_cpus_per_trial_than_this_machine_has_are_capped_locally(cpu, address, got, workdir, monkeypatch, capsys):
+    """On a local Ray a trial that asks for more CPUs than the machine has gets them all, with a
+    note; a cluster (--address) may grow, so its request stands."""
+    space = f"fixed: {{epochs: 1}}\nresources: {{cpu: {cpu}}}\n"
+    status, out, err, ran = fit(workdir, monkeypatch, capsys, space, {"CPU": 2.0}, *address)
+    assert status == 0 and ran == {"cpu": got, "gpu": 0}, (status, out, err)
+    capped = cpu == 8 and not address
+    assert out.count("note: this machine has") == capped, out  # no note where nothing changed
+    assert ("note: this machine has 2 CPUs: each trial gets 2 (asked for 8)" in out) == capped, out
 
 
 def test_the_malicious_inputs_would_run_code_if_loaded_unsafely(workdir):
@@ -218,5 +319,8 @@ def test_local_ray_on_loopback_with_its_own_token_and_dashboard_only_on_request(
     sweep.start_ray(sweep.parse_args(["space.yaml", *flags]))
     [kw] = calls
     assert kw["address"] == "local" and kw["include_dashboard"] is dashboard
+    # Tune snapshots the sweep after every step, not every ~10 s: a killed driver's resume must
+    # know every checkpoint already on disk (tests/test_faults.py kills drivers right after one)
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "0"
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # node address 127.0.0.1
     assert len(os.environ["RAY_AUTH_TOKEN"]) == 64  # a fresh token for this sweep's Ray

@@ -203,6 +203,114 @@ def test_table_says_when_the_deployment_check_was_off(tmp_path):
     assert "The deployment check did not run in this sweep (deploy_check=false)." in table
 
 
+def stored_sweep(tmp_path, name, trials, meta=None):
+    """An experiment folder as Tune and train_lsq leave it; trials: (id, folder, config, Tune's
+    status in its last snapshot, result.json rows)."""
+    exp = tmp_path / "runs" / name
+    exp.mkdir(parents=True)
+    state = {"trial_data": [[json.dumps({"trial_id": i, "status": s, "relative_logdir": f, "custom_trial_name": f,
+                                         "config": c}), json.dumps({})] for i, f, c, s, _ in trials],
+             "runner_data": {}, "stats": {}}
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    if meta:
+        report.write_meta(str(exp), meta)
+    for i, f, c, _, rows in trials:
+        make_trial(exp, i, f, c, rows)
+    return exp
+
+
+def curve(trial_id, top1s):
+    """result.json rows of epochs 1, 2, ... with these top-1s; best_top1 as the trainer keeps it."""
+    return [{**epoch_row(trial_id, e, t, 10.0 * e), "best_top1": max(top1s[:e])} for e, t in enumerate(top1s, 1)]
+
+
+NOTES = "first & last layers: 8-bit weights and input"
+
+
+def test_headline_shows_the_last_epoch_not_the_best_over_seeds(tmp_path):
+    """The headline's Acc@1 is what its footnote says: top-1 after the last epoch. Seeds 0/1 end
+    at 88 and 91 after peaking at 91 and 94: 89.50 ± 2.12, not the best epochs' 92.50."""
+    exp = stored_sweep(tmp_path, "seeds", [
+        ("s_00000", "001_W4A4_w8a8", config(seed=0), "TERMINATED", curve("s_00000", [89.0, 91.0, 88.0])),
+        ("s_00001", "002_W4A4_w8a8", config(seed=1), "TERMINATED", curve("s_00001", [90.0, 94.0, 91.0]))],
+        meta={"name": "seeds", "seeds": [0, 1]})
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | {NOTES} | 89.50 ± 2.12 (n=2) |" in table
+    assert "after the last epoch, mean ± std over seeds" in table
+
+
+def test_headline_shows_the_last_epoch_not_the_best_of_one_trial(tmp_path):
+    """Without seeds a row is one trial: its top-1 after the last epoch (88.00), not its best (91.00)."""
+    exp = stored_sweep(tmp_path, "single", [
+        ("u_00000", "001_W4A4_w8a8", config(), "TERMINATED", curve("u_00000", [86.0, 91.0, 88.0])),
+        ("u_00001", "002_W2A2_w8a8", config(w_bits=2, a_bits=2), "TERMINATED", curve("u_00001", [70.0, 75.0, 72.0]))])
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | {NOTES} | 88.00 |" in table
+    assert f"| W2A2 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | {NOTES} | 72.00 |" in table
+    # the detailed table keeps both: best 91.00, final 88.00
+    assert "| 001_W4A4_w8a8 | TERMINATED | 4 | 4 | 3/3 | 91.00 | 88.00 | 89.00 |" in table
+
+
+def test_an_epoch_repeated_after_a_resume_counts_its_last_report(tmp_path):
+    """Epochs 2 and 3 reported, the driver killed before Tune's snapshot, the trial resumed from
+    epoch 1's checkpoint: epochs 2 and 3 again. The repeated run is the model that was kept, so
+    its reports win: final top-1 88 with its deployment check (87.50, ok), best 88 (the discarded
+    run's 90 and 87 appear nowhere)."""
+    first = [{**epoch_row("r_00000", 2, 90.0, 20), "best_top1": 90.0},
+             {**epoch_row("r_00000", 3, 87.0, 30), "best_top1": 90.0, "int_top1": 86.0, "export_ok": False}]
+    again = [epoch_row("r_00000", 2, 84.0, 25),
+             {**epoch_row("r_00000", 3, 88.0, 35), "int_top1": 87.5, "export_ok": True}]
+    exp = stored_sweep(tmp_path, "resumed", [
+        ("r_00000", "001_W4A4_w8a8", config(), "TERMINATED", [epoch_row("r_00000", 1, 80.0, 10)] + first + again)])
+    rep = report.build_report(str(exp), str(tmp_path / "reports"))
+    r = rep.results.set_index("trial_id").loc["r_00000"]
+    assert (r["status"], r["epochs_done"]) == ("TERMINATED", 3)
+    assert (r["final_top1"], r["best_top1"], r["final_top5"], r["int_top1"]) == (88.0, 88.0, 89.0, 87.5)
+    assert r["export_ok"] == True  # noqa: E712  (numpy bool)
+    assert f"| {NOTES} | 88.00 |" in rep.table_md
+    assert "| 001_W4A4_w8a8 | TERMINATED | 3/3 | 88.00 | 88.00 | 89.00 | 87.50 | ok |" in rep.table_md
+
+
+def test_a_trial_stopped_early_is_stopped_not_finished(tmp_path):
+    """Early stopping (ASHA) ends a trial before its last epoch and Tune records it as TERMINATED.
+    The report calls it STOPPED, and the headline's mean over seeds leaves it out: W2A2 seed 1,
+    stopped after 1 of 3 epochs at 60, must not pass for a finished 60 in the mean of 72 and 60."""
+    exp = stored_sweep(tmp_path, "asha", [
+        ("a_00000", "001_W4A4_w8a8", config(seed=0), "TERMINATED", curve("a_00000", [80.0, 84.0, 86.0])),
+        ("a_00001", "002_W4A4_w8a8", config(seed=1), "TERMINATED", curve("a_00001", [81.0, 85.0, 88.0])),
+        ("a_00002", "003_W2A2_w8a8", config(w_bits=2, a_bits=2, seed=0), "TERMINATED", curve("a_00002", [62.0, 68.0, 72.0])),
+        ("a_00003", "004_W2A2_w8a8", config(w_bits=2, a_bits=2, seed=1), "TERMINATED", curve("a_00003", [60.0]))],
+        meta={"name": "asha", "seeds": [0, 1]})
+    rep = report.build_report(str(exp), str(tmp_path / "reports"))
+    assert list(rep.results["status"]) == ["TERMINATED", "TERMINATED", "TERMINATED", "STOPPED"]
+    table = rep.table_md
+    assert "4 trials (3 TERMINATED, 1 STOPPED)" in table
+    assert f"| W4A4 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | {NOTES} | 87.00 ± 1.41 (n=2) |" in table
+    assert f"| W2A2 | ResNet-20 | 3 epochs, wd 1e-4, batch 128 | {NOTES} | 72.00 (n=1; 1 stopped) |" in table
+    assert "| 004_W2A2_w8a8 | STOPPED | 2 | 2 | 1 | 1/3 | 60.00 | 60.00 |" in table
+
+    # without seeds the row is the stopped trial itself, with how far it got
+    alone = stored_sweep(tmp_path, "asha1", [
+        ("b_00000", "001_W2A2_w8a8", config(w_bits=2, a_bits=2), "TERMINATED", curve("b_00000", [60.0]))])
+    table = report.build_report(str(alone), str(tmp_path / "reports")).table_md
+    assert f"| {NOTES} | 60.00 (stopped, 1/3 epochs) |" in table
+
+
+def test_table_says_which_trials_skipped_the_deployment_check(tmp_path):
+    """Where only some trials have deploy_check=false the table says their – means skipped, and
+    does not claim the check never ran."""
+    exp = stored_sweep(tmp_path, "somedeploy", [
+        ("d_00000", "001_W4A4_w8a8", config(), "TERMINATED",
+         curve("d_00000", [50.0, 51.0]) + [{**epoch_row("d_00000", 3, 53.0, 30), "int_top1": 52.5, "export_ok": True}]),
+        ("d_00001", "002_W2A2_w8a8", config(w_bits=2, a_bits=2, deploy_check=False), "TERMINATED",
+         curve("d_00001", [50.0, 51.0, 53.0]))])
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    assert "agrees with the fake-quantized model in onnxruntime. Trials with deploy_check=false skip it (–)." in table
+    assert "did not run in this sweep" not in table
+    assert "| 001_W4A4_w8a8 | TERMINATED | 4 | 4 | True | 3/3 | 53.00 | 53.00 | 54.00 | 52.50 | ok |" in table
+    assert "| 002_W2A2_w8a8 | TERMINATED | 2 | 2 | False | 3/3 | 53.00 | 53.00 | 54.00 | – | – |" in table
+
+
 def results(*rows) -> pd.DataFrame:
     """A results table as collect() gives it: every config key, a status and a final top-1."""
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])

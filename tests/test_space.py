@@ -111,6 +111,28 @@ def test_shipped_spaces(name, sets, trials, cells, tmp_path):
         assert {(t.wd, t.batch_size, t.lr, t.init_from) for t in space.trials} == {(1e-4, 512, 0.01, "torchvision")}
 
 
+@pytest.mark.parametrize("text, asha", [
+    ("early_stopping: false\n", None),
+    ("early_stopping: true\n", {"metric": "top1", "mode": "max", "grace_period": 1, "reduction_factor": 3}),
+    ("early_stopping: {metric: top5, grace_period: 2, reduction_factor: 1.5}\n",
+     {"metric": "top5", "mode": "max", "grace_period": 2, "reduction_factor": 1.5}),
+    # a lower loss is better: ASHA on loss stops the trials of highest loss, not the best ones
+    ("early_stopping: {metric: loss}\n", {"metric": "loss", "mode": "min", "grace_period": 1, "reduction_factor": 3}),
+    ("early_stopping: {metric: best_top1, mode: max, reduction_factor: 2}\n",
+     {"metric": "best_top1", "mode": "max", "grace_period": 1, "reduction_factor": 2}),
+])
+def test_early_stopping_settings_and_the_dry_run_says_which_scheduler(text, asha, tmp_path, capsys):
+    path = write(tmp_path, "fixed: {epochs: 4}\n" + text)
+    assert load_space(path).early_stopping == asha
+    assert sweep.main([path, "--dry-run", "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    if asha is None:
+        assert "scheduler: FIFO: every trial runs to its last epoch" in out, out
+    else:
+        assert (f"scheduler: ASHA on {asha['metric']} ({asha['mode']}), grace period {asha['grace_period']} epochs, "
+                f"reduction factor {asha['reduction_factor']}") in out, out
+
+
 # ----------------------------------------------------------------------------- mistakes
 # Every mistake, one clear message, exit 2, nothing written: the table in tests/test_bad_input.py.
 

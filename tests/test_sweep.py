@@ -219,31 +219,40 @@ def test_report_only_reads_a_read_only_sweep(tmp_path, monkeypatch, capsys):
 
 def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, capsys):
     """The table is printed when something changes; an ImageNet epoch can take an hour, and in
-    between one line every HEARTBEAT_S says the trials are still training."""
+    between one line every HEARTBEAT_S says the trials are still training. The progress code's
+    clock is the test's (no waiting, no wall-clock in the assertions)."""
     import types
 
     from ray import tune
 
     import sweep
 
-    monkeypatch.setattr(sweep, "HEARTBEAT_S", 0.3)
+    now = [1000.0]
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime,
+                                                             strftime=time.strftime))
+    monkeypatch.setattr(sweep, "HEARTBEAT_S", 90.0)
     progress = sweep._progress_reporter(tune, [])
     trials = [types.SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={}, config={"epochs": 90},
                                     __str__=lambda self: "x") for i in range(2)]
     assert progress.should_report(trials)
     progress.report(trials, False)
     assert "2 RUNNING" in capsys.readouterr().out
+    assert not progress.should_report(trials)  # nothing new
+    now[0] += 89.0
     assert not progress.should_report(trials)  # nothing new, and too soon for a heartbeat
-    time.sleep(0.4)
-    assert progress.should_report(trials)
+    now[0] += 1.0
+    assert progress.should_report(trials)  # HEARTBEAT_S without news: the heartbeat
     progress.report(trials, False)
     line = capsys.readouterr().out
-    assert line.count("\n") == 1 and "2 RUNNING: training, no epoch finished in the last 00:00:00" in line, line
+    assert line == "[00:01:30] 2 RUNNING: training, no epoch finished in the last 00:01:30\n", line
     trials[0].last_result = {"epoch": 1, "top1": 50.0, "best_top1": 50.0}
-    time.sleep(0.4)
+    now[0] += 4.0
+    assert not progress.should_report(trials)  # news, but within 5 s of the last line: it waits
+    now[0] += 1.0
     assert progress.should_report(trials)
     progress.report(trials, False)
-    assert "1/90" in capsys.readouterr().out  # a change: the table again
+    table = capsys.readouterr().out
+    assert table.startswith("[00:01:35] 2 RUNNING\n") and "1/90" in table and "50.00" in table, table  # the table again
 
 
 def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
