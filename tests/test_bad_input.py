@@ -136,6 +136,11 @@ BAD = {
     "storage_unknown_scheme": ("fixed: {epochs: 1}\n", ["--storage", "foo://bucket/runs"], ["--storage foo://bucket/runs",
                                                                                            "cannot use it", "Unrecognized"]),
     "reports_under_a_file": ("fixed: {epochs: 1}\n", ["--reports", "text.pt/r"], ["--reports text.pt/r", "text.pt is a file"]),
+    # a sweep that is not there
+    "resume_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--resume"], ["--resume", "no sweep 'gone'", "runs",
+                                                                        "start it without --resume"]),
+    "report_only_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--report-only"], ["--report-only", "no sweep 'gone'",
+                                                                                    "nothing to report"]),
     "set_python_tag": ("fixed: {epochs: 1}\n", ["--set", f"epochs={TAG}"], ["--set", "cannot read the value as YAML", "constructor"]),
 }
 

@@ -135,15 +135,19 @@ def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
 
     (folders[1] / CHECKPOINT_FILE).write_bytes(b"truncated")
     fresh = Trainer(cfg)
-    with pytest.warns(UserWarning, match="resumed from the older checkpoint .*checkpoint_000000 \\(epoch 1\\)"):
+    with pytest.warns(UserWarning) as said:
         restore(fresh, latest)
     assert fresh.epoch == 1
+    assert [str(w.message).split(":")[0] for w in said] == [f"skipping checkpoint {folders[1]}",
+                                                          f"resumed from the older checkpoint {folders[0]} (epoch 1)"]
 
     (folders[0] / CHECKPOINT_FILE).write_bytes(b"truncated")
     fresh = Trainer(cfg)
-    with pytest.warns(UserWarning, match="no readable checkpoint for this trial .*restarting from epoch 0"):
+    with pytest.warns(UserWarning) as said:
         restore(fresh, latest)
     assert fresh.epoch == 0
+    assert "is unreadable" in str(said[0].message) and len(said) == 3
+    assert str(said[-1].message) == f"no readable checkpoint for this trial (latest: {folders[1]}); restarting from epoch 0"
 
 
 def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
