@@ -345,6 +345,9 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         totals = [float(r["time_total_s"]) for r in rows if r.get("time_total_s") is not None]
         wall = max(totals) if totals else sum(float(r.get("epoch_seconds", 0.0)) for r in epochs)
         checkpoint = _latest_checkpoint(st, folder, epochs) if folder else None
+        last = epochs[-1] if epochs else {}
+        export_failed = (f"export check: {last['export_reason']}" if _plain(last.get("export_ok")) is False
+                         and last.get("export_reason") else None)
         records.append({
             **cfg.to_dict(),
             "trial_id": t["trial_id"],
@@ -359,7 +362,7 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             "export_ok": _plain(epochs[-1].get("export_ok")) if epochs else None,
             "gpu_hours": float(wall) * gpu / 3600.0,
             "wall_seconds": float(wall),
-            "error": failed or (crash if status != "TERMINATED" else None),
+            "error": failed or (crash if status != "TERMINATED" else None) or export_failed,
             "checkpoint": st.uri(folder, checkpoint) if checkpoint else None,
         })
         layers = st.read_json(folder, checkpoint, LAYERS_FILE) if checkpoint else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import warnings
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
-from .config import TrialConfig
+from .config import ConfigError, TrialConfig
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -124,7 +125,13 @@ def train_lsq(config: dict) -> None:
 
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
     torch.set_num_threads(_threads())
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        # The config cannot run here (no data set in data_dir, no CUDA device, an init_from that does
+        # not fit): every retry would fail the same way, so report the reason once and stop.
+        tune.report({"epoch": 0, "best_top1": 0.0, "failed_reason": f"{e} (on {socket.gethostname()})"})
+        return
 
     restore(trainer, tune.get_checkpoint())
 

@@ -311,6 +311,17 @@ def test_table_says_which_trials_skipped_the_deployment_check(tmp_path):
     assert "| 002_W2A2_w8a8 | TERMINATED | 2 | 2 | False | 3/3 | 53.00 | 53.00 | 54.00 | – | – |" in table
 
 
+def test_a_failed_export_check_says_why(tmp_path):
+    """export FAILED in the table comes with the check's reason in the error column."""
+    reason = "onnxruntime top1 93.33, classes agree 92.78% (needs 99.9%)"
+    exp = stored_sweep(tmp_path, "exportfail", [
+        ("e_00000", "001_W4A4_w8a8", config(), "TERMINATED",
+         curve("e_00000", [50.0, 51.0]) + [{**epoch_row("e_00000", 3, 53.0, 30), "int_top1": 52.5, "export_ok": False,
+                                             "export_reason": reason}])])
+    table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
+    assert f"| 52.50 | FAILED | 30 | export check: {reason} |" in table, table
+
+
 def results(*rows) -> pd.DataFrame:
     """A results table as collect() gives it: every config key, a status and a final top-1."""
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
