@@ -727,6 +727,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private: a report is for colleagues to read too
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

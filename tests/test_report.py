@@ -322,6 +322,16 @@ def test_a_failed_export_check_says_why(tmp_path):
     assert f"| 52.50 | FAILED | 30 | export check: {reason} |" in table, table
 
 
+def test_report_files_are_readable_by_others(tmp_path):
+    """A report on a shared server is for colleagues too: its files are 0644, not mkstemp's 0600."""
+    exp = stored_sweep(tmp_path, "shared", [("p_00000", "001_W4A4_w8a8", config(), "TERMINATED",
+                                             curve("p_00000", [50.0, 51.0, 53.0]))])
+    out = tmp_path / "reports"
+    report.build_report(str(exp), str(out))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+
+
 def results(*rows) -> pd.DataFrame:
     """A results table as collect() gives it: every config key, a status and a final top-1."""
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
