@@ -537,7 +537,14 @@ def passes(r: dict, prefix: str) -> bool | None:
 
 # ---------------------------------------------------------------------------- checkpoints
 def _read(checkpoint_path: str) -> dict:
-    """A trainer checkpoint that holds its trial config, or CheckpointError."""
+    """A trainer checkpoint that holds its trial config, or CheckpointError. A sweep's checkpoint
+    folder (the report's `checkpoint` column) stands for the checkpoint.pt inside it."""
+    if os.path.isdir(checkpoint_path):
+        inside = os.path.join(checkpoint_path, "checkpoint.pt")  # lsq.trainable.CHECKPOINT_FILE (no Ray here)
+        if not os.path.isfile(inside):
+            raise CheckpointError(f"checkpoint {checkpoint_path}: a folder without checkpoint.pt (allowed: a "
+                                  "trainer checkpoint file, or a sweep trial's checkpoint_NNNNNN folder)")
+        checkpoint_path = inside
     if not os.path.isfile(checkpoint_path):
         raise CheckpointError(f"checkpoint {checkpoint_path}: no such file")
     state = read_checkpoint(checkpoint_path)

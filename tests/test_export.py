@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lsq.config import TrialConfig
 from lsq.export import (AGREEMENT_TARGET, DeployLayer, _full_fp32_matmul, agreement_ok, compare_paths, deploy_model,
-                        deployment_check, export_onnx, main, onnx_session, passes)
+                        deployment_check, export_onnx, load_trained, main, onnx_session, passes)
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
@@ -305,6 +305,18 @@ def test_cli_writes_and_reports(check):
     assert f"classes agree {r['agreement']:.2f}%" in printed
 
 
+def test_a_sweep_trials_checkpoint_folder_is_read_as_its_checkpoint(tmp_path, trained):
+    """The report's checkpoint column names checkpoint_NNNNNN folders: those load as they are."""
+    import shutil
+
+    path, trainer, _ = trained
+    folder = tmp_path / "checkpoint_000002"
+    folder.mkdir()
+    shutil.copy(path, folder / "checkpoint.pt")
+    model, _, cfg, state = load_trained(str(folder))
+    assert cfg == TrialConfig.from_dict({**CFG, "device": "cpu"}) and state["epoch"] == trainer.epoch
+
+
 def test_cli_bad_input(tmp_path, trained, capsys):
     assert main([str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err
@@ -314,6 +326,9 @@ def test_cli_bad_input(tmp_path, trained, capsys):
     junk.write_bytes(b"not a checkpoint")
     assert main([str(junk)]) == 2
     assert "unreadable" in capsys.readouterr().err
+
+    assert main([str(tmp_path)]) == 2  # a folder, but not a checkpoint folder
+    assert "a folder without checkpoint.pt" in capsys.readouterr().err
 
     path, _, _ = trained
     plain = tmp_path / "weights.pt"  # a bare state dict is not a trainer checkpoint
