@@ -132,6 +132,9 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
     lines = _KeyLines(text)
     where = _Where(path, lines)
+    for key_path, first, again in lines.duplicates[:1]:
+        raise ConfigError(f"{path}:{again}: key '{_dotted(key_path)}' is given twice (lines {first} and {again}); "
+                          "YAML would keep only the last: allowed: each key once per mapping")
 
     for key in doc:
         if key not in TOP_KEYS:
@@ -422,6 +425,7 @@ class _KeyLines:
 
     def __init__(self, text: str):
         self.lines: dict[tuple, int] = {}
+        self.duplicates: list[tuple[tuple, int, int]] = []  # (path, first line, repeated line)
         try:
             self._walk(yaml.compose(text), ())
         except yaml.YAMLError:
@@ -431,6 +435,8 @@ class _KeyLines:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 p = path + (key.value,)
+                if p in self.lines and key.value != "<<":  # YAML would keep only the last one, silently
+                    self.duplicates.append((p, self.lines[p], key.start_mark.line + 1))
                 self.lines[p] = key.start_mark.line + 1
                 self._walk(value, p)
         elif isinstance(node, yaml.SequenceNode):

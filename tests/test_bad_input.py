@@ -57,6 +57,8 @@ BAD = {
     "empty_file": ("", [], ["expected a mapping", "got an empty file"]),
     "no_such_file": (None, [], ["no such search space file"]),
     # keys
+    "duplicate_key": ("grid:\n  w_bits: [4, 2]\n  a_bits: [4]\n  w_bits: [8]\n", [],
+                      [":4", "'grid.w_bits' is given twice", "lines 2 and 4", "allowed: each key once"]),
     "unknown_top_key": ("fixd:\n  epochs: 3\n", [], [":1", "'fixd'", "did you mean 'fixed'", "allowed: name"]),
     "unknown_key": ("fixed:\n  epoch: 3\n", [], [":2", "'epoch'", "did you mean 'epochs'", "allowed keys"]),
     "unknown_grid_key": ("grid:\n  w_bit: [2, 4]\n", [], [":2", "'w_bit'", "did you mean 'w_bits'"]),
