@@ -145,6 +145,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     running = running_driver(experiment)
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
+        if args.resume and exists and not running:
+            print(f"resume: the stored sweep's trials continue as they started")
+            _resume_notes(args, space, experiment, stored or {})
         if running:
             print(f"note: {_running_text(name, experiment, running)}")
         elif exists and not args.resume:
@@ -615,11 +618,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
-        stored = stored or {}
-        _warn_if_space_changed(space, experiment, stored)
-        ignored = _ignored_on_resume(args, stored)
-        if ignored:
-            print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
+        _resume_notes(args, space, experiment, stored or {})
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False)
     else:
@@ -779,6 +778,14 @@ def _interrupted_text(args, argv: list[str]) -> str:
 def _sigterm_as_ctrl_c(signum, frame):
     """SIGTERM (e.g. from a batch scheduler) stops the sweep the way Ctrl-C does."""
     signal.raise_signal(signal.SIGINT)
+
+
+def _resume_notes(args, space: Space, experiment: str, stored: dict) -> None:
+    """What a resume will not take from this command line: a changed space, changed flags."""
+    _warn_if_space_changed(space, experiment, stored)
+    ignored = _ignored_on_resume(args, stored)
+    if ignored:
+        print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
 
 
 def _ignored_on_resume(args, stored: dict) -> list[str]:

@@ -261,10 +261,15 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     experiment = tmp_path / "runs" / "kept"
     experiment.mkdir(parents=True)
     (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
-    (experiment / "sweep.json").write_text(json.dumps({"name": "kept", "resources": {"cpu": 1, "gpu": 0}}))
+    (experiment / "sweep.json").write_text(json.dumps({"name": "kept", "resources": {"cpu": 1, "gpu": 0}, "trials": 2}))
     path = space(tmp_path, "kept", epochs=1, batch=256, bits=[W4])
     assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", "--dry-run", "--cpus-per-trial", "2"]) == 0
-    assert "resources per trial: 1 CPU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resources per trial: 1 CPU" in out
+    # what the real resume would say, the dry run says too: the previewed space is not what resumes
+    assert "resume: the stored sweep's trials continue as they started" in out
+    assert "note: the space now has 1 trials, the stored sweep 2" in out
+    assert "ignored: --cpus-per-trial 2 (keeps 1)" in out
 
 
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
