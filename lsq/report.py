@@ -637,7 +637,12 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
     quant = done[done["w_bits"].notna()]
     fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
-    follows = [_plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"])]
+    # a sweep of activation bits alone (W32A8, W32A4, ...) is drawn against the activation bits
+    by_acts = not len(quant) and bool((done["w_bits"].isna() & done["a_bits"].notna()).any())
+    if by_acts:
+        quant = done[done["w_bits"].isna() & done["a_bits"].notna()]
+    x = "a_bits" if by_acts else "w_bits"
+    follows = [by_acts or _plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"])]
     same_bits = bool(len(quant)) and all(follows)
     # the activations of a line: "= weights" (W2A2, W4A4, ...) or fixed bits (W2A8, W4A8, ...)
     quant = quant.assign(_acts=["= weights" if f else _cell(a, "a_bits") for f, a in zip(follows, quant["a_bits"])])
@@ -662,7 +667,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
         text = f"first/last {policy}" + ("" if same_bits else f", activations {row['_acts']}")
         text += f", {words(other, row)}" if other else ""
-        stats = g.groupby("w_bits")["final_top1"].agg(["mean", "std"]).sort_index()
+        stats = g.groupby(x)["final_top1"].agg(["mean", "std"]).sort_index()
         lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],
                             [0.0 if math.isnan(x) else float(x) for x in stats["std"]]))
     baselines = []
@@ -671,7 +676,8 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         if len(g):
             baselines.append(("FP32" + (f" ({words(base_keys, g.iloc[0])})" if base_keys else ""),
                               float(g["final_top1"].mean())))
-    xlabel = "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body"
+    xlabel = ("activation bits of the body (weights FP32)" if by_acts else
+              "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body")
     return lines, baselines, xlabel
 
 

@@ -337,6 +337,17 @@ def results(*rows) -> pd.DataFrame:
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
 
 
+def test_a_sweep_of_activation_bits_alone_is_plotted_against_them():
+    """W32A8, W32A4, W32A2 (FP32 weights) have no weight bits to put on the x axis: they were
+    left out of the plot, which then showed only the FP32 line."""
+    acts = results((90.0, {"w_bits": None, "a_bits": None}),
+                   *[(80.0 + a, {"w_bits": None, "a_bits": a}) for a in (8, 2, 4)])
+    lines, baselines, xlabel = report.plot_plan(acts)
+    assert [(s.label, s.bits, s.top1) for s in lines] == [("first/last w8a8", [2, 4, 8], [82.0, 84.0, 88.0])]
+    assert baselines == [("FP32", 90.0)] and xlabel == "activation bits of the body (weights FP32)"
+    assert report.plot_accuracy_vs_bits(acts).startswith(b"\x89PNG")
+
+
 def test_plot_lines_follow_the_ablation():
     """One line per first/last policy and per key that varies at the same bits; a key that only
     moves with the bits (weight decay by bits) stays on one line; seeds become a mean and a std;
