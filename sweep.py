@@ -668,7 +668,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
             "overrides": space.overrides, "command": resume_command(argv, resume=False),
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
-        print(f"Sweep '{name}': {len(space.trials)} trials, each {_res_text(resources)}; storage {experiment}")
+        print(f"Sweep '{name}': {report.count(len(space.trials), 'trial')}, each {_res_text(resources)}; storage {experiment}")
 
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
@@ -823,7 +823,7 @@ def _warn_if_space_changed(space: Space, experiment: str, stored: dict | None = 
     way_out = f"--resume continues the stored trials as they started (a new sweep: --name {name}-2)"
     created = (report.read_meta(experiment) if stored is None else stored).get("trials")
     if created not in (None, len(space.trials)):
-        print(f"note: the space now has {len(space.trials)} trials, the stored sweep {created}: {way_out}")
+        print(f"note: the space now has {report.count(len(space.trials), 'trial')}, the stored sweep {created}: {way_out}")
         return
     # Trial i runs point i. Tune may not have created every trial yet (--max-concurrent, a large
     # grid): it creates those on resume from the points it stored, so only created ones compare.
@@ -846,6 +846,8 @@ def _values(values: list) -> str:
 
 # ----------------------------------------------------------------------------- text
 def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, experiment: str, args) -> str:
+    from lsq import report
+
     scheduler = "FIFO: every trial runs to its last epoch"
     if space.early_stopping:
         es = space.early_stopping
@@ -855,7 +857,7 @@ def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, ex
     at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
     if args.max_concurrent:
         at_once = min(at_once, args.max_concurrent)
-    lines = [f"Sweep '{name}' from {space.path}: {len(space.trials)} trials"
+    lines = [f"Sweep '{name}' from {space.path}: {report.count(len(space.trials), 'trial')}"
              + (f" ({space.cells} cells, {space.cells - len(space.trials)} merged)" if space.cells != len(space.trials) else ""),
              ""]
     if space.description:

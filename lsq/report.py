@@ -423,11 +423,16 @@ def notes(cfg: TrialConfig) -> str:
 HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
 
 
+def count(n: int, noun: str) -> str:
+    """`1 epoch`, `8 epochs`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def params_text(cfg: TrialConfig, extra: tuple[str, ...] | list[str] = (), paths: dict | None = None) -> str:
     """Epochs, weight decay and batch, then `extra`: the other keys the sweep varies (lr, schedule,
     dataset, ...), so that no two rows of the table read the same. A path is named as `paths`
     names it (see `short_paths`), else by its file or folder; results.csv has it whole."""
-    text = f"{cfg.epochs} epochs, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
+    text = f"{count(cfg.epochs, 'epoch')}, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
     for k in extra:
         text += f", {k} {_value_text(k, getattr(cfg, k), paths)}"
     return text
@@ -531,7 +536,7 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     out = [f"# {name}", ""]
     if meta.get("description"):
         out += [meta["description"].strip(), ""]
-    out += [f"{len(df)} trials ({summary}). Experiment: `{experiment}`. "
+    out += [f"{count(len(df), 'trial')} ({summary}). Experiment: `{experiment}`. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     if meta.get("command"):
         out += [f"Command: `{meta['command']}`", ""]

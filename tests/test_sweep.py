@@ -268,7 +268,7 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     assert "resources per trial: 1 CPU" in out
     # what the real resume would say, the dry run says too: the previewed space is not what resumes
     assert "resume: the stored sweep's trials continue as they started" in out
-    assert "note: the space now has 1 trials, the stored sweep 2" in out
+    assert "note: the space now has 1 trial, the stored sweep 2" in out
     assert "ignored: --cpus-per-trial 2 (keeps 1)" in out
 
 
