@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from lsq import report
 
-    space_path = args.space or _default_space()
+    space_path = _space_path(args.space)
     storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
 
     if args.report_only:
@@ -892,8 +892,13 @@ def resume_command(argv: list[str], resume: bool = True) -> str:
     return shlex.join(["python", script, *args] + (["--resume"] if resume else []))
 
 
-def _default_space() -> str:
-    return DEFAULT_SPACE if os.path.exists(DEFAULT_SPACE) else os.path.join(HERE, DEFAULT_SPACE)
+def _space_path(given: str | None) -> str:
+    """The space file: as given, else (a relative path that is not here) under the project, as
+    `search_spaces/x.yaml` means from any folder; none given: the default space."""
+    given = given or DEFAULT_SPACE
+    if not os.path.exists(given) and not os.path.isabs(given) and os.path.exists(os.path.join(HERE, given)):
+        return os.path.join(HERE, given)
+    return given
 
 
 def _join(storage: str, name: str) -> str:

@@ -62,6 +62,7 @@ EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction
 METRIC_MODES = {"top1": "max", "top5": "max", "loss": "min", "best_top1": "max"}  # the better direction
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 DEFAULT_MAX_FAILURES = 2
+SHIPPED_SPACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
 
@@ -241,9 +242,12 @@ def _read(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        folder = os.path.dirname(path) or "."
-        known = sorted(f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))) if os.path.isdir(folder) else []
-        hint = f"; spaces in {folder}: {', '.join(known)}" if known else ""
+        hint = ""
+        for folder in (os.path.dirname(path) or ".", SHIPPED_SPACES):  # beside it, else the shipped ones
+            known = sorted(f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))) if os.path.isdir(folder) else []
+            if known:
+                hint = f"; spaces in {folder}: {', '.join(known)}"
+                break
         raise ConfigError(f"{path}: no such search space file{hint}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the search space ({e})") from None

@@ -4,6 +4,7 @@ The mistakes (one clear error each, exit 2, nothing written) are one table in te
 No Ray here.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -141,6 +142,18 @@ def test_missing_space_file_names_the_known_ones(tmp_path, capsys):
     assert sweep.main([str(ROOT / "search_spaces" / "smok.yaml"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "no such search space file" in err and "smoke.yaml" in err
+
+
+def test_a_shipped_space_is_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`python /path/to/sweep.py search_spaces/smoke.yaml` from elsewhere reads the project's file;
+    a name found nowhere lists the shipped spaces."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["search_spaces/smoke.yaml", "--dry-run", "--storage", str(tmp_path / "runs")]) == 0
+    assert f"Sweep 'smoke' from {ROOT / 'search_spaces' / 'smoke.yaml'}: 4 trials" in capsys.readouterr().out
+    assert sweep.main(["smoke", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"smoke: no such search space file; spaces in {ROOT / 'search_spaces'}: " in err and "smoke.yaml" in err
+    assert not os.listdir(tmp_path)
 
 
 def test_dry_run_prints_trials_and_resources_and_writes_nothing(tmp_path, capsys):
