@@ -160,6 +160,9 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
             ) from None
     else:
         state = read_state_dict(init_from)
+    if any(k.endswith(("w_quant.step", "a_quant.step")) for k in state):
+        raise ConfigError(f"key 'init_from' = {init_from!r} is a quantized model (it holds LSQ step sizes); "
+                          "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32")
     problem = state_mismatch(model.state_dict(), state)
     if problem:
         raise ConfigError(f"key 'init_from' = {init_from!r} does not fit model {name or type(model).__name__}: {problem}")

@@ -67,6 +67,15 @@ def test_init_from_mismatch_names_keys(tmp_path):
         Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
 
 
+def test_init_from_a_quantized_checkpoint_says_so(tmp_path):
+    """A QAT checkpoint passed as init_from: told what it is, not given a list of 40 odd keys."""
+    trainer = Trainer(TrialConfig.from_dict({**FAST, "w_bits": 4, "a_bits": 4}))
+    p = tmp_path / "w4a4.pt"
+    trainer.save(str(p))
+    with pytest.raises(ConfigError, match=r"w4a4\.pt' is a quantized model \(it holds LSQ step sizes\); allowed: an FP32"):
+        Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
+
+
 def test_w4a4_learns_and_resume_is_exact(tmp_path):
     """Stop after epoch 1, restore into a fresh trainer: the same metrics to the last bit."""
     cfg = {**FAST, "w_bits": 4, "a_bits": 4}
