@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
 
     if args.report_only:
-        name = check_name(args.name, "--name") if args.name else read_name(space_path)
+        name = check_name(args.name, "--name") if args.name is not None else read_name(space_path)
         check_storage(args.storage, write=False)  # reading only: an archived, read-only sweep is fine
         check_folder("--reports", args.reports)
         experiment = _join(storage, name)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
 
     space = load_space(space_path, args.set)
-    name = check_name(args.name, "--name") if args.name else space.name
+    name = check_name(args.name, "--name") if args.name is not None else space.name
     experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     check_storage(args.storage)
     check_folder("--reports", args.reports)

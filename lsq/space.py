@@ -215,9 +215,18 @@ def _cells(fixed: dict, axes: list, variants: list[dict] | None, seeds: list[int
 
 def check_name(name: Any, where: str = "name") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-' "
+        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-', starting with a letter or digit "
                           "(it names the experiment folder)")
     return name
+
+
+_NOT_TRIAL_KEYS = {
+    "seeds": "the space file's `seeds:` section (seeds: 3), or --set seed=N for one seed",
+    "max_failures": "--max-failures N, or the space file's `max_failures:`",
+    "resources": "--cpus-per-trial / --gpus-per-trial, or the space file's `resources:`",
+    "early_stopping": "the space file's `early_stopping:` section",
+    "name": "--name NAME",
+}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -228,6 +237,8 @@ def parse_overrides(items: list[str]) -> dict:
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
+        if key in _NOT_TRIAL_KEYS:  # a section of the space file, or a flag: not a trial's key
+            raise ConfigError(f"--set {item}: '{key}' is not a trial key; allowed: {_NOT_TRIAL_KEYS[key]}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:

@@ -131,6 +131,10 @@ BAD = {
     # --set
     "set_unknown_key": ("fixed: {epochs: 1}\n", ["--set", "epohs=2"], ["--set epohs=2", "did you mean 'epochs'"]),
     "set_unparseable": ("fixed: {epochs: 1}\n", ["--set", "lr=[0.1"], ["--set 'lr=[0.1'", "YAML"]),
+    "set_seeds": ("fixed: {epochs: 1}\n", ["--set", "seeds=2"], ["--set seeds=2", "'seeds' is not a trial key",
+                                                                  "`seeds:` section", "--set seed=N"]),
+    "set_max_failures": ("fixed: {epochs: 1}\n", ["--set", "max_failures=1"], ["--set max_failures=1", "--max-failures N"]),
+    "name_empty": ("fixed: {epochs: 1}\n", ["--name", ""], ["--name", "sweep name '' is not allowed"]),
     "set_no_equals": ("fixed: {epochs: 1}\n", ["--set", "epochs"], ["--set 'epochs'", "key=value"]),
     # --storage
     "storage_under_a_file": ("fixed: {epochs: 1}\n", ["--storage", "text.pt/runs"], ["--storage text.pt/runs", "text.pt is a file",
