@@ -215,8 +215,8 @@ def _cells(fixed: dict, axes: list, variants: list[dict] | None, seeds: list[int
 
 def check_name(name: Any, where: str = "name") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-', starting with a letter or digit "
-                          "(it names the experiment folder)")
+        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-', "
+                          "starting with a letter or digit (it names the experiment folder)")
     return name
 
 
