@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import warnings
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
-from .config import ConfigError, TrialConfig
+from .config import TrialConfig
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -125,13 +124,9 @@ def train_lsq(config: dict) -> None:
 
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
     torch.set_num_threads(_threads())
-    try:
-        trainer = Trainer(cfg)
-    except ConfigError as e:
-        # The config cannot run here (no data set in data_dir, no CUDA device, an init_from that does
-        # not fit): every retry would fail the same way, so report the reason once and stop.
-        tune.report({"epoch": 0, "best_top1": 0.0, "failed_reason": f"{e} (on {socket.gethostname()})"})
-        return
+    # A ConfigError here (no data set in data_dir, no CUDA) is an error Tune retries: on a cluster
+    # it can be one node's, and a retry may land on another.
+    trainer = Trainer(cfg)
 
     restore(trainer, tune.get_checkpoint())
 

@@ -128,6 +128,13 @@ class Sweep:
         return self.proc.returncode
 
 
+# Ray stops a finished trial's worker with SIGTERM; when the signal lands inside a weakref
+# callback, Python prints Ray's SystemExit as "Exception ignored in: ..." (seen once in many runs)
+RAY_SIGTERM_NOISE = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n"
+                               r"(?:[^\n]*\n)*?[^\n]*ray/_private/worker\.py[^\n]*sigterm_handler\n"
+                               r"(?:[^\n]*\n)*?SystemExit: 1\n")
+
+
 def _name(p) -> str:
     try:
         return p.name()
@@ -300,7 +307,7 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     assert [s["resources"] for s in snapshot(experiment).values()] == [[{"CPU": 1.0}]] * 3
     logs = "\n".join(r.output() for r in runs)
     assert not marker.exists(), "a trial checkpoint was unpickled without weights_only"
-    assert "Traceback" not in logs, logs[-5000:]
+    assert "Traceback" not in RAY_SIGTERM_NOISE.sub("", logs), logs[-5000:]
     # both planted checkpoints were detected and skipped; each trial went on from the one before
     said = runs[2].worker_logs()
     assert f"skipping checkpoint {truncated.parent}: checkpoint {truncated} is unreadable" in said, said[-3000:]

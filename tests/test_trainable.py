@@ -150,20 +150,6 @@ def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
     assert str(said[-1].message) == f"no readable checkpoint for this trial (latest: {folders[1]}); restarting from epoch 0"
 
 
-def test_a_config_that_cannot_run_fails_once_with_its_reason_not_after_every_retry(local_ray, tmp_path):
-    """A data set missing from data_dir, or an init_from that does not fit, fails the same way on
-    every retry: the trial reports why and stops (FAILED in the report), it is not retried."""
-    import torch
-
-    from lsq.models import build_model
-
-    other = tmp_path / "resnet32.pt"
-    torch.save(build_model("resnet32", 10, 1).state_dict(), other)
-    result = fit(train_lsq, {**CFG, "init_from": str(other)}, tmp_path, "misfit")
-    rows = result.metrics_dataframe.to_dict("records")
-    assert len(rows) == 1 and "does not fit model resnet20" in rows[0]["failed_reason"]
-
-
 def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
     """deploy_check=false skips the check (minutes per CIFAR-10 trial) and says why in the report's
     fields; left on, even a checkpoint that cannot be read is a finding, not a failed trial."""
