@@ -142,11 +142,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if stored and stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
         resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
 
+    if args.resume and not exists:  # the dry run checks what the real run checks
+        raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     running = running_driver(experiment)
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
         if args.resume and exists and not running:
-            print(f"resume: the stored sweep's trials continue as they started")
+            print("resume: the stored sweep's trials continue as they started")
             _resume_notes(args, space, experiment, stored or {})
         if running:
             print(f"note: {_running_text(name, experiment, running)}")
@@ -159,8 +161,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(
             f"sweep '{name}' already exists in {storage}. Continue it with\n  {resume_command(argv)}\n"
             f"or start a new one with --name {name}-2 (or remove {experiment})")
-    if args.resume and not exists:
-        raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     if args.address:
         _check_reachable(args.address)
     if args.address and "://" not in storage:
@@ -517,6 +517,8 @@ def _token_available() -> bool:
 
 def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
     """Per-trial resources that this cluster can give: CPU-only without GPUs, capped locally."""
+    from lsq import report
+
     cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     res = dict(resources)
@@ -527,10 +529,10 @@ def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
         print(f"note: the cluster has no GPU: running CPU-only (asked for gpu={res['gpu']} per trial)")
         res["gpu"] = 0
     elif res["gpu"] > gpus:
-        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {gpus:g} GPUs; allowed: "
+        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {report.count(int(gpus), 'GPU')}; allowed: "
                           f"at most {gpus:g} (resources.gpu in the space, or --gpus-per-trial)")
     if local and res["cpu"] > cpus:
-        print(f"note: this machine has {cpus:g} CPUs: each trial gets {cpus:g} (asked for {res['cpu']})")
+        print(f"note: this machine has {report.count(int(cpus), 'CPU')}: each trial gets {cpus:g} (asked for {res['cpu']})")
         res["cpu"] = cpus
     return res
 
@@ -854,7 +856,7 @@ def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, ex
     scheduler = "FIFO: every trial runs to its last epoch"
     if space.early_stopping:
         es = space.early_stopping
-        scheduler = (f"ASHA on {es['metric']} ({es['mode']}), grace period {es['grace_period']} epochs, "
+        scheduler = (f"ASHA on {es['metric']} ({es['mode']}), grace period {report.count(es['grace_period'], 'epoch')}, "
                      f"reduction factor {es['reduction_factor']}")
     cpus = os.cpu_count() or 1
     at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
@@ -867,7 +869,7 @@ def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, ex
         lines += [space.description, ""]
     lines += [format_table(space), "",
               f"resources per trial: {_res_text(resources)}"
-              + ("" if args.address else f"; on this machine ({cpus} CPUs) up to {at_once} at once"),
+              + ("" if args.address else f"; on this machine ({report.count(cpus, 'CPU')}) up to {at_once} at once"),
               f"scheduler: {scheduler}; a crashed trial is retried {_times(max_failures)} from its last checkpoint",
               f"storage: {experiment}",
               f"reports: {os.path.join(args.reports, name)}",

@@ -40,7 +40,7 @@ integer hardware runs: one integer multiply-accumulate, one rescale, the bias in
 
 Command line (loads a trainer checkpoint, writes the ONNX file, validates both paths):
 
-    python -m lsq.export CHECKPOINT.pt [--out model.onnx] [--data_dir DIR] [--json figures.json]
+    python -m lsq.export CHECKPOINT.pt|CHECKPOINT_FOLDER [--out model.onnx] [--data_dir DIR] [--json figures.json]
 
 `deployment_check(checkpoint)` returns the same figures as a dict for the reports. onnx and
 onnxruntime are an optional extra (requirements-export.txt); without them `deployment_check`
@@ -636,13 +636,23 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def default_onnx_path(checkpoint: str) -> str:
+    """Beside a checkpoint file; for a sweep's checkpoint folder (which Tune may delete), a file
+    in the current folder named after the trial and the checkpoint."""
+    if os.path.isdir(checkpoint):
+        folder = os.path.normpath(os.path.abspath(checkpoint))
+        return f"{os.path.basename(os.path.dirname(folder))}_{os.path.basename(folder)}.onnx"
+    return os.path.splitext(checkpoint)[0] + ".onnx"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lsq.export",
                                 description="Export a trained LSQ checkpoint to ONNX (QDQ with the learned step "
                                             "sizes) and check integer inference and onnxruntime against it.",
                                 epilog="exit status: 0 all checks pass, 1 a check failed, 2 bad input")
-    p.add_argument("checkpoint", help="a trainer checkpoint (.pt)")
-    p.add_argument("--out", help="ONNX file to write (default: the checkpoint's path with .onnx)")
+    p.add_argument("checkpoint", help="a trainer checkpoint (.pt), or a sweep trial's checkpoint_NNNNNN folder")
+    p.add_argument("--out", help="ONNX file to write (default: the checkpoint's path with .onnx; for a folder, "
+                                 "<trial>_<checkpoint_NNNNNN>.onnx here)")
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="data set folder, if not the trial's")
     p.add_argument("--json", metavar="PATH", help="also write the figures (deployment_check's dict) here")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -655,7 +665,7 @@ def main(argv=None) -> int:
         missing = onnx_missing()
         if missing:
             raise ConfigError(missing.replace("ONNX export skipped: ", "cannot export: "))
-        out = args.out or os.path.splitext(args.checkpoint)[0] + ".onnx"
+        out = args.out or default_onnx_path(args.checkpoint)
         r = deployment_check(args.checkpoint, args.data_dir, out)
         if args.json:
             try:

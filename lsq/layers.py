@@ -34,6 +34,8 @@ class QConv2d(nn.Conv2d):
         return q
 
     def forward(self, x):
+        if x.dim() == 3:  # one unbatched (C, H, W) image: a batch of one, so that N is its C*H*W features
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         xq, wq = self.a_quant(x), self.w_quant(self.weight)
         with save_as_codes((self.a_quant, xq), (self.w_quant, wq)):  # what backward keeps: 1-byte codes
             return self._conv_forward(xq, wq, self.bias)

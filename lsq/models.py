@@ -160,6 +160,10 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
             ) from None
     else:
         state = read_state_dict(init_from)
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ConfigError(f"key 'init_from' = {init_from!r} holds NaN or infinite values ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}); allowed: a checkpoint of finite FP32 weights")
     if any(k.endswith(("w_quant.step", "a_quant.step")) for k in state):
         raise ConfigError(f"key 'init_from' = {init_from!r} is a quantized model (it holds LSQ step sizes); "
                           "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32")

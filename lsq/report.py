@@ -728,6 +728,12 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
 
 
 # ----------------------------------------------------------------------------- writing
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Write to a temporary file in the same folder, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -738,7 +744,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private: a report is for colleagues to read too
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -133,7 +133,8 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
     lines = _KeyLines(text)
     where = _Where(path, lines)
-    for key_path, first, again in lines.duplicates[:1]:
+    if lines.duplicates:
+        key_path, first, again = lines.duplicates[0]
         raise ConfigError(f"{path}:{again}: key '{_dotted(key_path)}' is given twice (lines {first} and {again}); "
                           "YAML would keep only the last: allowed: each key once per mapping")
 
@@ -238,7 +239,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
         if key in _NOT_TRIAL_KEYS:  # a section of the space file, or a flag: not a trial's key
-            raise ConfigError(f"--set {item}: '{key}' is not a trial key; allowed: {_NOT_TRIAL_KEYS[key]}")
+            raise ConfigError(f"--set {item!r}: '{key}' is not a trial key; allowed: {_NOT_TRIAL_KEYS[key]}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -370,7 +371,7 @@ def _early_stopping(section: Any, where) -> dict | None:
             raise ConfigError(f"{where('early_stopping', key)}: unknown key '{key}'{_did_you_mean(key, EARLY_STOPPING)}; "
                               f"allowed: {', '.join(EARLY_STOPPING)}")
         out[key] = value
-    if out["metric"] not in METRIC_MODES:
+    if not isinstance(out["metric"], str) or out["metric"] not in METRIC_MODES:
         raise ConfigError(f"{where('early_stopping', 'metric')}: metric {out['metric']!r}: allowed: {', '.join(METRIC_MODES)}")
     better = METRIC_MODES[out["metric"]]
     if "mode" not in section:  # a default of max would make ASHA keep the trials of highest loss
@@ -448,10 +449,13 @@ class _KeyLines:
 
     def _walk(self, node, path):
         if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple, int] = {}
             for key, value in node.value:
                 p = path + (key.value,)
-                if p in self.lines and key.value != "<<":  # YAML would keep only the last one, silently
-                    self.duplicates.append((p, self.lines[p], key.start_mark.line + 1))
+                if key.value != "<<":  # YAML would keep only the last one, silently ("1" and 1 are two keys)
+                    if (path, key.tag, key.value) in seen:
+                        self.duplicates.append((p, seen[(path, key.tag, key.value)], key.start_mark.line + 1))
+                    seen[(path, key.tag, key.value)] = key.start_mark.line + 1
                 self.lines[p] = key.start_mark.line + 1
                 self._walk(value, p)
         elif isinstance(node, yaml.SequenceNode):

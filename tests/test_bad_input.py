@@ -89,6 +89,7 @@ BAD = {
     # early stopping (ASHA)
     "es_unknown_metric": ("early_stopping:\n  metric: accuracy\n", [],
                           [":2", "early_stopping.metric", "metric 'accuracy'", "allowed: top1, top5, loss, best_top1"]),
+    "es_metric_a_list": ("early_stopping: {metric: [top1]}\n", ["--dry-run"], ["metric ['top1']", "allowed: top1"]),
     "es_unknown_mode": ("early_stopping:\n  metric: top1\n  mode: maximize\n", [],
                         [":3", "early_stopping.mode", "mode 'maximize'", "allowed: max, min"]),
     "es_mode_against_metric": ("early_stopping: {metric: loss, mode: max}\n", [],
@@ -131,9 +132,9 @@ BAD = {
     # --set
     "set_unknown_key": ("fixed: {epochs: 1}\n", ["--set", "epohs=2"], ["--set epohs=2", "did you mean 'epochs'"]),
     "set_unparseable": ("fixed: {epochs: 1}\n", ["--set", "lr=[0.1"], ["--set 'lr=[0.1'", "YAML"]),
-    "set_seeds": ("fixed: {epochs: 1}\n", ["--set", "seeds=2"], ["--set seeds=2", "'seeds' is not a trial key",
+    "set_seeds": ("fixed: {epochs: 1}\n", ["--set", "seeds=2"], ["--set 'seeds=2'", "'seeds' is not a trial key",
                                                                   "`seeds:` section", "--set seed=N"]),
-    "set_max_failures": ("fixed: {epochs: 1}\n", ["--set", "max_failures=1"], ["--set max_failures=1", "--max-failures N"]),
+    "set_max_failures": ("fixed: {epochs: 1}\n", ["--set", "max_failures=1"], ["--set 'max_failures=1'", "--max-failures N"]),
     "name_empty": ("fixed: {epochs: 1}\n", ["--name", ""], ["--name", "sweep name '' is not allowed"]),
     "set_no_equals": ("fixed: {epochs: 1}\n", ["--set", "epochs"], ["--set 'epochs'", "key=value"]),
     # --storage
@@ -145,6 +146,9 @@ BAD = {
     # a sweep that is not there
     "resume_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--resume"], ["--resume", "no sweep 'gone'", "runs",
                                                                         "start it without --resume"]),
+    "resume_nothing_dry_run": ("name: gone\nfixed: {epochs: 1}\n", ["--resume", "--dry-run"],
+                               ["--resume", "no sweep 'gone'", "start it without --resume"]),
+    "duplicate_key_nested": ("fixed:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", [], [":4", "'fixed.epochs' is given twice"]),
     "report_only_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--report-only"], ["--report-only", "no sweep 'gone'",
                                                                                     "nothing to report"]),
     "set_python_tag": ("fixed: {epochs: 1}\n", ["--set", f"epochs={TAG}"], ["--set", "cannot read the value as YAML", "constructor"]),
@@ -289,7 +293,7 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_an_error(gpu, status, workd
         assert ran == {"cpu": 1, "gpu": 1} and not err and "note:" not in out, (out, err)
         return
     assert ran is None and err.startswith("error: ") and err.count("\n") == 1, err
-    for word in ("gpu=2", "the cluster has 1 GPUs", "allowed: at most 1"):
+    for word in ("gpu=2", "the cluster has 1 GPU;", "allowed: at most 1"):
         assert word in err, (word, err)
 
 

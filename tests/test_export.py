@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lsq.config import TrialConfig
 from lsq.export import (AGREEMENT_TARGET, DeployLayer, _full_fp32_matmul, agreement_ok, compare_paths, deploy_model,
-                        deployment_check, export_onnx, load_trained, main, onnx_session, passes)
+                        default_onnx_path, deployment_check, export_onnx, load_trained, main, onnx_session, passes)
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
@@ -315,6 +315,9 @@ def test_a_sweep_trials_checkpoint_folder_is_read_as_its_checkpoint(tmp_path, tr
     shutil.copy(path, folder / "checkpoint.pt")
     model, _, cfg, state = load_trained(str(folder))
     assert cfg == TrialConfig.from_dict({**CFG, "device": "cpu"}) and state["epoch"] == trainer.epoch
+    # its ONNX file goes to the current folder, named after the trial (Tune may delete the folder)
+    assert default_onnx_path(str(folder) + "/") == f"{tmp_path.name}_checkpoint_000002.onnx"
+    assert default_onnx_path(str(path)) == str(path)[:-3] + ".onnx"
 
 
 def test_cli_bad_input(tmp_path, trained, capsys):

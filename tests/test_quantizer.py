@@ -207,6 +207,18 @@ def test_grad_scale_of_an_unbatched_or_empty_activation():
     assert fresh.step.item() == pytest.approx(2 / math.sqrt(15))
 
 
+def test_an_unbatched_conv_input_is_one_sample_of_c_h_w_features():
+    """QConv2d takes a (C, H, W) image as conv2d does: N for its activations is C*H*W, not H*W."""
+    from lsq.layers import QConv2d
+
+    conv = QConv2d(3, 4, 3, a_bits=4, w_bits=4).train()
+    seen = []
+    real = conv.a_quant.grad_scale_factor
+    conv.a_quant.grad_scale_factor = lambda v: seen.append(real(v)) or seen[-1]
+    out = conv(torch.rand(3, 5, 5))
+    assert out.shape == (4, 3, 3) and seen == [pytest.approx(1 / math.sqrt(75 * 15))]
+
+
 def test_step_init_from_non_finite_values_is_a_clear_error_and_zeros_warn():
     for bad in (float("nan"), float("inf")):
         w = torch.randn(4, 4)

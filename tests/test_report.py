@@ -322,14 +322,20 @@ def test_a_failed_export_check_says_why(tmp_path):
     assert f"| 52.50 | FAILED | 30 | export check: {reason} |" in table, table
 
 
-def test_report_files_are_readable_by_others(tmp_path):
-    """A report on a shared server is for colleagues too: its files are 0644, not mkstemp's 0600."""
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_report_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """A report on a shared server is for colleagues too: its files get the mode any new file
+    gets under the user's umask (0644 under 022), not mkstemp's private 0600."""
     exp = stored_sweep(tmp_path, "shared", [("p_00000", "001_W4A4_w8a8", config(), "TERMINATED",
                                              curve("p_00000", [50.0, 51.0, 53.0]))])
     out = tmp_path / "reports"
-    report.build_report(str(exp), str(out))
+    before = os.umask(umask)
+    try:
+        report.build_report(str(exp), str(out))
+    finally:
+        os.umask(before)
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+    assert files and all(p.stat().st_mode & 0o777 == mode for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
 
 
 def results(*rows) -> pd.DataFrame:

@@ -130,7 +130,8 @@ def test_early_stopping_settings_and_the_dry_run_says_which_scheduler(text, asha
     if asha is None:
         assert "scheduler: FIFO: every trial runs to its last epoch" in out, out
     else:
-        assert (f"scheduler: ASHA on {asha['metric']} ({asha['mode']}), grace period {asha['grace_period']} epochs, "
+        gp = asha["grace_period"]
+        assert (f"scheduler: ASHA on {asha['metric']} ({asha['mode']}), grace period {gp} epoch{'s' if gp > 1 else ''}, "
                 f"reduction factor {asha['reduction_factor']}") in out, out
 
 
@@ -142,6 +143,16 @@ def test_missing_space_file_names_the_known_ones(tmp_path, capsys):
     assert sweep.main([str(ROOT / "search_spaces" / "smok.yaml"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "no such search space file" in err and "smoke.yaml" in err
+
+
+def test_keys_that_yaml_keeps_apart_are_not_duplicates(tmp_path):
+    """'1' and 1 are two keys to YAML; a merge key may come back in another mapping."""
+    path = write(tmp_path, "name: ok\nfixed: {epochs: 1}\ndescription: x\nvariants:\n  - {w_bits: 4}\n  - {w_bits: 2}\n")
+    assert len(load_space(path).trials) == 2
+    from lsq.space import _KeyLines
+
+    assert _KeyLines('a: {1: x, "1": y}\nb: {1: z}\n').duplicates == []
+    assert _KeyLines("a: {1: x, 1: y}\n").duplicates == [(("a", "1"), 1, 1)]
 
 
 def test_a_shipped_space_is_found_from_any_folder(tmp_path, monkeypatch, capsys):

@@ -76,6 +76,15 @@ def test_init_from_a_quantized_checkpoint_says_so(tmp_path):
         Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
 
 
+def test_init_from_with_nan_weights_is_a_clear_error(tmp_path):
+    state = Trainer(TrialConfig.from_dict({**FAST, "w_bits": None, "a_bits": None})).model.state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    p = tmp_path / "nan.pt"
+    torch.save(state, p)
+    with pytest.raises(ConfigError, match=r"nan\.pt' holds NaN or infinite values \(conv1\.weight\); allowed: a checkpoint"):
+        Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
+
+
 def test_w4a4_learns_and_resume_is_exact(tmp_path):
     """Stop after epoch 1, restore into a fresh trainer: the same metrics to the last bit."""
     cfg = {**FAST, "w_bits": 4, "a_bits": 4}
