@@ -142,9 +142,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if stored and stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
         resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
 
-    if args.resume and not exists:  # the dry run checks what the real run checks
-        raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     running = running_driver(experiment)
+    if args.resume and not exists and not running:  # (the dry run checks what the real run checks)
+        raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     if args.dry_run:
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
         if args.resume and exists and not running:
