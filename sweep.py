@@ -529,10 +529,11 @@ def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
         print(f"note: the cluster has no GPU: running CPU-only (asked for gpu={res['gpu']} per trial)")
         res["gpu"] = 0
     elif res["gpu"] > gpus:
-        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {report.count(int(gpus), 'GPU')}; allowed: "
-                          f"at most {gpus:g} (resources.gpu in the space, or --gpus-per-trial)")
+        raise ConfigError(f"resources: gpu={res['gpu']} per trial, but the cluster has {report.count(int(gpus), 'GPU')}; "
+                          f"allowed: at most {gpus:g} (resources.gpu in the space, or --gpus-per-trial)")
     if local and res["cpu"] > cpus:
-        print(f"note: this machine has {report.count(int(cpus), 'CPU')}: each trial gets {cpus:g} (asked for {res['cpu']})")
+        print(f"note: this machine has {report.count(int(cpus), 'CPU')}: each trial gets {cpus:g} "
+              f"(asked for {res['cpu']})")
         res["cpu"] = cpus
     return res
 
