@@ -346,8 +346,8 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         wall = max(totals) if totals else sum(float(r.get("epoch_seconds", 0.0)) for r in epochs)
         checkpoint = _latest_checkpoint(st, folder, epochs) if folder else None
         last = epochs[-1] if epochs else {}
-        export_failed = (f"export check: {last['export_reason']}" if _plain(last.get("export_ok")) is False
-                         and last.get("export_reason") else None)
+        export_ok = _plain(last.get("export_ok"))
+        export_failed = f"export check: {last['export_reason']}" if export_ok is False and last.get("export_reason") else None
         records.append({
             **cfg.to_dict(),
             "trial_id": t["trial_id"],
@@ -355,11 +355,11 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             "status": status,
             "epochs_done": done,
             "best_top1": max((float(r["top1"]) for r in epochs), default=math.nan),
-            "final_top1": float(epochs[-1]["top1"]) if epochs else math.nan,
+            "final_top1": float(last.get("top1", math.nan)),
             "best_top5": max((float(r["top5"]) for r in epochs if "top5" in r), default=math.nan),
-            "final_top5": float(epochs[-1].get("top5", math.nan)) if epochs else math.nan,
-            "int_top1": _plain(epochs[-1].get("int_top1")) if epochs else None,
-            "export_ok": _plain(epochs[-1].get("export_ok")) if epochs else None,
+            "final_top5": float(last.get("top5", math.nan)),
+            "int_top1": _plain(last.get("int_top1")),
+            "export_ok": export_ok,
             "gpu_hours": float(wall) * gpu / 3600.0,
             "wall_seconds": float(wall),
             "error": failed or (crash if status != "TERMINATED" else None) or export_failed,
@@ -642,10 +642,11 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
     quant = done[done["w_bits"].notna()]
     fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
+    acts_only = done[done["w_bits"].isna() & done["a_bits"].notna()]
     # a sweep of activation bits alone (W32A8, W32A4, ...) is drawn against the activation bits
-    by_acts = not len(quant) and bool((done["w_bits"].isna() & done["a_bits"].notna()).any())
+    by_acts = not len(quant) and bool(len(acts_only))
     if by_acts:
-        quant = done[done["w_bits"].isna() & done["a_bits"].notna()]
+        quant = acts_only
     x = "a_bits" if by_acts else "w_bits"
     follows = [by_acts or _plain(a) == _plain(w) for w, a in zip(quant["w_bits"], quant["a_bits"])]
     same_bits = bool(len(quant)) and all(follows)
@@ -674,7 +675,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         text += f", {words(other, row)}" if other else ""
         stats = g.groupby(x)["final_top1"].agg(["mean", "std"]).sort_index()
         lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],
-                            [0.0 if math.isnan(x) else float(x) for x in stats["std"]]))
+                            [0.0 if math.isnan(sd) else float(sd) for sd in stats["std"]]))
     baselines = []
     base_keys = _varied(fp32, exclude=(*cell, "seed")) if len(fp32) else []
     for _, g in (fp32.groupby(base_keys, sort=False, dropna=False) if base_keys else [((), fp32)]):

@@ -449,14 +449,13 @@ class _KeyLines:
 
     def _walk(self, node, path):
         if isinstance(node, yaml.MappingNode):
-            seen: dict[tuple, int] = {}
+            seen: dict[tuple, int] = {}  # this mapping's keys: (tag, text) -> line ("1" and 1 are two keys)
             for key, value in node.value:
-                p = path + (key.value,)
-                if key.value != "<<":  # YAML would keep only the last one, silently ("1" and 1 are two keys)
-                    if (path, key.tag, key.value) in seen:
-                        self.duplicates.append((p, seen[(path, key.tag, key.value)], key.start_mark.line + 1))
-                    seen[(path, key.tag, key.value)] = key.start_mark.line + 1
-                self.lines[p] = key.start_mark.line + 1
+                p, line = path + (key.value,), key.start_mark.line + 1
+                if (key.tag, key.value) in seen and key.value != "<<":  # YAML would keep only the last, silently
+                    self.duplicates.append((p, seen[(key.tag, key.value)], line))
+                seen[(key.tag, key.value)] = line
+                self.lines[p] = line
                 self._walk(value, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
