@@ -47,7 +47,7 @@ def self_check() -> int:
         grad = torch.randn(v.shape, generator=gen).to(device)
         st = torch.tensor(s, device=device)
         out = k.forward(v, st, qn, qp)
-        grad_v, grad_s = k.backward(v, st, grad.to(dtype), qn, qp)
+        grad_v, grad_s = k.backward(v, st, grad.to(dtype), qn, qp, 1.0)
         x = v.double().cpu() / s
         ref_out = (torch.round(torch.clamp(x, -qn, qp)) * s).to(dtype).double()
         inside = ~((x <= -qn) | (x >= qp))
@@ -58,7 +58,7 @@ def self_check() -> int:
         bad = int((~torch.eq(out.double().cpu(), ref_out) & ~(out.double().cpu().isnan() & ref_out.isnan())).sum())
         bad += int((~torch.eq(grad_v.double().cpu(), ref_gv) & ~(grad_v.double().cpu().isnan() & ref_gv.isnan())).sum())
         # the step gradient over the finite elements only (NaN makes the whole sum NaN, as eager)
-        _, gs_finite = k.backward(torch.where(torch.isfinite(v), v, torch.zeros_like(v)), st, grad.to(dtype), qn, qp)
+        _, gs_finite = k.backward(torch.where(torch.isfinite(v), v, torch.zeros_like(v)), st, grad.to(dtype), qn, qp, 1.0)
         ref_finite = float((g * torch.where(finite, ds, torch.zeros_like(ds))).sum())
         rel = abs(float(gs_finite) - ref_finite) / max(abs(ref_finite), 1e-6)
         nan_ok = bool(torch.isnan(grad_s))  # v holds a NaN: the step gradient is NaN, as in eager
@@ -67,10 +67,41 @@ def self_check() -> int:
         print(f"{bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]}{' channels_last' if channels_last else ''} "
               f"on {device}: {bad} elements differ from the paper, step gradient rel. err {rel:.1e}, "
               f"NaN step gradient with a NaN input: {nan_ok} -> {'ok' if ok else 'FAILED'}", flush=True)
-    failures += check_codes(k, device) + check_lsq_function(k, device)
+    failures += check_step(k, device) + check_codes(k, device) + check_lsq_function(k, device)
     if device == "cuda":  # in the interpreter this would take minutes, and its bf16 cast is not the GPU's
         failures += check_model(k, device)
     return 1 if failures else 0
+
+
+def check_step(k: TritonKernels, device: str) -> int:
+    """The kernels take the raw step parameter: s = step.clamp_min(STEP_EPS) on the device (a
+    zero or negative step quantizes with s = STEP_EPS, a NaN step gives NaN), and the step
+    gradient comes back as g * sum(eq. 3) in the step's shape."""
+    failures = 0
+    gen = torch.Generator().manual_seed(2)
+    v = (torch.randn(2, 3, 8, 8, generator=gen) * 1e-7).to(device)  # a few steps of STEP_EPS
+    grad = torch.randn(v.shape, generator=gen).to(device)
+    qn, qp, g = 8, 7, 0.03
+    for value in (0.0, -0.5, 1e-9, 0.02, float("nan")):
+        step = torch.tensor(value, device=device)
+        s = step.clamp_min(Q.STEP_EPS)
+        out = k.forward(v, step, qn, qp)
+        grad_v, grad_step = k.backward(v, step, grad, qn, qp, g)
+        ref_out = Q._forward(v, s, qn, qp)
+        ref_gv, ref_gs = Q._backward(v, s, grad, qn, qp)
+        ref_gs = float(ref_gs) * g
+        same = torch.equal(out, ref_out) and torch.equal(grad_v, ref_gv)
+        if value != value:  # NaN
+            same = bool(out.isnan().all()) and bool(grad_step.isnan())
+            rel = 0.0
+        else:
+            rel = abs(float(grad_step) - ref_gs) / max(abs(ref_gs), 1e-6)
+        ok = same and rel < 1e-5 and grad_step.shape == step.shape
+        failures += not ok
+        print(f"step {value:g} on {device}: forward and grad_v as with step.clamp_min(STEP_EPS) {same}, "
+              f"g * step gradient rel. err {rel:.1e}, shape {tuple(grad_step.shape)} -> {'ok' if ok else 'FAILED'}",
+              flush=True)
+    return failures
 
 
 def check_codes(k: TritonKernels, device: str) -> int:

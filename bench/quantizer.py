@@ -83,21 +83,21 @@ class MaskFunction(torch.autograd.Function):
 
 
 def kernel_function(kernels):
-    """LsqFunction's body with given forward/backward kernels (for the torch.compile option)."""
+    """LsqFunction's body with given forward/backward kernels (the fast paths' interface: they
+    take the raw step and return its gradient times g)."""
 
     class F(torch.autograd.Function):
         @staticmethod
         def forward(ctx, v, step, qn, qp, g):
-            s = step.clamp_min(Q.STEP_EPS)
-            ctx.save_for_backward(v, s)
+            ctx.save_for_backward(v, step)
             ctx.qn, ctx.qp, ctx.g = qn, qp, g
-            return kernels.forward(v, s, qn, qp)
+            return kernels.forward(v, step, qn, qp)
 
         @staticmethod
         def backward(ctx, grad):
-            v, s = ctx.saved_tensors
-            grad_v, grad_s = kernels.backward(v, s, grad, ctx.qn, ctx.qp)
-            return grad_v, (grad_s * ctx.g).reshape(s.shape), None, None, None
+            v, step = ctx.saved_tensors
+            grad_v, grad_step = kernels.backward(v, step, grad, ctx.qn, ctx.qp, ctx.g)
+            return grad_v, grad_step, None, None, None
 
     return F
 
@@ -146,11 +146,12 @@ class _CompiledKernels:
             warnings.warn(f"LSQ fast path failed to compile ({type(e).__name__}: {e}); using the eager path")
             return f(*args)
 
-    def forward(self, v, s, qn, qp):
-        return self._call(Q._forward, v, s, qn, qp)
+    def forward(self, v, step, qn, qp):
+        return self._call(Q._forward, v, step.clamp_min(Q.STEP_EPS), qn, qp)
 
-    def backward(self, v, s, grad, qn, qp):
-        return self._call(Q._backward, v, s, grad, qn, qp)
+    def backward(self, v, step, grad, qn, qp, g):
+        grad_v, grad_s = self._call(Q._backward, v, step.clamp_min(Q.STEP_EPS), grad, qn, qp)
+        return grad_v, (grad_s * g).reshape(step.shape)
 
 
 def main():

@@ -34,7 +34,7 @@ from _common import interleaved, median, ms, paired_ratio, pick_device, record, 
 from lsq import quantizer as Q
 from lsq.models import TORCHVISION, build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
-from lsq.train import param_groups, uses_channels_last
+from lsq.train import param_groups, use_opaque_backward, uses_channels_last
 
 BITS = {"fp32": None, "w8a8": 8, "w4a4": 4, "w2a2": 2}
 
@@ -84,6 +84,7 @@ class Setup:
         self.compile_seconds = None
         self.cudagraphs = compile_mode == "reduce-overhead"
         if compile_mode:
+            use_opaque_backward(self.model, compile_mode, device)  # as the trainer does
             self.model = torch.compile(self.model, mode=compile_mode)
             sync(device)
             t0 = time.perf_counter()

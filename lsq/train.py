@@ -84,6 +84,16 @@ def uses_channels_last(device: torch.device, model_name: str) -> bool:
     return device.type == "cuda" or model_name in CIFAR_DEPTHS
 
 
+def use_opaque_backward(model: torch.nn.Module, compile_mode: str, device: torch.device) -> None:
+    """Under CUDA graphs (compile=reduce-overhead on CUDA) a training step is GPU-bound, and the
+    quantizers' backward runs faster as one opaque op than as traced equations; otherwise the
+    step is host-bound and the traced backward is faster (lsq.quantizer.LsqFunctionOpaqueBackward
+    has the figures). Sets every quantizer's `opaque_backward` accordingly."""
+    on = compile_mode == "reduce-overhead" and device.type == "cuda"
+    for q in quantizers(model):
+        q.opaque_backward = on
+
+
 def precision(device: torch.device, amp: bool):
     """The context each batch runs in (a fresh one per use): bf16 autocast on CUDA with amp,
     nothing otherwise. On CUDA it also sets TF32, process-wide and so for every trial a reused
@@ -174,6 +184,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         # self.model is the eager module (state dicts, diagnostics); self.net is what runs the
         # batches: the same module, or torch.compile of it (sharing its parameters)
+        use_opaque_backward(self.model, cfg.compile, self.device)
         self.compiled = (None if cfg.compile == "none" else
                          torch.compile(self.model, mode=cfg.compile, dynamic=False))  # one graph per batch shape: train, test, last test batch
         self._compiled_ready = False

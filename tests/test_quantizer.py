@@ -466,16 +466,20 @@ def test_forward_equations_mutate_nothing_and_return_a_new_tensor():
         assert out.dtype == dtype and out is not v
 
 
+@pytest.mark.parametrize("opaque", [False, True], ids=["traced backward", "opaque backward op"])
 @pytest.mark.parametrize("kind,signed", [("weight", True), ("activation", False)])
-def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, seed):
+def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, seed):
     """A float32 weight and an activation through torch.compile: forward and both gradients are
-    the paper's (the check that failed on torch 2.11 before the forward above was rewritten)."""
+    the paper's (the check that failed on torch 2.11 before the forward above was rewritten),
+    with the backward traced and as the opaque op lsq::backward (compile=reduce-overhead on
+    CUDA)."""
     qn, qp = paper_range(4, signed)
     shape = WEIGHT_SHAPE if kind == "weight" else ACT_SHAPE
     v = make_input(qn, qp, shape, seed)
     upstream = torch.randn(shape, generator=seed)
     q = ready_quantizer(4, signed, kind)
     q.is_initialized()
+    q.opaque_backward = opaque
     compiled = torch.compile(q, dynamic=False, fullgraph=True)
     vv = v.clone().requires_grad_(True)
     out = compiled(vv)
@@ -485,3 +489,35 @@ def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, seed):
     assert np.array_equal(out.detach().double().numpy(), fwd)
     assert np.array_equal(vv.grad.double().numpy(), ref_gv)
     assert float(q.step.grad) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
+
+
+def test_the_opaque_backward_op_is_a_well_formed_custom_op(seed):
+    """lsq::backward, which compiled CUDA-graph training calls, passes torch.library.opcheck (its
+    schema, its fake tensors' shapes and strides, no aliasing), for a contiguous and a
+    channels_last float32 input and a bfloat16 one, and gives the paper's gradients."""
+    qn, qp = paper_range(4, False)
+    for dtype, layout in [(torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last),
+                          (torch.bfloat16, torch.contiguous_format)]:
+        v = make_input(qn, qp, ACT_SHAPE, seed).to(dtype).contiguous(memory_format=layout)
+        up = torch.randn(ACT_SHAPE, generator=seed).to(dtype)
+        args = (v, torch.tensor(S), up, qn, qp, 0.25)
+        torch.library.opcheck(torch.ops.lsq.backward.default, args)
+        grad_v, grad_step = torch.ops.lsq.backward(*args)
+        assert grad_v.dtype == dtype and grad_v.stride() == v.stride() and grad_step.shape == ()
+        _, ref_gv, ref_gs, scale = paper_reference(v.float().numpy(), S, qn, qp, up.float().numpy(), 0.25)
+        assert np.array_equal(grad_v.double().numpy(), ref_gv)  # grad or 0: exact in either dtype
+        assert float(grad_step) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
+
+
+def test_only_cuda_graph_training_runs_the_opaque_backward():
+    """use_opaque_backward (the trainer, bench/train_step.py) turns the op on for
+    compile=reduce-overhead on CUDA alone: without CUDA graphs the traced backward is faster."""
+    from lsq.models import build_model
+    from lsq.policy import BitPolicy, quantize_model, quantizers
+    from lsq.train import use_opaque_backward
+
+    model = quantize_model(build_model("resnet20", 10), BitPolicy(4, 4))
+    for mode, device, on in [("reduce-overhead", "cuda", True), ("default", "cuda", False),
+                             ("reduce-overhead", "cpu", False), ("none", "cuda", False)]:
+        use_opaque_backward(model, mode, torch.device(device))
+        assert {q.opaque_backward for q in quantizers(model)} == {on}, (mode, device)

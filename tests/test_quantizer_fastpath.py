@@ -150,7 +150,8 @@ def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, see
 def test_the_cuda_triton_kernels_follow_the_paper():
     """lsq/_triton.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
     Triton's interpreter on the CPU): forward and grad_v against the paper's formulas at every
-    clip bound, rounding tie, NaN and inf, bf16 and channels_last; the saved-tensor codes; and
+    clip bound, rounding tie, NaN and inf, bf16 and channels_last; the step clamped on the device
+    (zero, negative, tiny and NaN steps) and scaled by g; the saved-tensor codes; and
     LsqFunction with the kernels against its eager path."""
     pytest.importorskip("triton")
     import os
@@ -161,7 +162,7 @@ def test_the_cuda_triton_kernels_follow_the_paper():
     out = subprocess.run([sys.executable, os.path.join(root, "bench", "_triton_lsq.py")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     lines = [line for line in out.stdout.splitlines() if " -> " in line]
-    assert out.returncode == 0 and len(lines) == 9 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
+    assert out.returncode == 0 and len(lines) == 14 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
 
 
 class _EagerKernels:
@@ -170,11 +171,12 @@ class _EagerKernels:
     def __init__(self, off: int = 0):
         self.off = off
 
-    def forward(self, v, s, qn, qp):
-        return Q._forward(v, s, qn, qp)
+    def forward(self, v, step, qn, qp):
+        return Q._forward(v, step.clamp_min(Q.STEP_EPS), qn, qp)
 
-    def backward(self, v, s, grad, qn, qp):
-        return Q._backward(v, s, grad, qn, qp)
+    def backward(self, v, step, grad, qn, qp, g):
+        grad_v, grad_s = Q._backward(v, step.clamp_min(Q.STEP_EPS), grad, qn, qp)
+        return grad_v, (grad_s * g).reshape(step.shape)
 
     def encode(self, v, s, signed):
         k = (v.float() / s).round()
