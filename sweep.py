@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 
-from lsq.config import ConfigError
+from lsq.config import ConfigError, data_missing
 from lsq.space import Space, check_name, check_resource, format_table, load_space, read_name, trial_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
     exists = report.experiment_exists(experiment)
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
-        check_inputs(space, local=not args.address)  # the dry run too: it is there to catch mistakes
+        for note in check_inputs(space, local=not args.address):  # the dry run too: it is there to catch mistakes
+            print(f"note: {note}")
     stored = report.read_meta(experiment) if args.resume and exists else None
     if stored and stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
         resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
@@ -266,11 +267,13 @@ def one_driver(experiment: str, name: str):
         lock.close()
 
 
-def check_inputs(space: Space, local: bool) -> None:
+def check_inputs(space: Space, local: bool) -> list[str]:
     """What the trials read, checked before anything starts or is written: every init_from loads
     (weights_only) and fits its model; on a local Ray, every data_dir is a folder on this machine
-    (a cluster's nodes may hold data this machine doesn't)."""
-    checked = set()
+    (a cluster's nodes may hold data this machine doesn't) that holds its data set: ImageNet must
+    be there; a CIFAR folder without it gives a note (each trial will try to download it).
+    Returns the notes."""
+    checked, notes = set(), []
     for i, t in enumerate(space.trials, start=1):
         where = f"{space.path} (trial {i}, {t.label()})"
         if t.init_from and (t.init_from, t.model, t.dataset, t.data_dir) not in checked:
@@ -281,10 +284,21 @@ def check_inputs(space: Space, local: bool) -> None:
                 check_init_from(t)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-        if local and t.dataset != "digits" and "://" not in (t.data_dir or "") and not os.path.isdir(t.data_dir or ""):
+        if not local or t.dataset == "digits" or "://" in (t.data_dir or "") or (t.dataset, t.data_dir) in checked:
+            continue
+        checked.add((t.dataset, t.data_dir))
+        if not os.path.isdir(t.data_dir or ""):
             raise ConfigError(f"{where}: key 'data_dir' = {t.data_dir!r}: no such folder on this machine; allowed: "
                               f"the folder holding {t.dataset} (--set data_dir=...), or --address for a cluster whose "
                               "nodes hold it")
+        missing = data_missing(t.dataset, t.data_dir)
+        if missing and t.dataset == "imagenet":  # nothing downloads ImageNet
+            raise ConfigError(f"{where}: key 'data_dir' = {t.data_dir!r} holds no ImageNet: {missing}; allowed: the "
+                              "folder holding it (--set data_dir=...), or --address for a cluster whose nodes hold it")
+        if missing:
+            notes.append(f"data_dir {t.data_dir} holds no {t.dataset} yet ({missing}): each trial will try to "
+                         "download it there, one at a time, and fails without a network")
+    return notes
 
 
 STORAGE_TIMEOUT_S = 30.0

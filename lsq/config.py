@@ -20,6 +20,23 @@ from typing import Any
 
 MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's own format
+
+
+def data_missing(dataset: str, root: str) -> str | None:
+    """What the folder `root` lacks for `dataset`, judged from its folders alone (no file is
+    read, no torch imported): None where it has a layout lsq.data reads, else the layouts that
+    were looked for. The embedded digits need no folder."""
+    if dataset == "digits":
+        return None
+    has = lambda *names: all(os.path.isdir(os.path.join(root, n)) for n in names)  # noqa: E731
+    if dataset in CIFAR_FOLDERS:
+        if has(CIFAR_FOLDERS[dataset]) or has("train", "test"):
+            return None
+        return f"neither {CIFAR_FOLDERS[dataset]}/ (torchvision's format) nor train/ and test/ (ImageFolder)"
+    if has("train", "val"):
+        return None
+    return "no train/ and val/ (ImageFolder, val/ sorted into class folders)"
 # First/last-layer presets: name -> (weight bits, activation bits); "body" means the body's bits.
 PRESETS = {
     "body": ("body", "body"),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, TrialConfig
+from .config import CIFAR_FOLDERS, ConfigError, TrialConfig
 
 # Per-channel pixel mean/std of the training sets (values in 0..1).
 CIFAR_STATS = {
@@ -37,7 +37,6 @@ CIFAR_STATS = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
-CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 TEST_BATCH = 500  # evaluation batch size for the small sets (at least the training batch size)
 

@@ -409,7 +409,8 @@ def parse_args(argv=None) -> tuple[TrialConfig, argparse.Namespace]:
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
         p.add_argument(*sorted(names), dest=f.name, metavar=f.name.upper(),
                        help=f"{f.metadata.get('help', '')} (default: {f.default})")
-    p.add_argument("--bit", help="sets both --w_bits and --a_bits (the original project's flag)")
+    p.add_argument("--bit", help="sets --w_bits and --a_bits where they are not given themselves "
+                   "(the original project's flag: --bit 4 --w_bits 2 is W2A4)")
     p.add_argument("--save", metavar="PATH", help="write the final checkpoint here")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

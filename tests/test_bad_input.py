@@ -119,6 +119,8 @@ BAD = {
     "missing_data_dir": ("fixed:\n  dataset: cifar10\n", [], ["'data_dir'", "required", "--set data_dir"]),
     "data_dir_not_a_folder": ("fixed:\n  dataset: cifar10\n  data_dir: no/such/folder\n", [],
                               ["'data_dir'", "no/such/folder", "no such folder", "allowed"]),
+    "imagenet_data_dir_without_imagenet": ("fixed:\n  dataset: imagenet\n  model: resnet18\n  data_dir: .\n", ["--dry-run"],
+                                           ["'data_dir'", "holds no ImageNet", "train/ and val/", "allowed"]),
     "data_dir_not_a_folder_dry_run": ("fixed:\n  dataset: cifar10\n  data_dir: no/such/folder\n", ["--dry-run"],
                                       ["'data_dir'", "no/such/folder", "no such folder", "allowed"]),
     # init_from

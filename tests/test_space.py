@@ -183,3 +183,21 @@ resources: {cpu: 1, gpu: 0.5}
     assert "3 cells identical after normalization: FP32 x first run once (trial 1)" in out
     assert "1 CPU, 0.5 GPU" in out and "FIFO" in out and "nothing was started or written" in out
     assert not storage.exists() and not reports.exists()
+
+
+def test_dry_run_notes_a_cifar_folder_that_holds_no_cifar_yet(tmp_path, capsys):
+    """A data_dir without CIFAR-10 in either layout is not an error (each trial downloads it),
+    but the dry run says so before a sweep's worth of trials waits on a download; a folder with
+    train/ and test/ gets no note."""
+    data = tmp_path / "data"
+    data.mkdir()
+    space = write(tmp_path, f"fixed: {{dataset: cifar10, data_dir: {data}, epochs: 1}}\n")
+    args = [space, "--dry-run", "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"note: data_dir {data} holds no cifar10 yet" in out
+    assert "cifar-10-batches-py/" in out and "download" in out
+    (data / "train").mkdir()
+    (data / "test").mkdir()
+    assert sweep.main(args) == 0
+    assert "holds no" not in capsys.readouterr().out
