@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import secrets
 import shlex
@@ -147,6 +148,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.resume and not exists and not running:  # (the dry run checks what the real run checks)
         raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     if args.dry_run:
+        if stored:  # a resume keeps the retries and the scheduler the sweep started with: show those
+            max_failures = stored.get("max_failures", max_failures)
+            if "early_stopping" in stored:
+                space = dataclasses.replace(space, early_stopping=stored["early_stopping"])
         print(dry_run_text(space, name, resources, max_failures, experiment, args))
         if args.resume and exists and not running:
             print("resume: the stored sweep's trials continue as they started")
