@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
             raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
-        _print_report(report.build_report(experiment, args.reports, name))
+        _print_report(report.build_report(experiment, args.reports, name, live=running_driver(experiment) is not None))
         return 0
 
     space = load_space(space_path, args.set)
@@ -706,7 +706,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
 
     unreported = False
     try:
-        result = report.build_report(experiment, args.reports, name)
+        result = report.build_report(experiment, args.reports, name, live=False)  # fit() has returned: nothing runs
         _print_report(result)
         statuses = result.results["status"]
     except OSError as e:  # the reports folder changed during the sweep, the disk is full, the storage went away
@@ -715,10 +715,10 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
               f"sweep's results stay in {experiment}: the same command with --report-only (and --reports DIR "
               "for another folder) builds it again", file=sys.stderr)
         try:
-            statuses = report.collect(experiment)[0]["status"]
+            statuses = report.collect(experiment, live=False)[0]["status"]
         except Exception:
             return 1
-    if statuses.isin(["RUNNING", "PENDING"]).any():
+    if statuses.isin(["INTERRUPTED", "PENDING"]).any():
         print(f"\nThe sweep was interrupted. Resume it with:\n  {resume_command(argv)}")
         return 130
     return 1 if unreported or (statuses == "ERROR").any() else 0

@@ -13,7 +13,8 @@ a URI pyarrow understands, e.g. s3://bucket/runs/smoke):
 
 Status of a trial: TERMINATED (all epochs done), FAILED (the trainer gave up, e.g. a NaN loss:
 `failed_reason`), ERROR (crashed more often than max_failures), STOPPED (early stopping),
-RUNNING (started, not finished: running now or interrupted) or PENDING (not started).
+RUNNING (started, not finished, and the sweep's driver is at work), INTERRUPTED (started, not
+finished, and no driver runs the sweep: `--resume` continues it) or PENDING (not started).
 
 Everything goes to `<reports>/<name>/`, each file written to a temporary name in the same
 folder and renamed, so a crash mid-report never leaves a truncated table. No Ray here.
@@ -300,8 +301,10 @@ def row_config(row: pd.Series) -> TrialConfig:
     return _config({k: _plain(row[k]) for k in TrialConfig.keys()})
 
 
-def _status(tune_status: str | None, done: int, epochs: int, failed: str | None, started: bool) -> str:
-    """What became of a trial, from its own results first and Tune's last snapshot second."""
+def _status(tune_status: str | None, done: int, epochs: int, failed: str | None, started: bool,
+            live: bool = True) -> str:
+    """What became of a trial, from its own results first and Tune's last snapshot second.
+    `live`: a driver runs the sweep now, so an unfinished trial may be running."""
     if failed:
         return "FAILED"      # the trainer gave up (e.g. a NaN loss) and said why
     if done >= epochs:
@@ -311,12 +314,13 @@ def _status(tune_status: str | None, done: int, epochs: int, failed: str | None,
     if tune_status == "TERMINATED" and started:
         return "STOPPED"     # early stopping (ASHA) ended it before its last epoch
     if started or tune_status in ("RUNNING", "PAUSED"):
-        return "RUNNING"     # running now, or interrupted: --resume continues it
+        return "RUNNING" if live else "INTERRUPTED"  # --resume continues an interrupted one
     return "PENDING"
 
 
-def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(one row per trial, one row per trial x layer, sweep meta) from a stored experiment."""
+def collect(experiment: str, live: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(one row per trial, one row per trial x layer, sweep meta) from a stored experiment.
+    `live`: a driver is running the sweep (else unfinished trials are INTERRUPTED)."""
     st = Storage(experiment)
     meta = read_meta(experiment)
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
@@ -341,7 +345,7 @@ def collect(experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         crash = _last_error(st, folder) if folder else None
         done = max([int(r.get("epoch", 0)) for r in rows] or [0])
 
-        status = _status(t.get("status"), done, cfg.epochs, failed, bool(rows))
+        status = _status(t.get("status"), done, cfg.epochs, failed, bool(rows), live)
         totals = [float(r["time_total_s"]) for r in rows if r.get("time_total_s") is not None]
         wall = max(totals) if totals else sum(float(r.get("epoch_seconds", 0.0)) for r in epochs)
         checkpoint = _latest_checkpoint(st, folder, epochs) if folder else None
@@ -639,7 +643,8 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     within one line. Trials that differ only in their seed make one point, their mean. Where some
     activations do not follow the weights (W4A8), those trials make lines of their own per
     activation bits, so that W4A8 and W4A4 are never averaged into one point."""
-    done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "FAILED", "ERROR"]) & df["final_top1"].notna()]
+    done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "INTERRUPTED", "FAILED", "ERROR"])
+              & df["final_top1"].notna()]
     quant = done[done["w_bits"].notna()]
     fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
     acts_only = done[done["w_bits"].isna() & done["a_bits"].notna()]
@@ -753,9 +758,10 @@ def atomic_write(path: str, data: bytes | str) -> None:
         raise
 
 
-def build_report(experiment: str, reports_dir: str, name: str | None = None) -> Report:
-    """Read the stored experiment and write every report file to <reports_dir>/<name>/."""
-    df, layers, meta = collect(experiment)
+def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = True) -> Report:
+    """Read the stored experiment and write every report file to <reports_dir>/<name>/. `live`:
+    a driver is running the sweep now (see `collect`)."""
+    df, layers, meta = collect(experiment, live)
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
     table = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)

@@ -407,7 +407,7 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
     interrupted = [f for f, s in stopped.items() if s["status"] not in ("TERMINATED", "ERROR")]
     assert [f for f in interrupted if stopped[f]["checkpoint"]], stopped
     for f in interrupted:  # the report and the saved state agree on where each one stopped
-        assert partial.loc[f, "status"] in ("RUNNING", "PENDING") and partial.loc[f, "epochs_done"] == stopped[f]["epoch"]
+        assert partial.loc[f, "status"] in ("INTERRUPTED", "PENDING") and partial.loc[f, "epochs_done"] == stopped[f]["epoch"]
         assert stopped[f]["checkpoint"] is None or stopped[f]["checkpoint"] in checkpoints_on_disk(experiment / f)
 
     resumed = Sweep(tmp_path, [], "resume.log", cmd=[sys.executable, *command.split()[1:]])

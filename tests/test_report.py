@@ -104,6 +104,11 @@ def test_results_one_row_per_trial_with_status_and_numbers(experiment, tmp_path)
     assert dict(df["status"]) == {"x_00000": "TERMINATED", "x_00001": "TERMINATED", "x_00002": "TERMINATED",
                                   "x_00003": "FAILED", "x_00004": "ERROR", "x_00005": "RUNNING",
                                   "x_00006": "PENDING", "x_00007": "RUNNING"}
+    # with no driver at work (after an interrupted sweep, --report-only of a stopped one) the
+    # unfinished trials are INTERRUPTED, and say so in the summary line of their cell
+    stopped = report.build_report(str(experiment), str(tmp_path / "stopped"), live=False).results.set_index("trial_id")
+    assert dict(stopped["status"]) == {**dict(df["status"]), "x_00005": "INTERRUPTED", "x_00007": "INTERRUPTED"}
+    assert "interrupted" in (tmp_path / "stopped" / "fake" / "table.md").read_text()
     assert list(df["epochs_done"]) == [3, 3, 3, 1, 1, 1, 0, 1]
     w4 = df.loc["x_00002"]
     assert w4["final_top1"] == 88.0 and w4["best_top1"] == 88.0  # the repeated epoch 2 counts once (85)
