@@ -642,7 +642,9 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     bits; a key that only changes with the bits (weight decay by bits, as in the paper) stays
     within one line. Trials that differ only in their seed make one point, their mean. Where some
     activations do not follow the weights (W4A8), those trials make lines of their own per
-    activation bits, so that W4A8 and W4A4 are never averaged into one point."""
+    activation bits, so that W4A8 and W4A4 are never averaged into one point. FP32-weight trials
+    with quantized activations (W32A8) are drawn against the activation bits in a sweep of their
+    own, and beside quantized weights as levels like FP32's, one per activation bits and policy."""
     done = df[df["status"].isin(["TERMINATED", "STOPPED", "RUNNING", "INTERRUPTED", "FAILED", "ERROR"])
               & df["final_top1"].notna()]
     quant = done[done["w_bits"].notna()]
@@ -687,6 +689,11 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         if len(g):
             baselines.append(("FP32" + (f" ({words(base_keys, g.iloc[0])})" if base_keys else ""),
                               float(g["final_top1"].mean())))
+    if not by_acts:  # W32A8 beside W4A4: the FP32-weight trials have no place on the weight-bits axis, so
+        for _, g in acts_only.groupby(["a_bits", "first", "last"], sort=True, dropna=False):  # they are levels too
+            row = g.iloc[0]
+            policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
+            baselines.append((f"W32A{_cell(row['a_bits'], 'a_bits')} (first/last {policy})", float(g["final_top1"].mean())))
     xlabel = ("activation bits of the body (weights FP32)" if by_acts else
               "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body")
     return lines, baselines, xlabel
@@ -714,8 +721,10 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
         for x, y in zip(s.bits, s.top1) if len(lines) <= 3 else ():  # more lines: the table has the figures
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(5, 4), ha="left", fontsize=7,
                         color=drawn[0].get_color())
-    for (label, value), text in zip(baselines, wrapped[len(lines):]):
-        ax.axhline(value, linestyle="--", color="gray", linewidth=1, label=f"{text}: {value:.2f}")
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # levels told apart by their dashes, all gray
+    for i, ((label, value), text) in enumerate(zip(baselines, wrapped[len(lines):])):
+        ax.axhline(value, linestyle=styles[i % len(styles)], color="gray" if i < len(styles) else "silver",
+                   linewidth=1.2, label=f"{text}: {value:.2f}")
     if lines:
         ax.set_xticks(sorted({b for s in lines for b in s.bits}))
     ax.margins(x=0.08, y=0.1)

@@ -359,6 +359,19 @@ def test_a_sweep_of_activation_bits_alone_is_plotted_against_them():
     assert report.plot_accuracy_vs_bits(acts).startswith(b"\x89PNG")
 
 
+def test_fp32_weight_trials_beside_quantized_weights_are_drawn_as_levels():
+    """W4A4 and W2A2 beside W32A8 and W32A4 (FP32 weights): the W32 trials have no weight bits
+    for the x axis, and were left out of the plot; they are levels like FP32's, one per
+    activation bits and policy, seeds averaged."""
+    mixed = results((90.0, {"w_bits": None, "a_bits": None}), (85.0, {"w_bits": 4, "a_bits": 4}),
+                    (70.0, {"w_bits": 2, "a_bits": 2}), (89.0, {"w_bits": None, "a_bits": 8}),
+                    (87.0, {"w_bits": None, "a_bits": 8, "seed": 1}), (86.0, {"w_bits": None, "a_bits": 4}))
+    lines, baselines, xlabel = report.plot_plan(mixed)
+    assert [(s.bits, s.top1) for s in lines] == [([2, 4], [70.0, 85.0])]
+    assert baselines == [("FP32", 90.0), ("W32A4 (first/last w8a8)", 86.0), ("W32A8 (first/last w8a8)", 88.0)]
+    assert report.plot_accuracy_vs_bits(mixed).startswith(b"\x89PNG")
+
+
 def test_plot_lines_follow_the_ablation():
     """One line per first/last policy and per key that varies at the same bits; a key that only
     moves with the bits (weight decay by bits) stays on one line; seeds become a mean and a std;
