@@ -17,10 +17,11 @@ global RNG, which the trainer seeds.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CIFAR_FOLDERS, ConfigError, TrialConfig
+from .files import atomic_write
 
 # Per-channel pixel mean/std of the training sets (values in 0..1).
 CIFAR_STATS = {
@@ -305,19 +307,12 @@ def _folder_split(root: str, split: str, classes: list[str]):
 
 
 def _save_atomic(obj, path: str) -> None:
-    """Best effort: torch.save to a temp file beside `path`, then rename it into place, so a
-    concurrent reader (another trial) sees the old file or the whole new one."""
-    tmp = None
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; others sharing data_dir may read it
-        os.replace(tmp, path)
-    except OSError:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+    """Best effort: torch.save `obj` to `path` whole (files.atomic_write), so a concurrent
+    reader (another trial) sees the old file or the whole new one."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with contextlib.suppress(OSError):
+        atomic_write(path, buf.getvalue())
 
 
 def _load_cifar(cfg, device, generator, channels_last):

@@ -66,6 +66,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import ConfigError, TrialConfig
+from .files import atomic_write
 from .layers import QConv2d, QLinear
 from .models import state_mismatch
 from .quantizer import STEP_EPS, LsqQuantizer
@@ -310,25 +311,9 @@ def export_onnx(model: nn.Module, path: str, example: torch.Tensor) -> dict:
                           do_constant_folding=False)  # keep weights as int8 codes + DequantizeLinear
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
-    _atomic_write(path, proto.SerializeToString())
+    atomic_write(path, proto.SerializeToString())
     ops = [n.op_type for n in proto.graph.node]
     return {k: ops.count(k) for k in ("QuantizeLinear", "DequantizeLinear", "Clip")}
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """A temp file beside `path`, then a rename: readers see the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def onnx_session(model: str | bytes, optimize: bool = True):
@@ -688,7 +673,7 @@ def main(argv=None) -> int:
         r = deployment_check(args.checkpoint, args.data_dir, out)
         if args.json:
             try:
-                _atomic_write(args.json, (json.dumps(r, indent=1) + "\n").encode())
+                atomic_write(args.json, (json.dumps(r, indent=1) + "\n").encode())
             except OSError as e:
                 raise ConfigError(f"--json {args.json}: cannot write: {e.strerror or e}") from None
     except (ConfigError, CheckpointError) as e:

@@ -29,7 +29,6 @@ import os
 import pickletools
 import posixpath
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from .config import PATH_KEYS, PRESET_WORDS, PRESETS, TrialConfig
+from .files import atomic_write
 
 SWEEP_FILE = "sweep.json"
 LAYERS_FILE = "layers.json"
@@ -743,30 +743,6 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
 
 
 # ----------------------------------------------------------------------------- writing
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = True) -> Report:
     """Read the stored experiment and write every report file to <reports_dir>/<name>/. `live`:
     a driver is running the sweep now (see `collect`)."""
