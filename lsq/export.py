@@ -316,16 +316,16 @@ def export_onnx(model: nn.Module, path: str, example: torch.Tensor) -> dict:
     return {k: ops.count(k) for k in ("QuantizeLinear", "DequantizeLinear", "Clip")}
 
 
-def onnx_session(model: str | bytes, optimize: bool = True):
+def onnx_session(model: str | bytes, fold_batch_norms: bool = True):
     """An onnxruntime CPU session (a file path or the serialized model) with default (full)
-    graph optimizations, as deployment runs it; optimize=False runs the graph as written."""
+    graph optimizations, as deployment runs it; fold_batch_norms=False keeps every one of them
+    but ConvBNFusion (see the comment above AGREEMENT_TARGET)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    disabled = [] if fold_batch_norms else ["ConvBNFusion"]
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 # ---------------------------------------------------------------------------- comparison
@@ -350,13 +350,16 @@ def onnx_session(model: str | bytes, optimize: bool = True):
 # The logit differences are reported: max absolute, max relative to the logit scale, and the
 # share of images whose logits all match to LOGIT_TOL.
 # Float-weight layers (FP32 weights with quantized inputs, FP32 first/last layers) add one more
-# source of such noise: onnxruntime's graph optimizations fold a float conv's batch norm into its
+# source of such noise: onnxruntime's ConvBNFusion folds a float conv's batch norm into its
 # weights, a float change in every such layer (integer-weight layers keep their weights behind
 # DequantizeLinear, which is not folded). At 8-bit activations after every layer that flips
-# enough half steps to fail the class agreement of a correct export (digits W32A8: 98.9 % with
-# the optimizations, 100 % without). Where a model has float layers and misses the target with
-# the optimizations, the graph is judged as written (optimizations off), and the optimized
-# agreement is reported beside it (onnx_optimized_agreement).
+# enough half steps to fail the class agreement of a correct export (digits W32A8 after 2
+# epochs: 98.9 % with the fold, 100 % without; 99.7 % and 100 % after 3). Where a model has float
+# layers and misses the target with the fold, but by no more than such flips do (agreement >=
+# FOLD_FLOOR), it is judged with every optimization but that one, and the folded agreement is
+# reported (onnx_folded_agreement, and in export_reason). A gross error (a wrong scale, wrong
+# wiring) misses the floor, or fails the exact per-quantizer check, either way.
+FOLD_FLOOR = 98.0  # percent
 AGREEMENT_TARGET = 99.9  # percent of test images whose predicted class must agree
 LOGIT_TOL = 1e-4  # |logit diff| / logit scale under which an image's logits "match"
 LAYER_TOL = 1e-4  # same input: relative output diff of integer vs fake-quant layer (fp32 noise)
@@ -508,15 +511,16 @@ def compare_paths(model: nn.Module, loader, onnx_path: str | None = None) -> dic
         result.update(dict.fromkeys([f"int_{k}" for k in _Agreement.KEYS] + ["int_layer_rel_diff", "int_max_abs_acc"]))
     if session is not None:
         result.update(paths["onnx"].result("onnx"))
-        result["onnx_optimized_agreement"] = None
-        if result["float_layers"] and not agreement_ok(result, "onnx"):  # see the comment above AGREEMENT_TARGET
-            plain, written = onnx_session(onnx_path, optimize=False), _Agreement()
+        result["onnx_folded_agreement"] = None
+        if (result["float_layers"] and not agreement_ok(result, "onnx")
+                and result["onnx_agreement"] >= FOLD_FLOOR):  # see the comment above AGREEMENT_TARGET
+            unfolded, again = onnx_session(onnx_path, fold_batch_norms=False), _Agreement()
             for images, labels in loader:
-                out = plain.run(["logits"], {"image": images.float().cpu().contiguous().numpy()})[0]
+                out = unfolded.run(["logits"], {"image": images.float().cpu().contiguous().numpy()})[0]
                 ref = model(images).float()
-                written.add(torch.from_numpy(out).to(ref.device), ref, labels)
-            result["onnx_optimized_agreement"] = result["onnx_agreement"]
-            result.update(written.result("onnx"))
+                again.add(torch.from_numpy(out).to(ref.device), ref, labels)
+            result["onnx_folded_agreement"] = result["onnx_agreement"]
+            result.update(again.result("onnx"))
     return result
 
 
@@ -593,7 +597,7 @@ def deployment_check(checkpoint_path: str, data_dir: str | None = None, out: str
 
     Returns int_top1, export_ok, agreement (integer vs fake-quant, percent), onnx_agreement, plus
     fake_top1, onnx_top1, the logit differences, int_ok, export_reason (why export_ok is None or
-    False) and onnx_path. Writes the ONNX file to `out`, or to a temporary file it removes.
+    False, or how it passed with ConvBNFusion off) and onnx_path. Writes the ONNX file to `out`, or to a temporary file it removes.
     export_ok is None (with export_reason) where onnx/onnxruntime are not installed.
     Raises CheckpointError / ConfigError for an unusable checkpoint or data folder."""
     model, data, cfg, state = load_trained(checkpoint_path, data_dir)
@@ -626,12 +630,18 @@ def deployment_check(checkpoint_path: str, data_dir: str | None = None, out: str
         r.update({"export_ok": None if missing else False, "export_reason": missing or failed, "onnx_path": None})
     else:
         r["export_ok"] = passes(r, "onnx")
-        r["export_reason"] = None if r["export_ok"] else (
-            f"onnxruntime: classes agree on {r['onnx_agreement']:.2f}% of images (target >= {AGREEMENT_TARGET}%, "
-            f"or all but one); "
-            f"{r['onnx_code_mismatch']} of {r['onnx_codes_checked']} activation codes differ from "
-            f"round(clip(x/s)); weights bit-identical: {r['onnx_weights_exact']}; "
-            f"{r['onnx_quantizers']} QuantizeLinear for {r['quantized_activations']} quantized activations")
+        folded = r.get("onnx_folded_agreement")
+        if r["export_ok"]:
+            r["export_reason"] = None if folded is None else (
+                f"passed with onnxruntime's ConvBNFusion off; with it classes agree on {folded:.2f}% (it folds the "
+                "float layers' batch norms into their weights, a float rounding change)")
+        else:
+            r["export_reason"] = (
+                f"onnxruntime: classes agree on {r['onnx_agreement']:.2f}% of images (target >= {AGREEMENT_TARGET}%, "
+                f"or all but one); "
+                f"{r['onnx_code_mismatch']} of {r['onnx_codes_checked']} activation codes differ from "
+                f"round(clip(x/s)); weights bit-identical: {r['onnx_weights_exact']}; "
+                f"{r['onnx_quantizers']} QuantizeLinear for {r['quantized_activations']} quantized activations")
     return r
 
 
@@ -697,9 +707,6 @@ def main(argv=None) -> int:
         print(f"{name:<11} top1 {_fmt(r[f'{k}_top1'], '6.2f')}   classes agree {_fmt(r[f'{k}_agreement'], '.2f')}%   "
               f"logits match (<= {LOGIT_TOL:g} rel) {_fmt(r[f'{k}_logits_match'], '.2f')}%   "
               f"max |logit diff| {_fmt(r[f'{k}_max_logit_diff'], '.3g')} (rel {_fmt(r[f'{k}_rel_logit_diff'], '.3g')})")
-        if k == "onnx" and r.get("onnx_optimized_agreement") is not None:
-            print(f"{'':<11} (graph optimizations off; with them classes agree {r['onnx_optimized_agreement']:.2f}%: "
-                  "they fold the float layers' batch norms into their weights, a float rounding change)")
     if r["onnx_codes_checked"]:
         print(f"onnxruntime quantizers on their own input: {r['onnx_code_mismatch']} of {r['onnx_codes_checked']} "
               f"codes differ from round(clip(x/s)); weights bit-identical to the fake quant: {r['onnx_weights_exact']}")

@@ -288,29 +288,31 @@ def test_fp32_model_exports_without_quantizers(trained, tmp_path):
 
 
 class _ShuffledLogits:
-    """An onnxruntime session whose logits come out rolled by one class for every third image:
-    the end-to-end disagreement that graph optimizations can cause in float layers, on demand."""
+    """An onnxruntime session whose logits come out rolled by one class for every `every`-th
+    image: the end-to-end disagreement that folding batch norms can cause in float layers (or,
+    every third image, a gross error), on demand."""
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, every):
+        self.session, self.every = session, every
 
     def run(self, names, feed):
         outs = self.session.run(names, feed)
         if names != ["logits"]:  # the per-quantizer code check: as it is
             return outs
         out = outs[0].copy()
-        out[::3] = out[::3, [*range(1, out.shape[1]), 0]]
+        out[::self.every] = out[::self.every, [*range(1, out.shape[1]), 0]]
         return [out]
 
 
-@pytest.mark.parametrize("policy,fallback", [(BitPolicy(None, 8), True), (BitPolicy(4, 4), False)],
-                         ids=["W32A8, float layers", "W4A4, integer layers"])
-def test_float_layers_are_judged_on_the_graph_as_written(trained, tmp_path, monkeypatch, policy, fallback):
-    """onnxruntime's optimizations fold the batch norm of every float-weight conv into its
-    weights (digits W32A8: classes agreed on 98.9 % with them, 100 % without). Where a model has
-    float layers and misses the class agreement with them, the exported graph is run again with
-    optimizations off and judged on that, the optimized agreement reported; a model of integer
-    layers gets no second chance."""
+@pytest.mark.parametrize("policy,every,fallback", [(BitPolicy(None, 8), 90, True), (BitPolicy(None, 8), 3, False),
+                                                   (BitPolicy(4, 4), 90, False)],
+                         ids=["W32A8, 1 % off", "W32A8, 33 % off", "W4A4, 1 % off"])
+def test_float_layers_are_judged_without_the_batch_norm_fold(trained, tmp_path, monkeypatch, policy, every, fallback):
+    """onnxruntime's ConvBNFusion folds the batch norm of every float-weight conv into its
+    weights (digits W32A8: classes agreed on 98.9 % with it, 100 % without). Where a model has
+    float layers and misses the class agreement with the fold by no more than such flips do, it
+    is judged again with that one optimization off, and the folded agreement is reported; a
+    gross disagreement, or a model of integer layers, gets no second chance."""
     pytest.importorskip("onnxruntime")
     import lsq.export as E
 
@@ -322,19 +324,22 @@ def test_float_layers_are_judged_on_the_graph_as_written(trained, tmp_path, monk
     real = E.onnx_session
     opened = []
 
-    def session(onnx_path, optimize=True):
+    def session(onnx_path, fold_batch_norms=True):
         if isinstance(onnx_path, str):  # (the code check opens its own, from bytes)
-            opened.append(optimize)
-        return _ShuffledLogits(real(onnx_path)) if optimize else real(onnx_path, optimize=False)
+            opened.append(fold_batch_norms)
+        if not fold_batch_norms:
+            return real(onnx_path, fold_batch_norms=False)
+        return _ShuffledLogits(real(onnx_path), every) if isinstance(onnx_path, str) else real(onnx_path)
 
     monkeypatch.setattr(E, "onnx_session", session)
     r = compare_paths(model, trainer.data.test, path)
     assert opened == ([True, False] if fallback else [True])
     if fallback:
-        assert r["onnx_optimized_agreement"] == pytest.approx(200 / 3, abs=1.0)
+        # the 4 rolled images, and the fold's own flips where this model has some
+        assert E.FOLD_FLOOR <= r["onnx_folded_agreement"] <= 100 * (1 - 4 / 360) + 1e-9
         assert r["onnx_agreement"] >= AGREEMENT_TARGET and passes(r, "onnx")
     else:
-        assert r["onnx_optimized_agreement"] is None and r["onnx_agreement"] < 70 and not passes(r, "onnx")
+        assert r["onnx_folded_agreement"] is None and not passes(r, "onnx")
 
 
 def test_without_onnxruntime_export_ok_is_none(trained, monkeypatch, capsys):
