@@ -118,7 +118,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
             raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
-        _print_report(report.build_report(experiment, args.reports, name, live=running_driver(experiment) is not None))
+        # a driver at work, or one that cannot be seen (cloud storage has no lock): unfinished trials may be running
+        live = "://" in experiment or running_driver(experiment) is not None
+        _print_report(report.build_report(experiment, args.reports, name, live=live))
         return 0
 
     space = load_space(space_path, args.set)
@@ -148,11 +150,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.resume and not exists and not running:  # (the dry run checks what the real run checks)
         raise ConfigError(f"--resume: no sweep '{name}' in {storage} to resume; start it without --resume")
     if args.dry_run:
-        if stored:  # a resume keeps the retries and the scheduler the sweep started with: show those
+        shown = args
+        if stored:  # a resume keeps the retries, concurrency and scheduler the sweep started with: show those
             max_failures = stored.get("max_failures", max_failures)
+            shown = argparse.Namespace(**{**vars(args), "max_concurrent": stored.get("max_concurrent")})
             if "early_stopping" in stored:
                 space = dataclasses.replace(space, early_stopping=stored["early_stopping"])
-        print(dry_run_text(space, name, resources, max_failures, experiment, args))
+        print(dry_run_text(space, name, resources, max_failures, experiment, shown))
         if args.resume and exists and not running:
             print("resume: the stored sweep's trials continue as they started")
             _resume_notes(args, space, experiment, stored or {})
@@ -302,7 +306,8 @@ def check_inputs(space: Space, local: bool) -> list[str]:
                               "folder holding it (--set data_dir=...), or --address for a cluster whose nodes hold it")
         if missing:
             notes.append(f"data_dir {t.data_dir} holds no {t.dataset} yet ({missing}): each trial will try to "
-                         "download it there, one at a time, and fails without a network")
+                         "download it there, one at a time (torchvision's archive, if it is there already, is unpacked "
+                         "instead; without it and without a network every trial fails)")
     return notes
 
 

@@ -312,7 +312,7 @@ def _save_atomic(obj, path: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     with contextlib.suppress(OSError):
-        atomic_write(path, buf.getvalue())
+        atomic_write(path, buf.getbuffer())  # (no second copy of the bytes)
 
 
 def _load_cifar(cfg, device, generator, channels_last):

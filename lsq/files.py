@@ -9,12 +9,22 @@ import tempfile
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status);
+    elsewhere by setting it and putting it straight back, which another thread creating a file
+    in that instant would notice."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str, data: bytes | str) -> None:
+def atomic_write(path: str, data: bytes | memoryview | str) -> None:
     """Write to a temporary file in the same folder, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

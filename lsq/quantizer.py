@@ -466,7 +466,8 @@ _kernels: dict = {}  # device type -> kernels, or None where they could not be b
 def _checked(fast, device: torch.device):
     """`fast` once it has built and run on `device` and agreed with the eager path on a small
     tensor of each dtype the trainer feeds it (float32 weights, bfloat16 activations): the
-    forward, grad_v and the codes bit for bit. Raises otherwise, so that a GPU or Triton version
+    forward (also for a step below STEP_EPS, which it must clamp), grad_v and the codes bit for
+    bit, and g times the step gradient to 1e-4 (a sum in another order). Raises otherwise, so that a GPU or Triton version
     the kernels do not work on falls back to the eager path with a warning, not a failed trial."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3000, generator=gen) * 4
@@ -475,8 +476,13 @@ def _checked(fast, device: torch.device):
         s = torch.tensor(0.3, device=device)
         v_hat = _forward(v, s, 8, 7)
         k = fast.encode(v_hat, s, True)
+        grad_v, grad_step = fast.backward(v, s, grad, 8, 7, 0.5)
+        eager_v, eager_s = _backward(v, s, grad, 8, 7)
+        tiny = torch.tensor(-1.0, device=device)  # below STEP_EPS: the kernels clamp it as clamp_min does
         same = (torch.equal(fast.forward(v, s, 8, 7), v_hat)
-                and torch.equal(fast.backward(v, s, grad, 8, 7, 1.0)[0], _backward(v, s, grad, 8, 7)[0])
+                and torch.equal(grad_v, eager_v) and grad_step.shape == s.shape
+                and bool(torch.isclose(grad_step, eager_s * 0.5, rtol=1e-4, atol=1e-6))  # a sum in another order
+                and torch.equal(fast.forward(v * 1e-7, tiny, 8, 7), _forward(v * 1e-7, tiny.clamp_min(STEP_EPS), 8, 7))
                 and torch.equal(k.float(), torch.clamp(v.float() / s, -8, 7).round())
                 and torch.equal(fast.decode(k, s), k.float() * s))
         if not same:

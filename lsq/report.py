@@ -302,9 +302,9 @@ def row_config(row: pd.Series) -> TrialConfig:
 
 
 def _status(tune_status: str | None, done: int, epochs: int, failed: str | None, started: bool,
-            live: bool = True) -> str:
+            live: bool = False) -> str:
     """What became of a trial, from its own results first and Tune's last snapshot second.
-    `live`: a driver runs the sweep now, so an unfinished trial may be running."""
+    `live`: a driver may run the sweep now, so an unfinished trial may be running."""
     if failed:
         return "FAILED"      # the trainer gave up (e.g. a NaN loss) and said why
     if done >= epochs:
@@ -318,9 +318,9 @@ def _status(tune_status: str | None, done: int, epochs: int, failed: str | None,
     return "PENDING"
 
 
-def collect(experiment: str, live: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(one row per trial, one row per trial x layer, sweep meta) from a stored experiment.
-    `live`: a driver is running the sweep (else unfinished trials are INTERRUPTED)."""
+    `live`: a driver may be running the sweep (else unfinished trials are INTERRUPTED)."""
     st = Storage(experiment)
     meta = read_meta(experiment)
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
@@ -689,11 +689,13 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         if len(g):
             baselines.append(("FP32" + (f" ({words(base_keys, g.iloc[0])})" if base_keys else ""),
                               float(g["final_top1"].mean())))
-    if not by_acts:  # W32A8 beside W4A4: the FP32-weight trials have no place on the weight-bits axis, so
-        for _, g in acts_only.groupby(["a_bits", "first", "last"], sort=True, dropna=False):  # they are levels too
+    if not by_acts and len(acts_only):  # W32A8 beside W4A4: the FP32-weight trials have no place on the
+        level_keys = _varied(acts_only, exclude=(*cell, "seed"))  # weight-bits axis, so they are levels too
+        for _, g in acts_only.groupby(["a_bits", "first", "last", *level_keys], sort=True, dropna=False):
             row = g.iloc[0]
             policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
-            baselines.append((f"W32A{_cell(row['a_bits'], 'a_bits')} (first/last {policy})", float(g["final_top1"].mean())))
+            baselines.append((f"W32A{_cell(row['a_bits'], 'a_bits')} (first/last {policy}"
+                              + (f", {words(level_keys, row)})" if level_keys else ")"), float(g["final_top1"].mean())))
     xlabel = ("activation bits of the body (weights FP32)" if by_acts else
               "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body")
     return lines, baselines, xlabel
@@ -743,7 +745,7 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
 
 
 # ----------------------------------------------------------------------------- writing
-def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = True) -> Report:
+def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = False) -> Report:
     """Read the stored experiment and write every report file to <reports_dir>/<name>/. `live`:
     a driver is running the sweep now (see `collect`)."""
     df, layers, meta = collect(experiment, live)

@@ -468,7 +468,7 @@ def test_forward_equations_mutate_nothing_and_return_a_new_tensor():
 
 @pytest.mark.parametrize("opaque", [False, True], ids=["traced backward", "opaque backward op"])
 @pytest.mark.parametrize("kind,signed", [("weight", True), ("activation", False)])
-def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, seed):
+def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, seed, monkeypatch):
     """A float32 weight and an activation through torch.compile: forward and both gradients are
     the paper's (the check that failed on torch 2.11 before the forward above was rewritten),
     with the backward traced and as the opaque op lsq::backward (compile=reduce-overhead on
@@ -489,6 +489,13 @@ def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, s
     assert np.array_equal(out.detach().double().numpy(), fwd)
     assert np.array_equal(vv.grad.double().numpy(), ref_gv)
     assert float(q.step.grad) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
+    fast = quantizer_module._fast_path(v)  # (outside the compiled code: the CPU kernels)
+    if fast is not None:  # the compiled backward runs the op, whose body calls them, or traced code that does not
+        calls = []
+        real = fast.backward
+        monkeypatch.setattr(fast, "backward", lambda *a: calls.append(1) or real(*a))
+        compiled(v.clone().requires_grad_(True)).backward(upstream)
+        assert bool(calls) == opaque
 
 
 def test_the_opaque_backward_op_is_a_well_formed_custom_op(seed):

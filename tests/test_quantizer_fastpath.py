@@ -166,17 +166,21 @@ def test_the_cuda_triton_kernels_follow_the_paper():
 
 
 class _EagerKernels:
-    """A fast path that is the eager path itself, and one off by one code."""
+    """A fast path that is the eager path itself, or one with a fault: a code off by one, the
+    step gradient without g, or no clamp of the step."""
 
-    def __init__(self, off: int = 0):
-        self.off = off
+    def __init__(self, off: int = 0, no_g: bool = False, no_clamp: bool = False):
+        self.off, self.no_g, self.no_clamp = off, no_g, no_clamp
+
+    def _s(self, step):
+        return step if self.no_clamp else step.clamp_min(Q.STEP_EPS)
 
     def forward(self, v, step, qn, qp):
-        return Q._forward(v, step.clamp_min(Q.STEP_EPS), qn, qp)
+        return Q._forward(v, self._s(step), qn, qp)
 
     def backward(self, v, step, grad, qn, qp, g):
-        grad_v, grad_s = Q._backward(v, step.clamp_min(Q.STEP_EPS), grad, qn, qp)
-        return grad_v, (grad_s * g).reshape(step.shape)
+        grad_v, grad_s = Q._backward(v, self._s(step), grad, qn, qp)
+        return grad_v, (grad_s * (1.0 if self.no_g else g)).reshape(step.shape)
 
     def encode(self, v, s, signed):
         k = (v.float() / s).round()
@@ -193,5 +197,6 @@ def test_a_gpu_fast_path_is_checked_against_the_eager_path_before_use():
     `_fast_path` then turns into a warning and the eager path."""
     good = _EagerKernels()
     assert Q._checked(good, torch.device("cpu")) is good
-    with pytest.raises(RuntimeError, match="disagrees with the eager path"):
-        Q._checked(_EagerKernels(off=1), torch.device("cpu"))
+    for fault in ({"off": 1}, {"no_g": True}, {"no_clamp": True}):
+        with pytest.raises(RuntimeError, match="disagrees with the eager path"):
+            Q._checked(_EagerKernels(**fault), torch.device("cpu"))

@@ -97,7 +97,7 @@ def experiment(tmp_path):
 
 
 def test_results_one_row_per_trial_with_status_and_numbers(experiment, tmp_path):
-    rep = report.build_report(str(experiment), str(tmp_path / "reports"))
+    rep = report.build_report(str(experiment), str(tmp_path / "reports"), live=True)
     df = rep.results.set_index("trial_id")
     assert rep.folder == str(tmp_path / "reports" / "fake")
     assert list(df.index) == [f"x_0000{i}" for i in range(8)]  # each trial exactly once
@@ -106,7 +106,7 @@ def test_results_one_row_per_trial_with_status_and_numbers(experiment, tmp_path)
                                   "x_00006": "PENDING", "x_00007": "RUNNING"}
     # with no driver at work (after an interrupted sweep, --report-only of a stopped one) the
     # unfinished trials are INTERRUPTED, and say so in the summary line of their cell
-    stopped = report.build_report(str(experiment), str(tmp_path / "stopped"), live=False).results.set_index("trial_id")
+    stopped = report.build_report(str(experiment), str(tmp_path / "stopped")).results.set_index("trial_id")
     assert dict(stopped["status"]) == {**dict(df["status"]), "x_00005": "INTERRUPTED", "x_00007": "INTERRUPTED"}
     assert "interrupted" in (tmp_path / "stopped" / "fake" / "table.md").read_text()
     assert list(df["epochs_done"]) == [3, 3, 3, 1, 1, 1, 0, 1]
@@ -370,6 +370,11 @@ def test_fp32_weight_trials_beside_quantized_weights_are_drawn_as_levels():
     assert [(s.bits, s.top1) for s in lines] == [([2, 4], [70.0, 85.0])]
     assert baselines == [("FP32", 90.0), ("W32A4 (first/last w8a8)", 86.0), ("W32A8 (first/last w8a8)", 88.0)]
     assert report.plot_accuracy_vs_bits(mixed).startswith(b"\x89PNG")
+    # a key that varies among them splits the levels, as it splits FP32's and the lines
+    by_lr = results((60.0, {"w_bits": None, "a_bits": 8, "lr": 0.1}), (89.0, {"w_bits": None, "a_bits": 8, "lr": 0.01}),
+                    (85.0, {"w_bits": 4, "a_bits": 4}))
+    assert [label for label, _ in report.plot_plan(by_lr)[1]] == ["W32A8 (first/last w8a8, lr 0.01)",
+                                                                  "W32A8 (first/last w8a8, lr 0.1)"]
 
 
 def test_plot_lines_follow_the_ablation():

@@ -263,12 +263,13 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
     es = {"metric": "top1", "mode": "max", "grace_period": 2, "reduction_factor": 4}
     (experiment / "sweep.json").write_text(json.dumps({"name": "kept", "resources": {"cpu": 1, "gpu": 0}, "trials": 2,
-                                                       "max_failures": 5, "early_stopping": es}))
+                                                       "max_failures": 5, "early_stopping": es, "max_concurrent": 1}))
     path = space(tmp_path, "kept", epochs=1, batch=256, bits=[W4])  # FIFO, the default retries
     assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", "--dry-run", "--cpus-per-trial", "2"]) == 0
     out = capsys.readouterr().out
     assert "resources per trial: 1 CPU" in out
     assert "scheduler: ASHA on top1 (max)" in out and "retried up to 5 times" in out  # the stored ones, which the resume keeps
+    assert "up to 1 at once" in out, out
     # what the real resume would say, the dry run says too: the previewed space is not what resumes
     assert "resume: the stored sweep's trials continue as they started" in out
     assert "note: the space now has 1 trial, the stored sweep 2" in out
