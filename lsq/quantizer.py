@@ -467,8 +467,9 @@ def _checked(fast, device: torch.device):
     """`fast` once it has built and run on `device` and agreed with the eager path on a small
     tensor of each dtype the trainer feeds it (float32 weights, bfloat16 activations): the
     forward (also for a step below STEP_EPS, which it must clamp), grad_v and the codes bit for
-    bit, and g times the step gradient to 1e-4 (a sum in another order). Raises otherwise, so that a GPU or Triton version
-    the kernels do not work on falls back to the eager path with a warning, not a failed trial."""
+    bit, and g times the step gradient to 1e-4 (a sum in another order). Raises otherwise, so
+    that a GPU or Triton version the kernels do not work on falls back to the eager path with a
+    warning, not a failed trial."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3000, generator=gen) * 4
     for dtype in (torch.float32, torch.bfloat16):
