@@ -23,19 +23,24 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's own format
 
 
-def data_missing(dataset: str, root: str) -> str | None:
-    """What the folder `root` lacks for `dataset`, judged from its folders alone (no file is
-    read, no torch imported): None where it has a layout lsq.data reads, else the layouts that
-    were looked for. The embedded digits need no folder."""
-    if dataset == "digits":
-        return None
+def data_layout(dataset: str, root: str) -> str | None:
+    """Which layout of `dataset` the folder `root` holds, judged from its folders alone (no file
+    is read, no torch imported): "torchvision" (CIFAR's own format), "imagefolder" (train/ and
+    test/, ImageNet's train/ and val/) or None. lsq.data reads what this finds; the sweep checks
+    with it before anything starts."""
     has = lambda *names: all(os.path.isdir(os.path.join(root, n)) for n in names)  # noqa: E731
-    if dataset in CIFAR_FOLDERS:
-        if has(CIFAR_FOLDERS[dataset]) or has("train", "test"):
-            return None
-        return f"neither {CIFAR_FOLDERS[dataset]}/ (torchvision's format) nor train/ and test/ (ImageFolder)"
-    if has("train", "val"):
+    if dataset in CIFAR_FOLDERS and has(CIFAR_FOLDERS[dataset]):
+        return "torchvision"
+    return "imagefolder" if has("train", "test" if dataset in CIFAR_FOLDERS else "val") else None
+
+
+def data_missing(dataset: str, root: str) -> str | None:
+    """What the folder `root` lacks for `dataset` (`data_layout`): None where it holds a layout
+    lsq.data reads, else the layouts that were looked for. The embedded digits need no folder."""
+    if dataset == "digits" or data_layout(dataset, root):
         return None
+    if dataset in CIFAR_FOLDERS:
+        return f"neither {CIFAR_FOLDERS[dataset]}/ (torchvision's format) nor train/ and test/ (ImageFolder)"
     return "no train/ and val/ (ImageFolder, val/ sorted into class folders)"
 # First/last-layer presets: name -> (weight bits, activation bits); "body" means the body's bits.
 PRESETS = {

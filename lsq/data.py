@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import CIFAR_FOLDERS, ConfigError, TrialConfig
+from .config import CIFAR_FOLDERS, ConfigError, TrialConfig, data_layout
 from .files import atomic_write
 
 # Per-channel pixel mean/std of the training sets (values in 0..1).
@@ -320,13 +320,14 @@ def _load_cifar(cfg, device, generator, channels_last):
     want, human = CIFAR_CLASSES[name], CIFAR_NAMES[name]
     tv_folder = os.path.join(root, CIFAR_FOLDERS[name])
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
-    if os.path.isdir(tv_folder):  # 1. torchvision's own format
+    layout = data_layout(name, root)
+    if layout == "torchvision":  # 1. torchvision's own format
         try:
             train, test = _torchvision_cifar(name, root, download=False)
         except Exception as e:
             raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {tv_folder} is not a readable "
                               f"{human} in torchvision's format: {e}") from None
-    elif os.path.isdir(train_dir) and os.path.isdir(test_dir):  # 2. an ImageFolder tree
+    elif layout == "imagefolder":  # 2. an ImageFolder tree
         classes = _classes(train_dir)
         if len(classes) != want or _classes(test_dir) != classes:
             raise ConfigError(
@@ -373,7 +374,7 @@ class DeviceDataLoader:
 def _load_imagenet(cfg, device, generator, channels_last):
     root = _check_dir(cfg)
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+    if data_layout("imagenet", root) is None:
         raise _missing(cfg, "ImageNet", f"{train_dir}/<class>/*.JPEG and {val_dir}/<class>/*.JPEG (ImageFolder; "
                        "val/ sorted into class folders)")
     import torchvision
