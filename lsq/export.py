@@ -483,9 +483,11 @@ def compare_paths(model: nn.Module, loader, onnx_path: str | None = None) -> dic
     result = {}
     # The per-layer checks on part of the first batch: they test arithmetic, which few images cover.
     worst, handles = _teacher_forcing(model, int_model) if n_int else ({}, [])
+    refs = []  # the fake-quant logits of each batch, for a second onnxruntime pass (below)
     try:
         for images, labels in loader:
             ref = model(images).float()  # (first batch: the hooks check every integer layer)
+            refs.append(ref)
             for h in handles:
                 h.remove()
             if onnx_path and not n:
@@ -495,8 +497,7 @@ def compare_paths(model: nn.Module, loader, onnx_path: str | None = None) -> dic
             if n_int:  # (without integer layers there is no integer path to run)
                 paths["int"].add(int_model(images), ref, labels)
             if session is not None:
-                out = session.run(["logits"], {"image": images.float().cpu().contiguous().numpy()})[0]
-                paths["onnx"].add(torch.from_numpy(out).to(ref.device), ref, labels)
+                paths["onnx"].add(_ort_logits(session, images, ref.device), ref, labels)
     finally:
         for h in handles:
             h.remove()
@@ -515,13 +516,17 @@ def compare_paths(model: nn.Module, loader, onnx_path: str | None = None) -> dic
         if (result["float_layers"] and not agreement_ok(result, "onnx")
                 and result["onnx_agreement"] >= FOLD_FLOOR):  # see the comment above AGREEMENT_TARGET
             unfolded, again = onnx_session(onnx_path, fold_batch_norms=False), _Agreement()
-            for images, labels in loader:
-                out = unfolded.run(["logits"], {"image": images.float().cpu().contiguous().numpy()})[0]
-                ref = model(images).float()
-                again.add(torch.from_numpy(out).to(ref.device), ref, labels)
+            for (images, labels), ref in zip(loader, refs):  # (the test split comes in a fixed order)
+                again.add(_ort_logits(unfolded, images, ref.device), ref, labels)
             result["onnx_folded_agreement"] = result["onnx_agreement"]
             result.update(again.result("onnx"))
     return result
+
+
+def _ort_logits(session, images: torch.Tensor, device) -> torch.Tensor:
+    """The exported model's logits for a batch, from an onnxruntime session."""
+    out = session.run(["logits"], {"image": images.float().cpu().contiguous().numpy()})[0]
+    return torch.from_numpy(out).to(device)
 
 
 def agreement_ok(r: dict, prefix: str) -> bool:

@@ -635,6 +635,11 @@ class Series:
     std: list[float]
 
 
+def _policy_text(row) -> str:
+    """A row's first/last policy: `w8a8`, or `fp32/w8a8` where the two ends differ."""
+    return row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
+
+
 def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], str]:
     """What accuracy_vs_bits.png shows: (lines, FP32 baselines as (label, mean top-1), x label).
 
@@ -677,8 +682,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     line_keys = ["first", "last"] + ([] if same_bits else ["_acts"]) + other
     for _, g in (quant.groupby(line_keys, sort=False, dropna=False) if len(quant) else []):
         row = g.iloc[0]
-        policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
-        text = f"first/last {policy}" + ("" if same_bits else f", activations {row['_acts']}")
+        text = f"first/last {_policy_text(row)}" + ("" if same_bits else f", activations {row['_acts']}")
         text += f", {words(other, row)}" if other else ""
         stats = g.groupby(x)["final_top1"].agg(["mean", "std"]).sort_index()
         lines.append(Series(text, [int(b) for b in stats.index], [float(m) for m in stats["mean"]],
@@ -693,8 +697,7 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
         level_keys = _varied(acts_only, exclude=(*cell, "seed"))  # weight-bits axis, so they are levels too
         for _, g in acts_only.groupby(["a_bits", "first", "last", *level_keys], sort=True, dropna=False):
             row = g.iloc[0]
-            policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
-            baselines.append((f"W32A{_cell(row['a_bits'], 'a_bits')} (first/last {policy}"
+            baselines.append((f"W32A{_cell(row['a_bits'], 'a_bits')} (first/last {_policy_text(row)}"
                               + (f", {words(level_keys, row)})" if level_keys else ")"), float(g["final_top1"].mean())))
     xlabel = ("activation bits of the body (weights FP32)" if by_acts else
               "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body")
