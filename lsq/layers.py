@@ -8,10 +8,11 @@ integer codes, not float copies (`save_as_codes` in quantizer.py).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import LsqQuantizer, save_as_codes
+from .quantizer import STEP_EPS, LsqQuantizer, _eq3, quantize, save_as_codes
 
 
 def _quantizers(layer, w_bits, a_bits, a_signed, **opts):
@@ -19,7 +20,72 @@ def _quantizers(layer, w_bits, a_bits, a_signed, **opts):
     layer.a_quant = LsqQuantizer(a_bits, signed=a_signed, kind="activation", **opts)
 
 
+def _weight_grad(grad_y, inp, kernel: tuple, geometry: tuple, bias: bool):
+    """(dL/dw, dL/db or None) of conv2d(inp, w, b, *geometry) for the output gradient grad_y:
+    the conv's weight gradient alone (no input gradient), in grad_y's and inp's dtype."""
+    w = inp.new_empty((grad_y.shape[1], inp.shape[1], *kernel))  # read for its shape only
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_y, inp, w, [w.shape[0]] if bias else None, *geometry, False, [0, 0], 1, [False, True, bias])
+    return grad_w, grad_b
+
+
+class _ImageConv(torch.autograd.Function):
+    """conv2d(x_hat, w_hat, bias) with x_hat = round(clip(x/s, -Qn, Qp)) * s, for an input x that
+    needs no gradient: the image, at the first layer. Then dL/dx_hat is wanted only for the
+    step size's gradient (eq. 3, times g):
+
+        dL/ds = g * sum(dL/dx_hat * dx_hat/ds),   dL/dx_hat = the conv's input gradient.
+
+    An FP32 model never computes that input gradient (nothing upstream needs it), and for a conv
+    with 3 input channels it is the slowest conv of the step: 1.57 ms of resnet18's 11.5 on an
+    H200. But the sum is a scalar product, and the input gradient is the adjoint of the conv,
+    which is linear in its input; so is the conv's weight gradient wgrad(input, dL/dy). So
+
+        sum(dL/dx_hat * ds) = sum(dL/dy * conv(ds, w_hat)) = sum(w_hat * wgrad(ds, dL/dy)),
+
+    and the weight gradient is computed anyway: backward computes it for [x_hat, ds] stacked as
+    2C input channels, one call, and reads dL/dw_hat from the first C and the step's sum from the
+    other C, dotted with w_hat. The same sum in another order; tests/test_layers.py checks it
+    against the paper's formula.
+
+    Under bf16 autocast the conv and its weight gradient run in bf16, and a bf16 weight gradient
+    rounds each of its entries to 8 significant bits before they are dotted with w_hat: with the
+    sum's cancellations, 1-4 % off (the input-gradient path, whose per-element rounding averages
+    out over the whole image: 0.1-0.3 %). So there the ds half is its own call in float32 (TF32
+    on CUDA with amp, whose 10 mantissa bits hold a bf16 gradient exactly): about 1e-5.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, w_hat, bias, geometry: tuple, qn: int, qp: int, g: float):
+        y = F.conv2d(quantize(x, step, qn, qp), w_hat, bias, *geometry)  # geometry: stride, padding, dilation
+        ctx.save_for_backward(x, step, w_hat)
+        ctx.qn, ctx.qp, ctx.g, ctx.geometry, ctx.bias = qn, qp, g, geometry, bias is not None
+        ctx.dtype = y.dtype  # the conv's own: bfloat16 under autocast, which casts its inputs
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, step, w_hat = ctx.saved_tensors
+        c, kernel, dtype = x.shape[1], w_hat.shape[2:], ctx.dtype
+        x_hat = quantize(x, step, ctx.qn, ctx.qp).to(dtype)  # the forward's, recomputed
+        ds = _eq3(x, step.clamp_min(STEP_EPS), ctx.qn, ctx.qp)[1]  # float32
+        grad_y = grad_y.to(dtype)
+        if dtype == torch.float32:
+            grad_w, grad_b = _weight_grad(grad_y, torch.cat([x_hat, ds], 1), kernel, ctx.geometry, ctx.bias)
+            grad_w, grad_ds = grad_w[:, :c], grad_w[:, c:]
+        else:
+            grad_w, grad_b = _weight_grad(grad_y, x_hat, kernel, ctx.geometry, ctx.bias)
+            grad_ds, _ = _weight_grad(grad_y.float(), ds, kernel, ctx.geometry, False)
+        grad_step = (grad_ds * w_hat.to(dtype).float()).sum() * ctx.g  # w_hat as the conv used it
+        return None, grad_step.reshape(step.shape), grad_w.to(w_hat.dtype), grad_b, None, None, None, None
+
+
 class QConv2d(nn.Conv2d):
+    # An input that needs no gradient (the image) is quantized inside the conv's own autograd
+    # Function, _ImageConv, whose backward gets the step size's gradient without the input
+    # gradient. False: the quantizer and the conv each on their own, as for any other input.
+    image_conv = True
+
     def __init__(self, *args, w_bits=None, a_bits=None, a_signed=False, quant_opts=None, **kwargs):
         super().__init__(*args, **kwargs)
         _quantizers(self, w_bits, a_bits, a_signed, **(quant_opts or {}))
@@ -36,9 +102,22 @@ class QConv2d(nn.Conv2d):
     def forward(self, x):
         if x.dim() == 3:  # one unbatched (C, H, W) image: a batch of one, so that N is its C*H*W features
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        if self._takes_image(x):
+            aq = self.a_quant
+            aq.prepare(x)
+            geometry = (self.stride, self.padding, self.dilation)
+            return _ImageConv.apply(x, aq.step, self.w_quant(self.weight), self.bias, geometry, aq.qn, aq.qp,
+                                    aq.grad_scale_factor(x))
         xq, wq = self.a_quant(x), self.w_quant(self.weight)
         with save_as_codes((self.a_quant, xq), (self.w_quant, wq)):  # what backward keeps: 1-byte codes
             return self._conv_forward(xq, wq, self.bias)
+
+    def _takes_image(self, x) -> bool:
+        """Whether _ImageConv applies: an input that needs no gradient, where the step size does."""
+        aq = self.a_quant
+        return (self.image_conv and aq.bits is not None and torch.is_grad_enabled() and aq.step.requires_grad
+                and not x.requires_grad and self.groups == 1 and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple))
 
 
 class QLinear(nn.Linear):

@@ -61,16 +61,29 @@ def _forward(v, s, qn: int, qp: int):
     return v_hat if v_hat.dtype == v.dtype else v_hat.to(v.dtype)
 
 
+def _eq3(v, s, qn: int, qp: int):
+    """(inside, dv_hat/ds) in fp32: the mask -Qn < v/s < Qp on the unrounded value (eq. 5), and
+    eq. 3: round(v/s) - v/s inside, -Qn below, Qp above."""
+    x = v.float() / s
+    below, above = x <= -qn, x >= qp
+    inside = ~(below | above)
+    return inside, torch.where(inside, x.round() - x, torch.where(below, -float(qn), float(qp)))
+
+
 def _backward(v, s, grad, qn: int, qp: int):
     """(grad_v, sum(grad * dv_hat/ds)) for the upstream gradient `grad`   (eq. 3 and 5)."""
     grad = grad.float()
-    x = v.float() / s
-    below, above = x <= -qn, x >= qp
-    inside = ~(below | above)  # -Qn < v/s < Qp, on the unrounded value
-    grad_v = grad * inside
-    # eq. 3: round(x) - x inside, -Qn below, Qp above; summed against the incoming gradient
-    ds = torch.where(inside, x.round() - x, torch.where(below, -float(qn), float(qp)))
-    return grad_v.to(v.dtype), (grad * ds).sum()
+    inside, ds = _eq3(v, s, qn, qp)
+    return (grad * inside).to(v.dtype), (grad * ds).sum()
+
+
+def quantize(v, step, qn: int, qp: int):
+    """v_hat with s = step.clamp_min(STEP_EPS), on the fast path where there is one: LsqFunction's
+    forward, without autograd."""
+    fast = _fast_path(v)  # one fused pass where available; the same arithmetic
+    if fast is not None:
+        return fast.forward(v, step, qn, qp)  # clamps the step itself
+    return _forward(v, step.clamp_min(STEP_EPS), qn, qp)
 
 
 class LsqFunction(torch.autograd.Function):
@@ -86,10 +99,7 @@ class LsqFunction(torch.autograd.Function):
     def forward(ctx, v, step, qn: int, qp: int, g: float):
         ctx.save_for_backward(v, step)
         ctx.qn, ctx.qp, ctx.g = qn, qp, g
-        fast = _fast_path(v)  # one fused pass where available; the same arithmetic
-        if fast is not None:
-            return fast.forward(v, step, qn, qp)  # clamps the step itself
-        return _forward(v, step.clamp_min(STEP_EPS), qn, qp)
+        return quantize(v, step, qn, qp)
 
     @staticmethod
     def backward(ctx, grad):
@@ -196,14 +206,19 @@ class LsqQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._init_known = True
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.bits is None:
-            return v
+    def prepare(self, v: torch.Tensor) -> None:
+        """Initialize the step from v if v is the first (non-empty) training batch; forward calls
+        this, as does a layer that applies the quantizer itself (QConv2d on the image)."""
         if not self._init_known:
             if bool(self.initialized):
                 self._init_known = True
             elif self.training and v.numel():  # an empty batch has no mean: the next one initializes
                 self.init_step(v)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return v
+        self.prepare(v)
         function = LsqFunctionOpaqueBackward if self.opaque_backward else LsqFunction
         return function.apply(v, self.step, self.qn, self.qp, self.grad_scale_factor(v))
 

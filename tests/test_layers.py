@@ -198,3 +198,122 @@ def test_float_quantized_input_is_freed_before_backward(kind):
     assert refs and refs[0]() is None, "the float v_hat is still referenced after forward"
     out.sum().backward()
     assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------- the image's conv
+def image_layer(bits, signed, stride, padding, bias, seed):
+    """A first layer as quantize_model makes it: its input is the image, which needs no gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = QConv2d(3, 8, 3, stride=stride, padding=padding, bias=bias, w_bits=bits, a_bits=bits, a_signed=signed)
+    x = torch.randn(4, 3, 11, 11, generator=gen) * 1.3  # not a multiple of the stride: edges matter
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.3)
+        layer.a_quant.step.fill_(0.0371)  # not a power of two: x/s is inexact, as in training
+        layer.w_quant.step.fill_(S_W)
+        layer.a_quant.initialized.fill_(True)
+        layer.w_quant.initialized.fill_(True)
+    return layer, x
+
+
+def paper_image_grads(layer, x, up, dtype=torch.float32):
+    """(dL/ds_x, dL/dw, dL/db) by the paper's formulas in float64, around a plain conv that runs
+    on x_hat and w_hat as a `dtype` conv sees them: dL/dx_hat from autograd through that conv,
+    then eq. 3 summed against it, times g = 1 / sqrt(C*H*W * Qp)."""
+    aq, wq = layer.a_quant, layer.w_quant
+    s, s_w = aq.step.item(), wq.step.item()
+    v = x.double() / s
+    x_hat = (v.clamp(-aq.qn, aq.qp).round() * s).to(dtype).double().requires_grad_(True)
+    w_hat, w_in = quantized(layer.weight.detach(), s_w, wq.qn, wq.qp)
+    w_hat = w_hat.to(dtype).double().requires_grad_(True)
+    b = None if layer.bias is None else layer.bias.detach().to(dtype).double().requires_grad_(True)
+    F.conv2d(x_hat, w_hat, b, layer.stride, layer.padding).backward(up.double())
+    inside = (v > -aq.qn) & (v < aq.qp)
+    ds = torch.where(inside, v.round() - v, torch.where(v <= -aq.qn, -aq.qn, aq.qp).double())
+    g = 1 / (x[0].numel() * aq.qp) ** 0.5
+    return g * (x_hat.grad * ds).sum(), w_hat.grad * w_in, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (4, False), (2, True)])
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 1, False), (2, 0, True)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
+        bits, signed, stride, padding, bias, channels_last, monkeypatch):
+    """A first layer's input needs no gradient, so its quantizer's step gradient is taken through
+    the conv's weight gradient (lsq.layers._ImageConv), never its input gradient. It must still
+    equal eq. 3 summed against dL/dx_hat; the weight and bias gradients are the conv's own."""
+    layer, x = image_layer(bits, signed, stride, padding, bias, seed=bits + stride)
+    if channels_last:
+        layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    input_grads = []
+    real = torch.ops.aten.convolution_backward
+
+    def spy(grad_y, inp, w, bias_sizes, *rest):  # records which gradients each conv backward computes
+        input_grads.append(rest[-1][0])
+        return real(grad_y, inp, w, bias_sizes, *rest)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
+    out = layer(x)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(up)
+    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up)
+
+    assert input_grads == [False], "the image conv computed an input gradient, or ran no backward of its own"
+    assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max()))
+    assert bias is (layer.bias is not None)
+    assert not bias or torch.allclose(layer.bias.grad.double(), b_grad, atol=1e-6 * float(b_grad.abs().max()))
+    assert layer.weight.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
+    """Under bf16 autocast the conv runs in bf16, and a bf16 weight gradient would round each
+    entry before the dot product with w_hat: 1-4 % off. The step's sum must keep float32's
+    accuracy (to the float64 formula on the same bf16 x_hat and w_hat), and the weight gradient
+    be the bf16 conv's own."""
+    for seed in range(3):
+        layer, x = image_layer(8, True, 2, 1, True, seed=seed)
+        x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 1.3
+        layer.w_quant.step.data.fill_(0.0137)  # k * s_w then has more than bf16's 8 significant bits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        out.backward(up)
+        step_grad, w_grad, _ = paper_image_grads(layer, x, up, torch.bfloat16)
+        assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-4), seed
+        assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max()))
+
+
+def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient():
+    """The same layer on an input that needs a gradient (any layer but the first), or with
+    `image_conv` off, runs its quantizer and conv on their own, and gives the same gradients."""
+    results = []
+    for image_conv, x_grad in ((True, False), (False, False), (True, True)):
+        layer, x = image_layer(4, False, 2, 1, True, seed=0)
+        layer.image_conv = image_conv
+        x.requires_grad_(x_grad)
+        calls = []
+        layer.a_quant.register_forward_hook(lambda *a: calls.append(1))
+        out = layer(x)
+        out.backward(torch.ones_like(out))
+        assert calls == ([] if image_conv and not x_grad else [1])
+        results.append([layer.a_quant.step.grad, layer.w_quant.step.grad, layer.weight.grad, layer.bias.grad])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_compiled_image_conv_follows_the_paper():
+    """The image conv traced by torch.compile (as the trainer's compile modes trace it): one
+    graph, and the paper's gradients. (aot_eager: the traced forward and backward graphs without
+    inductor's code generation, which the compiled trainer's test in test_train.py runs.)"""
+    layer, x = image_layer(8, True, 2, 1, True, seed=5)
+    layer.w_quant.is_initialized(), layer.a_quant.is_initialized()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=False, fullgraph=True)
+    out = compiled(x)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(up)
+    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up)
+    assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max()))
+    assert torch.allclose(layer.bias.grad.double(), b_grad, atol=1e-6 * float(b_grad.abs().max()))
