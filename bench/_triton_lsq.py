@@ -6,8 +6,8 @@ backward, and the saved-tensor codes, as Triton kernels) against the paper's for
 Forward and grad_v element for element against float64 formulas, the step gradient to 1e-5;
 signed and unsigned ranges, float32 and bfloat16, channels_last, values on and around every
 clip bound and rounding tie, NaN and inf; the codes of k * s are exactly k, and decode gives
-back k * s bit for bit; and LsqFunction as the project runs it (these kernels) against its eager
-path. tests/test_quantizer_fastpath.py runs it in the interpreter.
+back k * s bit for bit; LsqFunction as the project runs it (these kernels) against its eager
+path; and the first layer's step gradient (lsq.layers._ImageConv) against the formula. tests/test_quantizer_fastpath.py runs it in the interpreter.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def self_check() -> int:
               f"on {device}: {bad} elements differ from the paper, step gradient rel. err {rel:.1e}, "
               f"NaN step gradient with a NaN input: {nan_ok} -> {'ok' if ok else 'FAILED'}", flush=True)
     failures += check_step(k, device) + check_codes(k, device) + check_lsq_function(k, device)
+    failures += check_image_conv(device)
     if device == "cuda":  # in the interpreter this would take minutes, and its bf16 cast is not the GPU's
         failures += check_model(k, device)
     return 1 if failures else 0
@@ -206,6 +207,55 @@ def check_model(k: TritonKernels, device: str) -> int:
           f"{len(differ)} of {len(weights)} weight gradients differ{(' (' + ', '.join(differ[:3]) + ')') if differ else ''}, "
           f"step gradients max rel. err {step_err:.1e} -> {'ok' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
+
+
+def check_image_conv(device: str) -> int:
+    """resnet18's first layer (7x7, stride 2, 8-bit image and weights) on `device`, in float32
+    (TF32 off, as amp=false) and under bf16 autocast (as amp): its step gradient, which
+    lsq.layers._ImageConv takes through the weight gradient, against eq. 3 summed over the input
+    gradient of a float64 conv on the same x_hat and w_hat, to 1e-4 of the sum or 1e-6 of its
+    terms' absolute sum (it cancels: the old path through the input gradient is 1e-5 of that
+    under bf16); the weight gradient to the conv's own precision."""
+    import torch.nn.functional as F
+
+    from lsq.layers import QConv2d
+
+    failures = 0
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 3, 64, 64, generator=gen) * 1.2).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = QConv2d(3, 64, 7, stride=2, padding=3, bias=False, w_bits=8, a_bits=8, a_signed=True).to(device)
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = dtype != torch.float32
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = layer(x)
+            up = torch.randn(out.shape, generator=gen).to(device, out.dtype)
+            out.backward(up)
+        finally:
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+        aq, wq = layer.a_quant, layer.w_quant
+        s, s_w = aq.step.item(), wq.step.item()
+        v = x.double().cpu() / s
+        x_hat = (v.clamp(-aq.qn, aq.qp).round() * s).to(dtype).double().requires_grad_(True)
+        w = layer.weight.detach().double().cpu() / s_w
+        w_hat = (w.clamp(-wq.qn, wq.qp).round() * s_w).to(dtype).double().requires_grad_(True)
+        F.conv2d(x_hat, w_hat, None, 2, 3).backward(up.double().cpu())
+        inside = (v > -aq.qn) & (v < aq.qp)
+        ds = torch.where(inside, v.round() - v, torch.where(v <= -aq.qn, -aq.qn, aq.qp).double())
+        g = 1 / (x[0].numel() * aq.qp) ** 0.5
+        ref, scale = g * float((x_hat.grad * ds).sum()), g * float((x_hat.grad * ds).abs().sum())
+        err = abs(aq.step.grad.item() - ref)  # a sum with cancellations: held to its terms' scale too
+        rel = err / abs(ref)
+        w_ref = w_hat.grad * ((w > -wq.qn) & (w < wq.qp))
+        w_err = float((layer.weight.grad.double().cpu() - w_ref).abs().max() / w_ref.abs().max())
+        ok = err < 1e-4 * abs(ref) + 1e-6 * scale and w_err < (1e-5 if dtype == torch.float32 else 1e-2)
+        failures += not ok
+        print(f"image conv (7x7/2, 8-bit image) on {device}, {'bf16 autocast' if dtype != torch.float32 else 'float32'}: "
+              f"step gradient rel. err {rel:.1e} ({err / scale:.1e} of its terms' absolute sum), weight gradient "
+              f"{w_err:.1e} -> {'ok' if ok else 'FAILED'}", flush=True)
+    return failures
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA benchmark in one go, in under 8 minutes on one H100 (each part has a time budget).
+# Every CUDA benchmark in one go, in about 8 minutes on one H100 (each part has a time budget).
 #
 #   bash bench/gpu.sh                  # on the GPU box, from anywhere; needs only PyTorch (no Ray)
 #   bash bench/gpu.sh --device cpu     # a dry run of the same code paths on tiny sizes (no CUDA needed)
@@ -13,15 +13,17 @@
 #
 # Exit status: 0 when every part ran to its end, 1 when one failed or ran out of its time budget.
 #
-# Parts, each with a time budget (together 470 s), the most needed first: (1) the quantizer's
+# Parts, each with a time budget (together 505 s), the most needed first: (1) the quantizer's
 # Triton kernels (lsq/_triton.py, CUDA's fast path) against the paper's formulas; (2) a FP32
 # resnet20 CIFAR-10 epoch (also unpacks and decodes the images); (3) compiled training must track
 # eager: 3 epochs of the trainer, eager and compile=reduce-overhead, on CIFAR-10 (train loss and
 # top-1; the trainer also checks its first compiled step against eager and says so; target 5:
 # the compiled epoch <= 2 s); (4) the quantizer per call with the options explored (target 2);
 # (5) resnet18 b128 224x224 training steps, FP32 and W4A4, eager and torch.compile with CUDA
-# graphs, the fastest mode for both (target: W4A4 <= 1.25x FP32); (6) resnet20 b128 steps with the Triton kernels and with the eager
-# quantizer; (7) the W4A4 epoch under compile=reduce-overhead with the data path's share.
+# graphs, the fastest mode for both (target: W4A4 <= 1.25x FP32), and W4A4 with the image's step
+# gradient taken through the first conv's input gradient (w4a4-dgrad: before lsq.layers._ImageConv);
+# (6) resnet20 b128 steps with the Triton kernels and with the eager quantizer; (7) the W4A4
+# epoch under compile=reduce-overhead with the data path's share.
 # Tables go to stdout and bench/RESULTS.md (and $OUT); part (3) prints its epochs only.
 set -u
 cd "$(dirname "$0")/.."
@@ -58,7 +60,7 @@ if [ "$DEVICE" = "cpu" ]; then  # dry run: every code path, tiny sizes, nothing 
     for mode in none default; do
         part 300 "$PY" -m lsq.train --dataset digits --model resnet20 --bit 4 --epochs 2 --lr 0.1 --seed 1 --compile "$mode"
     done
-    part 600 "$PY" bench/train_step.py --device cpu --models resnet18:2:64 --configs fp32,w4a4 \
+    part 600 "$PY" bench/train_step.py --device cpu --models resnet18:2:64 --configs fp32,w4a4,w4a4-dgrad \
         --compile fp32,w4a4 --rounds 1 --no-append
     part 600 "$PY" bench/train_step.py --device cpu --models resnet20:8:32 --configs fp32,w4a4 \
         --compile fp32,w4a4 --compile-mode reduce-overhead --rounds 1 --no-append
@@ -72,8 +74,8 @@ else  # most important first: what a time-out cuts off is the least needed
             --lr 0.1 --batch_size 256 --seed 1 --compile "${mode%:*}"
     done
     part 50 "$PY" bench/quantizer.py --device cuda --options --rounds 30
-    part 95 "$PY" bench/train_step.py --device cuda --models resnet18:128:224 --configs fp32,w4a4 \
-        --compile fp32,w4a4 --compile-mode reduce-overhead --rounds 8
+    part 130 "$PY" bench/train_step.py --device cuda --models resnet18:128:224 --configs fp32,w4a4,w4a4-dgrad \
+        --compile fp32,w4a4,w4a4-dgrad --compile-mode reduce-overhead --rounds 8
     for flag in "" --eager-quantizer; do  # the Triton kernels against the eager quantizer in a whole step
         part 25 "$PY" bench/train_step.py --device cuda --models resnet20:128:32 --configs fp32,w4a4 --rounds 10 $flag
     done

@@ -32,21 +32,34 @@ import torch.nn.functional as F
 
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, sync, table  # noqa: I001
 from lsq import quantizer as Q
+from lsq.layers import QConv2d
 from lsq.models import TORCHVISION, build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
 from lsq.train import param_groups, use_opaque_backward, uses_channels_last
 
 BITS = {"fp32": None, "w8a8": 8, "w4a4": 4, "w2a2": 2}
+DGRAD = "-dgrad"  # e.g. w4a4-dgrad: the image's step gradient through the first conv's input gradient
+
+
+def config_bits(name: str) -> int | None:
+    return BITS[name.removesuffix(DGRAD)]
+
+
+def known(name: str) -> bool:
+    base = name.removesuffix(DGRAD)
+    return base in BITS and (base == name or BITS[base] is not None)
 
 
 def num_classes(model_name: str) -> int:
     return 1000 if model_name in TORCHVISION else 10  # ImageNet / CIFAR-10
 
 def parse_specs(p: argparse.ArgumentParser, models: str, configs: str) -> tuple[list, list[str]]:
-    """--models (model:batch:image_size, comma-separated) and --configs (names in BITS), checked."""
-    unknown = [c for c in configs.split(",") if c not in BITS]
+    """--models (model:batch:image_size, comma-separated) and --configs (names in BITS, a quantized
+    one optionally with -dgrad), checked."""
+    unknown = [c for c in configs.split(",") if not known(c)]
     if unknown:
-        p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)})")
+        p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)}; a quantized one "
+                f"with {DGRAD}, e.g. w4a4{DGRAD})")
     specs = []
     for spec in models.split(","):
         parts = spec.split(":")
@@ -72,6 +85,9 @@ class Setup:
         model = build_model(model_name, num_classes(model_name))
         if bits is not None:
             quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
+            for m in model.modules():  # -dgrad: the image's quantizer and conv each on their own
+                if isinstance(m, QConv2d):
+                    m.image_conv = not name.removesuffix(" compiled").endswith(DGRAD)
         cuda = device.type == "cuda"
         if channels_last is None:  # the trainer's layout
             channels_last = uses_channels_last(device, model_name)
@@ -201,9 +217,9 @@ def main():
         if uses_channels_last(device, model_name):
             x = x.contiguous(memory_format=torch.channels_last)
 
-        setups = {c: Setup(c, model_name, BITS[c], x, y, device, bf16=args.bf16) for c in configs}
+        setups = {c: Setup(c, model_name, config_bits(c), x, y, device, bf16=args.bf16) for c in configs}
         for c in compiled:
-            setups[c + " compiled"] = Setup(c + " compiled", model_name, BITS[c], x, y, device,
+            setups[c + " compiled"] = Setup(c + " compiled", model_name, config_bits(c), x, y, device,
                                             compile_mode=args.compile_mode, bf16=args.bf16)
             notes.append(f"{model_name} {c}: torch.compile(mode={args.compile_mode!r})'s first two steps took "
                          f"{setups[c + ' compiled'].compile_seconds:.1f} s")
