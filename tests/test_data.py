@@ -200,6 +200,24 @@ def test_each_image_once_per_epoch_with_its_label():
         assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("shuffle,pad,flip", [(True, 2, True), (True, 0, False), (False, 0, False)])
+def test_batches_do_not_depend_on_how_many_are_gathered_at_once(shuffle, pad, flip, monkeypatch):
+    """The loader gathers GATHER_BATCHES batches at a time; one at a time, two (which splits the
+    epoch unevenly) or all at once, every batch is the same, drop_last or not."""
+    images = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8, generator=gen(2))
+    for drop_last in (False, True):
+        batches = []
+        for per_gather in (1, 2, 16):
+            monkeypatch.setattr(D.DeviceLoader, "GATHER_BATCHES", per_gather)
+            loader = D.DeviceLoader(images, torch.arange(100), (0.5,) * 3, (0.25,) * 3, batch_size=16,
+                                    generator=gen(), shuffle=shuffle, pad=pad, flip=flip, drop_last=drop_last)
+            batches.append(list(loader))
+        assert [len(y) for _, y in batches[0]] == [16] * 6 + ([] if drop_last else [4])
+        for other in batches[1:]:
+            assert len(other) == len(batches[0])
+            assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches[0], other))
+
+
 def test_same_generator_state_same_batches():
     g = gen(3)
     data = D.load_data(cfg(dataset="digits", batch_size=100), CPU, g)
