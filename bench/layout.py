@@ -16,7 +16,7 @@ import torch
 
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, table  # noqa: I001
 from lsq.train import uses_channels_last
-from train_step import BITS, Setup, batch, parse_specs
+from train_step import BITS, Setup, batch, config_bits, parse_specs
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         setups = {}
         for c in configs:
             for layout, xl in xs.items():
-                setups[f"{c} {layout}"] = Setup(c, model_name, BITS[c], xl, y, device,
+                setups[f"{c} {layout}"] = Setup(c, model_name, config_bits(c), xl, y, device,
                                                 channels_last=layout == "NHWC")
         for s in setups.values():  # warm-up outside the timed rounds
             s.step()

@@ -78,8 +78,8 @@ def _backward(v, s, grad, qn: int, qp: int):
 
 
 def quantize(v, step, qn: int, qp: int):
-    """v_hat with s = step.clamp_min(STEP_EPS), on the fast path where there is one: LsqFunction's
-    forward, without autograd."""
+    """v_hat with s = step.clamp_min(STEP_EPS), on the fast path where there is one: the body of
+    LsqFunction's forward, for use inside an autograd Function (it defines no gradient itself)."""
     fast = _fast_path(v)  # one fused pass where available; the same arithmetic
     if fast is not None:
         return fast.forward(v, step, qn, qp)  # clamps the step itself

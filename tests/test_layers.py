@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsq.layers import QConv2d, QLinear
+from lsq.layers import QConv2d, QLinear, _ImageConv
 from lsq import quantizer as Q
 from lsq.quantizer import _codes, _decode, qrange
 
@@ -284,33 +284,92 @@ def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
         assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max()))
 
 
-def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient():
-    """The same layer on an input that needs a gradient (any layer but the first), or with
-    `image_conv` off, runs its quantizer and conv on their own, and gives the same gradients."""
+def test_image_conv_with_a_step_below_eps_or_a_frozen_weight_follows_the_paper():
+    """The step is clamped to STEP_EPS as everywhere (its gradient passes the clamp), and a
+    frozen weight and bias still leave the step its gradient."""
+    for step, frozen in ((-1.0, False), (1e-9, False), (0.0371, True)):
+        layer, x = image_layer(4, True, 2, 1, True, seed=3)
+        layer.a_quant.step.data.fill_(step)
+        x = x * 1e-7  # values on the scale of STEP_EPS, so that not every one clips
+        layer.weight.requires_grad_(not frozen)
+        layer.bias.requires_grad_(not frozen)
+        out = layer(x)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        out.backward(up)
+        layer.a_quant.step.data.clamp_(min=Q.STEP_EPS)  # the formula's s
+        step_grad, _, _ = paper_image_grads(layer, x, up)
+        assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5), (step, frozen)
+        assert (layer.weight.grad is None) == frozen
+
+
+def test_image_conv_initializes_the_input_step_on_the_first_training_batch():
+    layer = QConv2d(3, 8, 3, padding=1, w_bits=8, a_bits=8, a_signed=True)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()
+    assert bool(layer.a_quant.initialized)
+    assert layer.a_quant.step.item() == pytest.approx(2 * x.abs().mean().item() / 127 ** 0.5, rel=1e-6)
+    assert layer.a_quant.step.grad is not None
+
+
+@pytest.mark.parametrize("options", [dict(groups=3), dict(padding="same"), dict(padding_mode="reflect"),
+                                     dict(dilation=2), dict()], ids=["groups", "same", "reflect", "dilation", "plain"])
+def test_every_conv_gives_the_same_outputs_and_gradients_with_or_without_the_image_conv(options):
+    """Where _ImageConv cannot run the conv as it is (groups, padding given as a word, another
+    padding mode) the layer keeps the quantizer-then-conv path; a dilated conv runs it. Either
+    way, the outputs and gradients are those of the plain path."""
     results = []
-    for image_conv, x_grad in ((True, False), (False, False), (True, True)):
+    for image_conv in (True, False):
+        torch.manual_seed(0)
+        layer = QConv2d(3, 6, 3, **{"padding": 1, **options}, w_bits=4, a_bits=4, a_signed=True)
+        layer.image_conv = image_conv
+        x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+        out = layer(x)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+        results.append([out.detach(), layer.a_quant.step.grad, layer.w_quant.step.grad, layer.weight.grad])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())), options
+
+
+def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatch):
+    """The same layer on an input that needs a gradient (any layer but the first), with
+    `image_conv` off, or with a hook on its input quantizer (which must run), runs its quantizer
+    and conv on their own, and gives the same gradients."""
+    used = []
+    real = _ImageConv.forward
+    monkeypatch.setattr(_ImageConv, "forward", staticmethod(lambda *a: used.append(1) or real(*a)))
+    results = []
+    for image_conv, x_grad, hook in ((True, False, False), (False, False, False), (True, True, False),
+                                     (True, False, True)):
         layer, x = image_layer(4, False, 2, 1, True, seed=0)
         layer.image_conv = image_conv
         x.requires_grad_(x_grad)
+        used.clear()
         calls = []
-        layer.a_quant.register_forward_hook(lambda *a: calls.append(1))
+        if hook:
+            layer.a_quant.register_forward_hook(lambda *a: calls.append(1))
         out = layer(x)
         out.backward(torch.ones_like(out))
-        assert calls == ([] if image_conv and not x_grad else [1])
+        assert bool(used) == (image_conv and not x_grad and not hook)
+        assert calls == ([1] if hook else [])
         results.append([layer.a_quant.step.grad, layer.w_quant.step.grad, layer.weight.grad, layer.bias.grad])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_compiled_image_conv_follows_the_paper():
+def test_compiled_image_conv_follows_the_paper(monkeypatch):
     """The image conv traced by torch.compile (as the trainer's compile modes trace it): one
     graph, and the paper's gradients. (aot_eager: the traced forward and backward graphs without
     inductor's code generation, which the compiled trainer's test in test_train.py runs.)"""
     layer, x = image_layer(8, True, 2, 1, True, seed=5)
-    layer.w_quant.is_initialized(), layer.a_quant.is_initialized()
+    for q in (layer.w_quant, layer.a_quant):
+        q.is_initialized()  # reads the flag outside the compiled code, as the trainer's first eager step does
+    traced = []
+    real = _ImageConv.forward
+    monkeypatch.setattr(_ImageConv, "forward", staticmethod(lambda *a: traced.append(1) or real(*a)))
     compiled = torch.compile(layer, backend="aot_eager", dynamic=False, fullgraph=True)
     out = compiled(x)
+    assert traced, "the compiled layer did not go through _ImageConv"
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     out.backward(up)
     step_grad, w_grad, b_grad = paper_image_grads(layer, x, up)
