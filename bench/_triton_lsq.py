@@ -226,6 +226,7 @@ def check_image_conv(device: str) -> int:
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         layer = QConv2d(3, 64, 7, stride=2, padding=3, bias=False, w_bits=8, a_bits=8, a_signed=True).to(device)
+        layer.image_conv_devices = (device,)  # the CPU too, where it is not used by default
         allow_tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = dtype != torch.float32
         try:

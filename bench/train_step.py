@@ -87,7 +87,7 @@ class Setup:
             quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
             for m in model.modules():  # -dgrad: the image's quantizer and conv each on their own
                 if isinstance(m, QConv2d):
-                    m.image_conv = not name.removesuffix(" compiled").endswith(DGRAD)
+                    m.image_conv_devices = () if name.removesuffix(" compiled").endswith(DGRAD) else ("cuda",)
         cuda = device.type == "cuda"
         if channels_last is None:  # the trainer's layout
             channels_last = uses_channels_last(device, model_name)

@@ -201,6 +201,12 @@ def test_float_quantized_input_is_freed_before_backward(kind):
 
 
 # ----------------------------------------------------------------------------- the image's conv
+# _ImageConv runs on CUDA by default; these tests check it on the CPU (same code, other device).
+@pytest.fixture
+def image_conv_on_cpu(monkeypatch):
+    monkeypatch.setattr(QConv2d, "image_conv_devices", ("cpu", "cuda"))
+
+
 def image_layer(bits, signed, stride, padding, bias, seed):
     """A first layer as quantize_model makes it: its input is the image, which needs no gradient."""
     gen = torch.Generator().manual_seed(seed)
@@ -233,6 +239,7 @@ def paper_image_grads(layer, x, up, dtype=torch.float32):
     return g * (x_hat.grad * ds).sum(), w_hat.grad * w_in, None if b is None else b.grad
 
 
+@pytest.mark.usefixtures("image_conv_on_cpu")
 @pytest.mark.parametrize("bits,signed", [(8, True), (4, False), (2, True)])
 @pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 1, False), (2, 0, True)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -265,6 +272,7 @@ def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
     assert layer.weight.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.usefixtures("image_conv_on_cpu")
 def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
     """Under bf16 autocast the conv runs in bf16, and a bf16 weight gradient would round each
     entry before the dot product with w_hat: 1-4 % off. The step's sum must keep float32's
@@ -284,6 +292,7 @@ def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
         assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max()))
 
 
+@pytest.mark.usefixtures("image_conv_on_cpu")
 def test_image_conv_with_a_step_below_eps_or_a_frozen_weight_follows_the_paper():
     """The step is clamped to STEP_EPS as everywhere (its gradient passes the clamp), and a
     frozen weight and bias still leave the step its gradient."""
@@ -302,6 +311,7 @@ def test_image_conv_with_a_step_below_eps_or_a_frozen_weight_follows_the_paper()
         assert (layer.weight.grad is None) == frozen
 
 
+@pytest.mark.usefixtures("image_conv_on_cpu")
 def test_image_conv_initializes_the_input_step_on_the_first_training_batch():
     layer = QConv2d(3, 8, 3, padding=1, w_bits=8, a_bits=8, a_signed=True)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -321,7 +331,7 @@ def test_every_conv_gives_the_same_outputs_and_gradients_with_or_without_the_ima
     for image_conv in (True, False):
         torch.manual_seed(0)
         layer = QConv2d(3, 6, 3, **{"padding": 1, **options}, w_bits=4, a_bits=4, a_signed=True)
-        layer.image_conv = image_conv
+        layer.image_conv_devices = ("cpu",) if image_conv else ()
         x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
         out = layer(x)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
@@ -331,17 +341,18 @@ def test_every_conv_gives_the_same_outputs_and_gradients_with_or_without_the_ima
 
 
 def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatch):
-    """The same layer on an input that needs a gradient (any layer but the first), with
-    `image_conv` off, or with a hook on its input quantizer (which must run), runs its quantizer
-    and conv on their own, and gives the same gradients."""
+    """The same layer on an input that needs a gradient (any layer but the first), on a device
+    not in `image_conv_devices` (by default the CPU), or with a hook on its input quantizer
+    (which must run), runs its quantizer and conv on their own, and gives the same gradients."""
     used = []
     real = _ImageConv.forward
     monkeypatch.setattr(_ImageConv, "forward", staticmethod(lambda *a: used.append(1) or real(*a)))
     results = []
-    for image_conv, x_grad, hook in ((True, False, False), (False, False, False), (True, True, False),
-                                     (True, False, True)):
+    for image_conv, x_grad, hook in ((True, False, False), (False, False, False), (None, False, False),
+                                     (True, True, False), (True, False, True)):
         layer, x = image_layer(4, False, 2, 1, True, seed=0)
-        layer.image_conv = image_conv
+        if image_conv is not None:  # None: the default
+            layer.image_conv_devices = ("cpu",) if image_conv else ()
         x.requires_grad_(x_grad)
         used.clear()
         calls = []
@@ -349,7 +360,7 @@ def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatc
             layer.a_quant.register_forward_hook(lambda *a: calls.append(1))
         out = layer(x)
         out.backward(torch.ones_like(out))
-        assert bool(used) == (image_conv and not x_grad and not hook)
+        assert bool(used) == (image_conv is True and not x_grad and not hook)
         assert calls == ([1] if hook else [])
         results.append([layer.a_quant.step.grad, layer.w_quant.step.grad, layer.weight.grad, layer.bias.grad])
     for other in results[1:]:
@@ -357,6 +368,7 @@ def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatc
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.usefixtures("image_conv_on_cpu")
 def test_compiled_image_conv_follows_the_paper(monkeypatch):
     """The image conv traced by torch.compile (as the trainer's compile modes trace it): one
     graph, and the paper's gradients. (aot_eager: the traced forward and backward graphs without
