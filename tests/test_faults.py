@@ -13,6 +13,7 @@ never by sleeping. Trials are the smallest that still train: ResNet-20 on digits
 one CPU each.
 """
 
+import functools
 import glob
 import json
 import os
@@ -62,6 +63,7 @@ class Sweep:
         self.started = time.time()
         self.pids: set[int] = set()  # every process this driver's Ray ran (trial workers included)
         self.logs_dir = None  # its Ray session's logs folder
+        self.noted = 0.0  # when _note_ray last looked
 
     def output(self) -> str:
         return self.log.read_text()
@@ -79,6 +81,12 @@ class Sweep:
             time.sleep(0.05)
 
     def _note_ray(self):
+        """Note this driver's Ray processes, twice a second: a trial worker lives for seconds at
+        least (its imports and an epoch), and listing the processes takes a few ms of the CPU the
+        trials share."""
+        if time.time() < self.noted + 0.5:
+            return
+        self.noted = time.time()
         procs = self.ray_processes()
         self.pids |= {p.pid for p in procs}
         for p in procs if self.logs_dir is None else []:
@@ -157,12 +165,23 @@ def snapshot(experiment: Path) -> dict:
     the checkpoint a resume restores with its epoch ("checkpoint", "at"), and the resources Tune
     gives the trial ("resources": its placement group's bundles). Tune registers a
     checkpoint one controller step after its result, so "at" may trail "epoch" by one.
-    {} while there is no snapshot, or while it is being rewritten."""
+    {} while there is no snapshot, or while it is being rewritten. Callers only read it."""
     files = sorted(glob.glob(str(experiment / "experiment_state-*.json")))
     if not files:
         return {}
     try:
-        state = json.loads(Path(files[-1]).read_text())
+        stat = os.stat(files[-1])
+    except OSError:
+        return {}
+    return _parse_snapshot(files[-1], (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_snapshot(file: str, version: tuple) -> dict:
+    """snapshot() of one version of the file (inode, mtime, size): parsed once, not at every poll
+    (each parse unpickles Tune's objects, a few ms of the CPU the trials share)."""
+    try:
+        state = json.loads(Path(file).read_text())
     except (json.JSONDecodeError, OSError):
         return {}
     out = {}
@@ -173,7 +192,7 @@ def snapshot(experiment: Path) -> dict:
         saved = runtime["checkpoint_manager"].latest_checkpoint_result
         bundles = ray.cloudpickle.loads(bytes.fromhex(trial["placement_group_factory"])).bundles
         out[trial["relative_logdir"]] = {
-            "status": trial["status"], "epoch": last.get("epoch", 0), "file": files[-1], "resources": bundles,
+            "status": trial["status"], "epoch": last.get("epoch", 0), "file": file, "resources": bundles,
             "checkpoint": os.path.basename(saved.checkpoint.path) if saved else None,
             "at": saved.metrics["epoch"] if saved else 0}
     return out
