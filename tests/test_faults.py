@@ -390,7 +390,7 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
         W4,                                                  # 001: its worker is SIGKILLed mid-epoch
         W2,                                                  # 002: the disk is full under its 2nd checkpoint
         "{w_bits: null, a_bits: null, lr: 1.0e+12}",         # 003: diverges
-        "{w_bits: 8, a_bits: 8, epochs: 6}",                 # 004: a longer one
+        "{w_bits: 8, a_bits: 8, epochs: 4}",                 # 004: a longer one
     ], epochs=3)
     experiment = tmp_path / "runs" / "faults"
     killed, full, diverged, long = (experiment / n for n in ("001_W4A4_w8a8", "002_W2A2_w8a8", "003_FP32", "004_W8A8_w8a8"))
@@ -436,7 +436,7 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
     results = pd.read_csv(tmp_path / "reports" / "faults" / "results.csv").set_index("trial_name")
     assert dict(results["status"]) == {killed.name: "TERMINATED", full.name: "ERROR",
                                        diverged.name: "FAILED", long.name: "TERMINATED"}
-    assert results.loc[long.name, "epochs_done"] == 6 and results.loc[killed.name, "epochs_done"] == 3
+    assert results.loc[long.name, "epochs_done"] == 4 and results.loc[killed.name, "epochs_done"] == 3
     # each interrupted trial went on from where SIGTERM stopped it
     # (or from scratch, with a fresh history, if its only checkpoint came in while Tune stopped)
     for f in set(interrupted) - {full.name}:  # (002 never gets past epoch 1: below)
@@ -492,13 +492,14 @@ cluster.shutdown()
 
 
 def test_node_lost_mid_trial_trials_finish_on_the_other_node(tmp_path):
+    epochs = 2  # the lost trial: epoch 1 on the worker node, then epoch 2 on the head
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, env={**os.environ, **auth})
     try:
         info = json.loads(cluster.stdout.readline())
         assert info["address"].startswith("127.0.0.1:"), info
-        space = write_space(tmp_path, "lost", [W4, W2], epochs=3)
+        space = write_space(tmp_path, "lost", [W4, W2], epochs=epochs)
         experiment = tmp_path / "runs" / "lost"
         cmd = [sys.executable, str(ROOT / "sweep.py"), space, "--address", info["address"],
                "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
@@ -536,10 +537,10 @@ def test_node_lost_mid_trial_trials_finish_on_the_other_node(tmp_path):
             cluster.wait(timeout=60)
 
     results = pd.read_csv(tmp_path / "reports" / "lost" / "results.csv")
-    assert set(results["status"]) == {"TERMINATED"} and set(results["epochs_done"]) == {3}, results
+    assert set(results["status"]) == {"TERMINATED"} and set(results["epochs_done"]) == {epochs}, results
     parts = segments(raw_rows(lost))
     assert len(parts) == 2, parts
     assert {node[r["pid"]] for r in parts[0]} == {"worker"} and {node[r["pid"]] for r in parts[1]} == {"head"}, node
     # it went on from its last checkpoint, on the head node
-    assert parts[1][0]["epoch"] == parts[0][-1]["epoch"] + 1 and parts[1][-1]["epoch"] == 3, parts
+    assert parts[1][0]["epoch"] == parts[0][-1]["epoch"] + 1 and parts[1][-1]["epoch"] == epochs, parts
     assert "Failure # 1" in (lost / "error.txt").read_text()
