@@ -15,6 +15,7 @@ from lsq.train import (SGD, CheckpointError, DivergedError, Trainer, lr_factor, 
                        precision, same_trial, uses_channels_last)
 
 FAST = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 1}
+W4A4 = {**FAST, "w_bits": 4, "a_bits": 4}
 
 
 def run(cfg):
@@ -29,6 +30,13 @@ def fp32_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("fp32") / "fp32.pt"
     trainer.save(str(path))
     return path, trainer, history
+
+
+@pytest.fixture(scope="module")
+def w4a4_history():
+    """The metrics of an uninterrupted eager W4A4 run of FAST: what a resumed run, and a compiled
+    run that fell back to eager, must reproduce to the last bit."""
+    return run(W4A4)[1]
 
 
 def test_fp32_learns_digits(fp32_checkpoint):
@@ -85,19 +93,18 @@ def test_init_from_with_nan_weights_is_a_clear_error(tmp_path):
         Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
 
 
-def test_w4a4_learns_and_resume_is_exact(tmp_path):
+def test_w4a4_learns_and_resume_is_exact(tmp_path, w4a4_history):
     """Stop after epoch 1, restore into a fresh trainer: the same metrics to the last bit."""
-    cfg = {**FAST, "w_bits": 4, "a_bits": 4}
-    _, full = run(cfg)
+    full = w4a4_history
     assert full[-1]["top1"] >= 75.0  # 88 % here after 3 epochs from scratch; chance is 10 %
 
-    first = Trainer(TrialConfig.from_dict(cfg))
+    first = Trainer(TrialConfig.from_dict(W4A4))
     epochs = first.epochs()
     head = [next(epochs)]
     first.save(str(tmp_path / "ep1.pt"))
     del first, epochs
 
-    resumed = Trainer(TrialConfig.from_dict(cfg))
+    resumed = Trainer(TrialConfig.from_dict(W4A4))
     resumed.load(str(tmp_path / "ep1.pt"))
     assert (resumed.epoch, resumed.best_top1, resumed.history) == (1, head[0]["best_top1"], head)
     tail = list(resumed.epochs())
@@ -337,11 +344,11 @@ def test_compiled_trainer_learns_and_its_checkpoint_is_the_eager_layout(tmp_path
     assert [m["epoch"] for m in resumed.epochs()] == [4]
 
 
-def test_a_compiled_model_that_loses_gradients_is_dropped_for_eager():
+def test_a_compiled_model_that_loses_gradients_is_dropped_for_eager(w4a4_history):
     """What torch 2.11 compiled (the right outputs, no gradient to any weight or step size) is
     caught on the first compiled step: a warning that says why, and the trial goes on eager from
     the eager step's gradients, exactly as an eager run (the CPU is deterministic)."""
-    cfg = TrialConfig.from_dict({**FAST, "w_bits": 4, "a_bits": 4})
+    cfg = TrialConfig.from_dict(W4A4)
 
     class LosesGradients(torch.nn.Module):
         def __init__(self, model):
@@ -359,8 +366,7 @@ def test_a_compiled_model_that_loses_gradients_is_dropped_for_eager():
                                             r"goes on without torch.compile"):
         history = list(trainer.epochs())
     assert trainer.compiled is None
-    eager = run(cfg.to_dict())[1]
-    assert [(m["train_loss"], m["top1"]) for m in history] == [(m["train_loss"], m["top1"]) for m in eager]
+    assert [(m["train_loss"], m["top1"]) for m in history] == [(m["train_loss"], m["top1"]) for m in w4a4_history]
 
 
 def test_compiled_step_faults_tell_noise_from_lost_or_wrong_gradients():

@@ -29,10 +29,14 @@ def local_ray():
 
 
 def crash_once(config):
-    """train_lsq, but the worker raises right after its first report (once per marker file)."""
+    """train_lsq; given a "_marker" path, the worker raises right after its first report (once
+    per marker file)."""
     import lsq.trainable as trainable
 
+    config = dict(config)  # (Tune's result keeps the "_marker" that tells the trials apart)
     marker = config.pop("_marker")
+    if marker is None:
+        return train_lsq(config)
     real_report = trainable.tune.report
 
     def report(*args, **kwargs):
@@ -48,16 +52,17 @@ def crash_once(config):
         trainable.tune.report = real_report
 
 
-def fit(trainable, config, storage, name):
+def fit(config, markers, storage):
+    """One trial per marker (None: no crash), side by side on one CPU each; their results in that order."""
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 2}),
-        param_space=config,
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+        tune.with_resources(crash_once, {"cpu": 1}),
+        param_space={**config, "_marker": tune.grid_search(markers)},
+        run_config=tune.RunConfig(name="fit", storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     results = tuner.fit()
     assert not results.errors, results.errors
-    return results[0]
+    return [next(r for r in results if r.config["_marker"] == m) for m in markers]
 
 
 def history(result):
@@ -65,8 +70,15 @@ def history(result):
     return [{k: r[k] for k in METRICS if k not in ("epoch_seconds", "images_per_second")} for r in rows]
 
 
-def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path):
-    straight = fit(train_lsq, CFG, tmp_path, "straight")
+def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path, monkeypatch):
+    # Tune as sweep.py runs it: its state goes to storage after every step. With Tune's default
+    # period, a trial restarted right after its first report could copy back a result.json
+    # from storage that lacked that report (history [2, 3]; seen under load).
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # the same trial twice at once: straight, and crashed after epoch 1
+    # (the marker must not be a path Tune creates itself, such as the experiment's folder)
+    marker = tmp_path / "crash_marker"
+    straight, crashed = fit(CFG, [None, str(marker)], tmp_path)
     for k in METRICS:
         assert k in straight.metrics, k
     assert straight.metrics["epoch"] == 3
@@ -88,9 +100,6 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path):
     assert straight.metrics["export_ok"] is True, straight.metrics.get("export_reason")
     assert abs(straight.metrics["int_top1"] - straight.metrics["top1"]) <= 1.0
 
-    # (the marker must not be a path Tune creates itself, such as the experiment's folder)
-    marker = tmp_path / "crash_marker"
-    crashed = fit(crash_once, {**CFG, "_marker": str(marker)}, tmp_path, "crashed")
     assert marker.exists()  # the crash did happen
     # Tune restarted the trial from the epoch-1 checkpoint: epochs 1, 2, 3 once each, same numbers,
     # and the last two came after the restore
