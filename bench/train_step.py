@@ -85,9 +85,10 @@ class Setup:
         model = build_model(model_name, num_classes(model_name))
         if bits is not None:
             quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
-            for m in model.modules():  # -dgrad: the image's quantizer and conv each on their own
-                if isinstance(m, QConv2d):
-                    m.image_conv_devices = () if name.removesuffix(" compiled").endswith(DGRAD) else ("cuda",)
+            if name.removesuffix(" compiled").endswith(DGRAD):  # the image's quantizer and conv each on their own
+                for m in model.modules():
+                    if isinstance(m, QConv2d):
+                        m.image_conv_devices = ()
         cuda = device.type == "cuda"
         if channels_last is None:  # the trainer's layout
             channels_last = uses_channels_last(device, model_name)

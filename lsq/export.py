@@ -602,7 +602,8 @@ def deployment_check(checkpoint_path: str, data_dir: str | None = None, out: str
 
     Returns int_top1, export_ok, agreement (integer vs fake-quant, percent), onnx_agreement, plus
     fake_top1, onnx_top1, the logit differences, int_ok, export_reason (why export_ok is None or
-    False, or how it passed with ConvBNFusion off) and onnx_path. Writes the ONNX file to `out`, or to a temporary file it removes.
+    False, or how it passed with ConvBNFusion off) and onnx_path. Writes the ONNX file to `out`,
+    or to a temporary file it removes.
     export_ok is None (with export_reason) where onnx/onnxruntime are not installed.
     Raises CheckpointError / ConfigError for an unusable checkpoint or data folder."""
     model, data, cfg, state = load_trained(checkpoint_path, data_dir)

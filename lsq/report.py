@@ -750,7 +750,7 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
 # ----------------------------------------------------------------------------- writing
 def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = False) -> Report:
     """Read the stored experiment and write every report file to <reports_dir>/<name>/. `live`:
-    a driver is running the sweep now (see `collect`)."""
+    a driver may be running the sweep now (see `collect`)."""
     df, layers, meta = collect(experiment, live)
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
