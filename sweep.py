@@ -17,6 +17,8 @@ Choices that keep a sweep safe to interrupt:
   files reaches local storage whole or not at all (`whole_file_snapshots`), where Tune's own copy
   left it cut short when the driver was killed mid-copy. A snapshot cut short all the same (other
   storage, an older sweep) is set aside at --resume, which then restores the one before it.
+- A trial restarted after a crash keeps every result line it reported (`results_survive_a_restart`):
+  Tune copied its result.json back from storage, which could lag the last report by one copy.
 - Ctrl-C or SIGTERM stops Tune cleanly; the partial report and the resume command are printed.
 - One driver per sweep: a second one (the command run twice, a --resume while the first still
   runs) is refused (`one_driver`).
@@ -611,6 +613,37 @@ def whole_file_snapshots() -> bool:
     return True
 
 
+def results_survive_a_restart() -> bool:
+    """Keep a restarted trial's result.json (and progress.csv) whole.
+
+    Tune's loggers write each result into the driver's staging folder, which a background copy
+    takes to storage after the controller step. When a trial restarts (its worker died, it raised),
+    the loggers first copy the file back from storage over the staging one. If the last copy had
+    not finished, or had been skipped because the one before was still running (a loaded machine,
+    slow storage), that overwrites the newest lines with an older file: the restarted trial's
+    history lost the epochs it reported just before it failed ([2, 3] instead of [1, 2, 3]), in
+    storage too once the next copy ran. The copy back is needed only by a new driver, whose
+    staging folder starts empty; a file this driver has in staging is its newest. So the copy back
+    now happens only where staging has no such file. Patches Ray 2.60's
+    `LoggerCallback._restore_from_remote` in this (the driver's) process; with another Ray that
+    lacks it, nothing changes."""
+    from ray.tune.logger import logger as tune_logger
+
+    cls = getattr(tune_logger, "LoggerCallback", None)
+    restore = getattr(cls, "_restore_from_remote", None)
+    if restore is None or getattr(restore, "keeps_staging", False):
+        return restore is not None
+
+    def restore_unless_staged(self, file_name, trial):
+        if os.path.exists(os.path.join(trial.local_path, file_name)):
+            return  # written by this driver: at least as new as the copy in storage
+        restore(self, file_name, trial)
+
+    restore_unless_staged.keeps_staging = True
+    cls._restore_from_remote = restore_unless_staged
+    return True
+
+
 def trials_in_prestarted_workers() -> bool:
     """Let the trials run in the Python workers Ray starts with the node, not in new ones.
 
@@ -644,6 +677,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     from lsq.trainable import NoTensorBoard, train_lsq
 
     whole_file_snapshots()
+    results_survive_a_restart()
     trials_in_prestarted_workers()
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:

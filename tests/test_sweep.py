@@ -463,6 +463,47 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")]  # the unfinished copy, hidden
 
 
+def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
+    """When a trial restarts, Tune's loggers copy its result.json back from storage over the
+    driver's staging copy. If the background copy to storage had not caught up, that dropped the
+    newest lines: a trial that crashed right after reporting epoch 1 came back with the history
+    [2, 3] (seen under load, in tests/test_trainable.py). With sweep.results_survive_a_restart()
+    this driver's staging file stays; a new driver (empty staging) still gets storage's copy."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.logger import logger as tune_logger
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    import sweep
+
+    cls = tune_logger.LoggerCallback
+    monkeypatch.setattr(cls, "_restore_from_remote", cls._restore_from_remote)  # restored afterwards
+    staging, stored = tmp_path / "staging", tmp_path / "runs" / "trial"
+    staging.mkdir()
+    stored.mkdir(parents=True)
+    trial = SimpleNamespace(local_path=str(staging), checkpoint="checkpoint_000000",
+                            storage=SimpleNamespace(trial_fs_path=str(stored), storage_filesystem=pafs.LocalFileSystem()))
+    reported = '{"epoch": 1}\n'
+
+    def restart():  # what Tune runs as the restarted trial starts (log_trial_start)
+        (staging / "result.json").write_text(reported)  # this driver's latest
+        (stored / "result.json").write_text("")  # storage's copy: the last upload had not finished
+        JsonLoggerCallback()._restore_from_remote("result.json", trial)
+        return (staging / "result.json").read_text()
+
+    assert restart() == ""  # Ray's own behaviour: epoch 1 is gone
+    assert sweep.results_survive_a_restart() and sweep.results_survive_a_restart()  # once, then already in place
+    assert restart() == reported
+
+    # a new driver (a resumed sweep) starts with an empty staging folder: it takes storage's copy
+    (staging / "result.json").unlink()
+    (stored / "result.json").write_text(reported)
+    JsonLoggerCallback()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == reported
+
+
 def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
     """Ray starts an idle worker per CPU with the node, and a worker serves only tasks whose
     runtime env matches its own empty one. Tune's default runtime env for every trainable

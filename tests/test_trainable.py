@@ -71,10 +71,19 @@ def history(result):
 
 
 def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path, monkeypatch):
-    # Tune as sweep.py runs it: its state goes to storage after every step. With Tune's default
-    # period, a trial restarted right after its first report could copy back a result.json
-    # from storage that lacked that report (history [2, 3]; seen under load).
+    # Tune as sweep.py runs it: its state goes to storage after every step, and a restarted
+    # trial keeps the result.json this driver wrote. Without the latter, a trial restarted right
+    # after its first report could copy back from storage a result.json that lacked that report,
+    # when the copy to storage had not caught up (history [2, 3]; seen under load).
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    from ray.tune.logger import logger as tune_logger
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sweep
+
+    cls = tune_logger.LoggerCallback
+    monkeypatch.setattr(cls, "_restore_from_remote", cls._restore_from_remote)  # restored afterwards
+    assert sweep.results_survive_a_restart()
     # the same trial twice at once: straight, and crashed after epoch 1
     # (the marker must not be a path Tune creates itself, such as the experiment's folder)
     marker = tmp_path / "crash_marker"
