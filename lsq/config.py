@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
+MODELS = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's own format
 

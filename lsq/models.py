@@ -2,7 +2,8 @@
 
 CIFAR ResNets (resnet20/32/44/56) follow He et al. 2016, section 4.2: a 3x3 conv with 16
 filters, three stages of n basic blocks with 16, 32 and 64 filters (6n+2 layers), global
-average pooling and a linear classifier. Shortcuts use **option A**: identity, and where the
+average pooling and a linear classifier. resnet8 is the same design with n = 1 (not one of the
+paper's depths): a quick model for smoke runs and tests, about 2x faster to compile and train. Shortcuts use **option A**: identity, and where the
 shape changes, a stride-2 subsample padded with zero channels. So every shortcut is
 parameter-free (resnet20 has 0.27M parameters) and no conv hides in the shortcut path.
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError
 
-CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
+CIFAR_DEPTHS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
 
 

@@ -18,7 +18,7 @@ def count_layers(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------- CIFAR ResNets
-@pytest.mark.parametrize("name,n", [("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9)])
+@pytest.mark.parametrize("name,n", [("resnet8", 1), ("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9)])
 def test_cifar_resnet_depth_and_forward(name, n):
     torch.manual_seed(0)
     model = build_model(name, 10)

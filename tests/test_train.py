@@ -324,24 +324,26 @@ def test_compiled_trainer_learns_and_its_checkpoint_is_the_eager_layout(tmp_path
     """compile='default': the first step runs eager (it initializes the step sizes from the data),
     then compiled graphs for training and evaluation with no graph breaks. A whole quantized
     network is not bit-identical to eager (a last-bit difference before a quantizer can move a
-    value to the next level), so the run is held to what eager reaches (87.5 % here, 53-88 %
-    over seeds), and its checkpoint resumes in an eager trainer."""
+    value to the next level), so the run is held to what eager reaches (95-98 % after 4 epochs
+    over 8 seeds), and its checkpoint resumes in an eager trainer. On resnet8: the same blocks
+    as resnet20, compiled in half the time (70 s against 130-140 s with a cold cache, as in CI)."""
     from torch._dynamo.utils import counters
 
+    cfg = {**FAST, "model": "resnet8", "epochs": 4, "w_bits": 4, "a_bits": 4}
     counters.clear()
-    compiled, history = run({**FAST, "w_bits": 4, "a_bits": 4, "compile": "default"})
+    compiled, history = run({**cfg, "compile": "default"})
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert compiled.compiled is not None  # its gradients passed the check against eager
-    assert history[-1]["top1"] >= 75.0, history[-1]
+    assert history[-1]["top1"] >= 90.0, history[-1]
 
     path = str(tmp_path / "compiled.pt")
     compiled.save(path)
     state = torch.load(path, weights_only=True)["model"]
     assert set(state) == set(compiled.model.state_dict()) and not any("_orig_mod" in k for k in state)
-    resumed = Trainer(TrialConfig.from_dict({**FAST, "w_bits": 4, "a_bits": 4, "epochs": 4}))  # eager now
+    resumed = Trainer(TrialConfig.from_dict({**cfg, "epochs": 5}))  # eager now
     resumed.load(path)
     assert resumed.evaluate()["top1"] == pytest.approx(history[-1]["top1"], abs=1.0)
-    assert [m["epoch"] for m in resumed.epochs()] == [4]
+    assert [m["epoch"] for m in resumed.epochs()] == [5]
 
 
 def test_a_compiled_model_that_loses_gradients_is_dropped_for_eager(w4a4_history):
