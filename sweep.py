@@ -631,7 +631,7 @@ def results_survive_a_restart() -> bool:
 
     cls = getattr(tune_logger, "LoggerCallback", None)
     restore = getattr(cls, "_restore_from_remote", None)
-    if restore is None or getattr(restore, "keeps_staging", False):
+    if restore is None or hasattr(restore, "unpatched"):
         return restore is not None
 
     def restore_unless_staged(self, file_name, trial):
@@ -639,7 +639,7 @@ def results_survive_a_restart() -> bool:
             return  # written by this driver: at least as new as the copy in storage
         restore(self, file_name, trial)
 
-    restore_unless_staged.keeps_staging = True
+    restore_unless_staged.unpatched = restore
     cls._restore_from_remote = restore_unless_staged
     return True
 

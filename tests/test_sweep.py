@@ -479,7 +479,8 @@ def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
     import sweep
 
     cls = tune_logger.LoggerCallback
-    monkeypatch.setattr(cls, "_restore_from_remote", cls._restore_from_remote)  # restored afterwards
+    ray_own = getattr(cls._restore_from_remote, "unpatched", cls._restore_from_remote)  # (a sweep run in this process patches it)
+    monkeypatch.setattr(cls, "_restore_from_remote", ray_own)  # restored afterwards
     staging, stored = tmp_path / "staging", tmp_path / "runs" / "trial"
     staging.mkdir()
     stored.mkdir(parents=True)
