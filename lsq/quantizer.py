@@ -449,9 +449,21 @@ class _CpuKernels:
     def accepts(self, v: torch.Tensor) -> bool:
         return v.device.type == "cpu" and v.dtype == torch.float32 and _dense(v)
 
+    # A small weight's call is mostly the Python around the loops (16x16x3x3: 10 us of C in about
+    # 130 us), so it stays lean: the step read as a Python float, and its gradient made in one op.
+    # Reading it through clamp_min and scaling a tensor of the sum cost about 40 us more a call
+    # (bench/RESULTS.md, tenth session).
+
+    @staticmethod
+    def step_value(step) -> float:
+        """float(step.clamp_min(STEP_EPS)) without the tensor op: the same float32 value once the
+        call passes it as a C float, and a NaN step stays NaN (max returns its first argument
+        unless the second compares greater)."""
+        return max(step.item(), STEP_EPS)
+
     def forward(self, v, step, qn, qp):
         out = torch.empty_like(v)  # same strides as v: both loops walk the storage in order
-        self.lib.lsq_forward(v.data_ptr(), out.data_ptr(), v.numel(), float(step.clamp_min(STEP_EPS)), qn, qp,
+        self.lib.lsq_forward(v.data_ptr(), out.data_ptr(), v.numel(), self.step_value(step), qn, qp,
                              torch.get_num_threads())
         return out
 
@@ -460,8 +472,8 @@ class _CpuKernels:
             grad = torch.empty_like(v).copy_(grad)
         grad_v = torch.empty_like(v)
         total = self.lib.lsq_backward(v.data_ptr(), grad.data_ptr(), grad_v.data_ptr(), v.numel(),
-                                      float(step.clamp_min(STEP_EPS)), qn, qp, torch.get_num_threads())
-        return grad_v, (torch.tensor(total, dtype=step.dtype) * g).reshape(step.shape)
+                                      self.step_value(step), qn, qp, torch.get_num_threads())
+        return grad_v, torch.full(step.shape, total * g, dtype=step.dtype)  # g * the double sum, rounded once
 
     def encode(self, v, s, signed):
         codes = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8)  # v's strides

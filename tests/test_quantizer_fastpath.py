@@ -125,6 +125,29 @@ def test_nan_and_inf_behave_as_in_the_eager_path(device):
     assert math.isnan(float(gs)) and math.isnan(float(e_gs))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [0.0, -0.5, 1e-9, Q.STEP_EPS, float("nan")])
+def test_steps_at_or_below_the_clamp_and_a_nan_step_as_in_the_eager_path(device, step, seed):
+    """The fast path reads the step itself: s = step.clamp_min(STEP_EPS), a NaN step staying NaN
+    (torch.clamp_min's rule), in the forward and in the step's gradient."""
+    v = (torch.randn(6, 5, generator=seed) * 1e-7).to(device)  # v/s on both sides of the range at s = STEP_EPS
+    up = torch.randn(v.shape, generator=seed).to(device)
+    needs_fast_path(device, v)
+    out, gv, gs = run(v, up, 4, True, step, fast=True)
+    e_out, e_gv, e_gs = run(v, up, 4, True, step, fast=False)
+    if math.isnan(step):
+        assert out.isnan().all() and e_out.isnan().all() and math.isnan(float(gs)) and math.isnan(float(e_gs))
+        return
+    s = float(torch.tensor(Q.STEP_EPS))  # the clamp's value, as float32
+    fwd, ref_gv, ref_gs, scale = paper(v.cpu().numpy(), s, 8, 7, up.cpu().numpy())
+    assert torch.equal(out, e_out) and torch.equal(gv, e_gv)
+    assert np.allclose(out.cpu().double().numpy(), fwd, rtol=1e-6, atol=0)  # s * k with a float32 s
+    assert np.array_equal(gv.cpu().double().numpy(), ref_gv)
+    g = 1 / math.sqrt(v.numel() * 7)
+    assert float(gs) == pytest.approx(ref_gs * g, rel=1e-5, abs=1e-6 * scale * g)
+    assert float(gs) == pytest.approx(float(e_gs), rel=1e-5, abs=1e-6 * scale * g)
+
+
 def test_cpu_fast_path_is_in_use_where_a_compiler_exists():
     """Guards against the fast path silently never running (e.g. the build broke)."""
     import shutil
