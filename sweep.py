@@ -543,10 +543,14 @@ def _token_available() -> bool:
 
 def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
     """Per-trial resources that this cluster can give: CPU-only without GPUs, capped locally."""
+    cluster = ray.cluster_resources()
+    return fit_to(cluster.get("CPU", 0), cluster.get("GPU", 0), resources, space, local)
+
+
+def fit_to(cpus: float, gpus: float, resources: dict, space: Space, local: bool) -> dict:
+    """fit_resources for a cluster of `cpus` CPUs and `gpus` GPUs (the dry run: this machine's)."""
     from lsq import report
 
-    cluster = ray.cluster_resources()
-    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     res = dict(resources)
     if not gpus and any(t.device == "cuda" for t in space.trials):  # whatever gpu the trials ask for
         raise ConfigError("key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu "
@@ -917,10 +921,15 @@ def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, ex
         es = space.early_stopping
         scheduler = (f"ASHA on {es['metric']} ({es['mode']}), grace period {report.count(es['grace_period'], 'epoch')}, "
                      f"reduction factor {es['reduction_factor']}")
-    cpus = os.cpu_count() or 1
+    cpus, gpus = os.cpu_count() or 1, None if args.address else local_gpus()
+    if gpus is not None:  # what the real run's private Ray will find: its notes and errors, here too
+        resources = fit_to(cpus, gpus, resources, space, local=True)
     at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
+    if resources["gpu"] and gpus:
+        at_once = min(at_once, max(1, int(gpus // resources["gpu"])))
     if args.max_concurrent:
         at_once = min(at_once, args.max_concurrent)
+    machine = report.count(cpus, "CPU") + (f", {report.count(int(gpus), 'GPU')}" if gpus else "")
     lines = [f"Sweep '{name}' from {space.path}: {report.count(len(space.trials), 'trial')}"
              + (f" ({space.cells} cells, {space.cells - len(space.trials)} merged)" if space.cells != len(space.trials) else ""),
              ""]
@@ -928,12 +937,27 @@ def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, ex
         lines += [space.description, ""]
     lines += [format_table(space), "",
               f"resources per trial: {_res_text(resources)}"
-              + ("" if args.address else f"; on this machine ({report.count(cpus, 'CPU')}) up to {at_once} at once"),
+              + ("" if args.address else f"; on this machine ({machine}) up to {at_once} at once"),
               f"scheduler: {scheduler}; a crashed trial is retried {_times(max_failures)} from its last checkpoint",
               f"storage: {experiment}",
               f"reports: {os.path.join(args.reports, name)}",
               "dry run: nothing was started or written"]
     return "\n".join(lines)
+
+
+def local_gpus() -> int | None:
+    """The GPUs a private Ray would give trials on this machine, counted as `ray.init` counts
+    them (CUDA_VISIBLE_DEVICES included), or None where Ray cannot say."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # as start_ray sets it: read when Ray is imported
+    try:
+        from ray._private import accelerators
+
+        manager = accelerators.get_accelerator_manager_for_resource("GPU")
+        n = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return int(min(n, len(visible)) if visible is not None else n)
+    except Exception:  # another Ray, an odd driver: the dry run shows the resources as asked
+        return None
 
 
 def _print_report(result) -> None:
@@ -946,7 +970,10 @@ def _times(n: int) -> str:
 
 
 def _res_text(resources: dict) -> str:
-    return f"{resources['cpu']:g} CPU" + (f", {resources['gpu']:g} GPU" if resources["gpu"] else "")
+    def n(x, noun: str) -> str:  # 0.5 CPU, 1 CPU, 2 CPUs
+        return f"{x:g} {noun}{'s' if x > 1 else ''}"
+
+    return n(resources["cpu"], "CPU") + (f", {n(resources['gpu'], 'GPU')}" if resources["gpu"] else "")
 
 
 def resume_command(argv: list[str], resume: bool = True) -> str:

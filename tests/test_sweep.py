@@ -278,6 +278,61 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     assert "ignored: --cpus-per-trial 2 (keeps 1)" in out
 
 
+@pytest.mark.parametrize("cpus, gpus, flags, expect", [
+    (2, 0, ["--gpus-per-trial", "1"], ["note: the cluster has no GPU: running CPU-only (asked for gpu=1 per trial)",
+                                       "resources per trial: 1 CPU; on this machine (2 CPUs) up to 2 at once"]),
+    (16, 1, ["--gpus-per-trial", "1"], ["resources per trial: 1 CPU, 1 GPU; on this machine (16 CPUs, 1 GPU) up to 1 at once"]),
+    (16, 4, ["--gpus-per-trial", "0.5", "--cpus-per-trial", "2"],
+     ["resources per trial: 2 CPUs, 0.5 GPU; on this machine (16 CPUs, 4 GPUs) up to 8 at once"]),
+    (2, 0, ["--cpus-per-trial", "4"], ["note: this machine has 2 CPUs: each trial gets 2 (asked for 4)",
+                                       "resources per trial: 2 CPUs; on this machine (2 CPUs) up to 1 at once"]),
+])
+def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(cpus, gpus, flags, expect, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The dry run previews the run on this machine: trials wait for GPUs as well as CPUs, and
+    what the private Ray cannot give is fitted (or refused) with the real run's notes."""
+    import sweep
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(sweep, "local_gpus", lambda: gpus)
+    path = space(tmp_path, "fit", epochs=1, batch=256, bits=[W4])
+    assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--dry-run", *flags]) == 0
+    out = capsys.readouterr().out
+    for line in expect:
+        assert line in out, out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("gpus, flags, error", [
+    (0, ["--set", "device=cuda"], "error: key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu"),
+    (1, ["--gpus-per-trial", "2"], "error: resources: gpu=2 per trial, but the cluster has 1 GPU; allowed: at most 1"),
+])
+def test_dry_run_refuses_what_the_run_on_this_machine_would_refuse(gpus, flags, error, tmp_path, monkeypatch, capsys):
+    import sweep
+
+    monkeypatch.setattr(sweep, "local_gpus", lambda: gpus)
+    path = space(tmp_path, "refused", epochs=1, batch=256, bits=[W4])
+    assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--dry-run", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(error) and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_local_gpus_counts_what_ray_would(monkeypatch):
+    """As ray.init counts them: the devices, capped by CUDA_VISIBLE_DEVICES where it is set."""
+    import sweep
+    from ray._private import accelerators
+
+    manager = accelerators.get_accelerator_manager_for_resource("GPU")
+    monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 4))
+    monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: ["0", "2"]))
+    assert sweep.local_gpus() == 2
+    monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: None))
+    assert sweep.local_gpus() == 4
+    monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 1 / 0))
+    assert sweep.local_gpus() is None  # Ray cannot say: the dry run shows the resources as asked
+
+
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
     """Tune resumes the stored trials with the configs they started with: a space (or --set) that
     now asks for more epochs or other trials is named, with the way to run it."""
