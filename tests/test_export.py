@@ -327,16 +327,19 @@ def test_float_layers_are_judged_without_the_batch_norm_fold(trained, tmp_path, 
     def session(onnx_path, fold_batch_norms=True):
         if isinstance(onnx_path, str):  # (the code check opens its own, from bytes)
             opened.append(fold_batch_norms)
-        if not fold_batch_norms:
-            return real(onnx_path, fold_batch_norms=False)
-        return _ShuffledLogits(real(onnx_path), every) if isinstance(onnx_path, str) else real(onnx_path)
+        if not fold_batch_norms or not isinstance(onnx_path, str):
+            return real(onnx_path, fold_batch_norms=fold_batch_norms)
+        # The "folded" session is the unfolded one with every `every`-th image's class changed:
+        # exactly that many flips, whatever the fold itself flips in this model (measured: none
+        # of the 360 images when this test runs alone, 4 after the module's other tests; with
+        # those, 4 rolled images fell below FOLD_FLOOR).
+        return _ShuffledLogits(real(onnx_path, fold_batch_norms=False), every)
 
     monkeypatch.setattr(E, "onnx_session", session)
     r = compare_paths(model, trainer.data.test, path)
     assert opened == ([True, False] if fallback else [True])
     if fallback:
-        # the 4 rolled images, and the fold's own flips where this model has some
-        assert E.FOLD_FLOOR <= r["onnx_folded_agreement"] <= 100 * (1 - 4 / 360) + 1e-9
+        assert r["onnx_folded_agreement"] == pytest.approx(100 * (1 - 4 / 360))  # the 4 rolled images
         assert r["onnx_agreement"] >= AGREEMENT_TARGET and passes(r, "onnx")
     else:
         assert r["onnx_folded_agreement"] is None and not passes(r, "onnx")
