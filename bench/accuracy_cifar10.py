@@ -97,7 +97,7 @@ def _g(x) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", choices=PROTOCOLS, default="cpu")
     p.add_argument("--archive", default=CIFAR_ARCHIVE)
     p.add_argument("--data-dir", default="/tmp/lsq-cifar10")
@@ -110,7 +110,8 @@ def main() -> int:
     p.add_argument("--deploy-bits", type=int, nargs="*", default=[],
                    help="run the deployment check (integer inference + ONNX, lsq/export.py) on these fine-tunes")
     p.add_argument("--dataset", choices=["cifar10", "digits"], default="cifar10",
-                   help="digits: a one-minute dry run of the whole protocol on the embedded set")
+                   help="digits: a one-minute dry run of the whole protocol on the embedded set (records nothing)")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     proto = dict(PROTOCOLS[args.protocol])
     for k in ("fp32_epochs", "qat_epochs", "bits"):
@@ -196,7 +197,7 @@ def main() -> int:
     lines += ["", f"Report: `{report.folder}`", ""]
     text = "\n".join(lines)
     print(text)
-    if args.dataset == "cifar10":  # a digits dry run records nothing
+    if args.dataset == "cifar10" and not args.no_append:  # a digits dry run records nothing
         with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
             f.write("\n" + text)
     return 0 if ok else 1

@@ -192,7 +192,10 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--models", default="resnet20:128:32,resnet18:32:64",
                    help="comma-separated model:batch:image_size")
-    p.add_argument("--configs", default="fp32,w8a8,w4a4,w2a2", help=f"from {', '.join(BITS)}")
+    p.add_argument("--configs", default="fp32,w8a8,w4a4,w2a2",
+                   help=f"from {', '.join(BITS)}; a quantized one with {DGRAD} (e.g. w4a4{DGRAD}) takes the image's "
+                        "step gradient through the first conv's input gradient (on CUDA the path lsq.layers._ImageConv "
+                        "replaced; on the CPU the trainer's own)")
     p.add_argument("--compile", default="", help="configs to also time under torch.compile(model), e.g. fp32,w4a4")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                    help="torch.compile mode for --compile (reduce-overhead: CUDA graphs too)")
