@@ -167,7 +167,8 @@ def test_a_shipped_space_is_found_from_any_folder(tmp_path, monkeypatch, capsys)
     assert not os.listdir(tmp_path)
 
 
-def test_dry_run_prints_trials_and_resources_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_prints_trials_and_resources_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "local_gpus", lambda: 1)  # the resources as asked: on a GPU-less machine, fitted
     space = write(tmp_path, """
 name: dry
 fixed: {epochs: 1}
