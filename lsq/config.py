@@ -58,6 +58,7 @@ PRESET_WORDS = {
     "w8a8": "8-bit weights and input",
 }
 BIT_RANGE = (2, 8)
+INT_MAX = 2**63 - 1  # any integer key
 PATH_KEYS = ("data_dir", "init_from")  # the keys that name a file or folder
 _EXPLICIT_END = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -156,6 +157,9 @@ class TrialConfig:
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
     def _check_cross(self, where: str) -> None:
+        if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it when the trial starts
+            raise ConfigError(f"{where}: key 'nesterov' = True needs momentum > 0 (momentum = 0); "
+                              "allowed: nesterov false, or a momentum in (0, 1]")
         if self.dataset != "digits" and not self.data_dir:
             raise ConfigError(f"{where}: key 'data_dir' is required for dataset '{self.dataset}' (only 'digits' is embedded)")
         if self.init_from and self.init_from != "torchvision" and not os.path.isfile(self.init_from):
@@ -214,7 +218,8 @@ def _bits(key: str, value: Any, where: str) -> int | None:
     lo, hi = BIT_RANGE
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "fp32", "32")):
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or int(value) != value):
         raise ConfigError(f"{where}: key '{key}' = {value!r}: expected bits {lo}..{hi}, or None/32 for FP32")
     value = int(value)
     if value == 32:
@@ -290,6 +295,8 @@ def coerce(key: str, value: Any, where: str = "config") -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: key '{key}' = {value!r}: expected an integer")
+        if value > INT_MAX:  # the reports store every key in a 64-bit column; torch seeds take no more
+            raise ConfigError(f"{where}: key '{key}' = {value}: must be <= {INT_MAX} (2^63 - 1)")
     elif tp.startswith("float"):
         if isinstance(value, str):
             try:
