@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.report_only:
         name = check_name(args.name, "--name") if args.name is not None else read_name(space_path)
         check_storage(args.storage, write=False)  # reading only: an archived, read-only sweep is fine
-        check_folder("--reports", args.reports)
+        check_reports(args.reports, name)
         experiment = _join(storage, name)
         if not report.experiment_exists(experiment):
             raise ConfigError(f"--report-only: no sweep '{name}' in {storage} (nothing to report)")
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     name = check_name(args.name, "--name") if args.name is not None else space.name
     experiment = args.experiment = _join(storage, name)  # for the message should Ctrl-C come
     check_storage(args.storage)
-    check_folder("--reports", args.reports)
+    check_reports(args.reports, name)
     resources = dict(space.resources)
     if args.cpus_per_trial is not None:
         resources["cpu"] = check_resource("cpu", args.cpus_per_trial, "--cpus-per-trial")
@@ -323,9 +323,10 @@ def check_storage(storage: str, write: bool = True) -> None:
     do); a URI must name a file system pyarrow knows and answer within STORAGE_TIMEOUT_S (without
     a network, Google Cloud Storage retries for many minutes without a word, and Tune would wait
     as long)."""
-    if "://" not in storage:
+    local = storage[len("file://"):] if storage.startswith("file://") else None  # pyarrow: a local path
+    if "://" not in storage or local:
         if write:
-            check_folder("--storage", storage, " or a URI such as s3://bucket/runs")
+            check_folder("--storage", local or storage, " or a URI such as s3://bucket/runs", given=storage)
         return
     outcome = []
     probe = threading.Thread(target=lambda: outcome.append(_probe_storage(storage)), daemon=True)
@@ -341,18 +342,35 @@ def check_storage(storage: str, write: bool = True) -> None:
         raise ConfigError(f"--storage {storage}: cannot use it ({outcome[0]})")
 
 
-def check_folder(flag: str, path: str, or_else: str = "") -> None:
+def check_folder(flag: str, path: str, or_else: str = "", given: str | None = None) -> None:
     """A local folder the sweep will write to: it, or the nearest folder above it that exists, must
-    be a folder this user may write in. Writes nothing."""
+    be a folder this user may write in. Writes nothing. `given`: the flag's value as the user
+    wrote it, where `path` is derived from it."""
     folder = os.path.abspath(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
+    given = path if given is None else given
     if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path}: {folder} is a file; allowed: a folder (created if missing){or_else}")
+        raise ConfigError(f"{flag} {given}: {folder} is a file; allowed: a folder (created if missing){or_else}")
     read_only_fs = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
     if not os.access(folder, os.W_OK | os.X_OK) or read_only_fs:
-        raise ConfigError(f"{flag} {path}: {folder} is read-only for this user; allowed: a folder this user can "
+        raise ConfigError(f"{flag} {given}: {folder} is read-only for this user; allowed: a folder this user can "
                           f"write to{or_else}")
+
+
+def check_reports(reports: str, name: str) -> None:
+    """--reports: a local folder where <name>/ and each report file can be written, checked before
+    the sweep trains (the report is written at its end). Writes nothing."""
+    from lsq import report
+
+    if "://" in reports:
+        raise ConfigError(f"--reports {reports}: a URI; allowed: a local folder (--storage is the one that takes URIs)")
+    folder = os.path.join(reports, name)
+    check_folder("--reports", folder, given=reports)  # (<name>/ itself must not be a file)
+    for file in report.FILES:
+        if os.path.isdir(os.path.join(folder, file)):
+            raise ConfigError(f"--reports {reports}: {os.path.join(folder, file)} is a folder, where the report writes "
+                              "a file; allowed: a reports folder without it (remove it, or give another --reports)")
 
 
 def create_storage(storage: str) -> None:
@@ -512,8 +530,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT, with a port in 1..65535")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:

@@ -22,6 +22,7 @@ folder and renamed, so a crash mid-report never leaves a truncated table. No Ray
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -763,6 +764,9 @@ def build_report(experiment: str, reports_dir: str, name: str | None = None, liv
         written["layers.csv"] = layers.to_csv(index=False)
         written["layers.md"] = render_layers(df, layers)
     written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
+    for file in written:  # before any is written: a report is replaced whole or not at all
+        if os.path.isdir(os.path.join(folder, file)):
+            raise IsADirectoryError(errno.EISDIR, "a folder where the report writes a file", os.path.join(folder, file))
     for file, data in written.items():
         atomic_write(os.path.join(folder, file), data)
     return Report(folder=folder, results=df, layers=layers, table_md=table,

@@ -44,6 +44,8 @@ FILES = {
     "cifar100.pt": lambda p: torch.save(build_model("resnet20", 100, 3).state_dict(), p),
     "evil.pt": lambda p: torch.save({"model": build_model("resnet20", 10, 1).state_dict(),
                                      "x": _Payload(p.parent / "pwned")}, p),
+    "shadow/clash": lambda p: p.parent.mkdir() or p.write_text("a file where sweep 'clash' puts its report folder\n"),
+    "shadow2/clash/table.md": lambda p: p.mkdir(parents=True),  # a folder where the report writes a file
 }
 TAG = "!!python/object/apply:os.system ['touch pwned']"
 
@@ -145,6 +147,16 @@ BAD = {
     "storage_unknown_scheme": ("fixed: {epochs: 1}\n", ["--storage", "foo://bucket/runs"], ["--storage foo://bucket/runs",
                                                                                            "cannot use it", "Unrecognized"]),
     "reports_under_a_file": ("fixed: {epochs: 1}\n", ["--reports", "text.pt/r"], ["--reports text.pt/r", "text.pt is a file"]),
+    "reports_name_is_a_file": ("name: clash\nfixed: {epochs: 1}\n", ["--reports", "shadow"],
+                               ["--reports shadow", "shadow/clash is a file", "allowed: a folder"]),
+    "reports_file_is_a_folder": ("name: clash\nfixed: {epochs: 1}\n", ["--reports", "shadow2"],
+                                 ["--reports shadow2", "shadow2/clash/table.md is a folder", "the report writes a file"]),
+    "reports_a_uri": ("fixed: {epochs: 1}\n", ["--reports", "s3://bucket/reports"],
+                      ["--reports s3://bucket/reports", "a URI", "allowed: a local folder"]),
+    "storage_file_uri_to_a_file": ("fixed: {epochs: 1}\n", ["--storage", "file://text.pt"],
+                                   ["--storage file://text.pt", "text.pt is a file", "allowed: a folder"]),
+    "address_port_out_of_range": ("fixed: {epochs: 1}\n", ["--address", "127.0.0.1:99999"],
+                                  ["--address 127.0.0.1:99999", "a port in 1..65535"]),
     # a sweep that is not there
     "resume_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--resume"], ["--resume", "no sweep 'gone'", "runs",
                                                                         "start it without --resume"]),

@@ -449,6 +449,21 @@ def test_files_are_replaced_atomically(experiment, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(reports / "fake") if f.endswith(".tmp")]
 
 
+def test_a_folder_in_the_way_of_one_file_leaves_the_whole_report_as_it_was(experiment, tmp_path):
+    """A report is replaced whole or not at all: a folder where one of its files goes (made
+    during the sweep, say) is found before any file is written."""
+    reports = tmp_path / "reports"
+    report.build_report(str(experiment), str(reports))
+    before = {f: (reports / "fake" / f).read_bytes() for f in ("results.parquet", "results.csv", "table.md")}
+    (reports / "fake" / "accuracy_vs_bits.png").unlink()
+    (reports / "fake" / "accuracy_vs_bits.png").mkdir()  # the last file the report writes
+    (experiment / "sweep.json").write_text(json.dumps({**json.loads((experiment / "sweep.json").read_text()),
+                                                       "description": "changed since"}))
+    with pytest.raises(IsADirectoryError, match="accuracy_vs_bits.png"):
+        report.build_report(str(experiment), str(reports))
+    assert {f: (reports / "fake" / f).read_bytes() for f in before} == before
+
+
 def test_report_needs_no_ray(experiment, tmp_path):
     """Built in a fresh process that never imports Ray (e.g. a laptop reading the storage)."""
     code = ("import sys; from lsq.report import build_report; "
