@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0}
 DEFAULT_MAX_FAILURES = 2
 SHIPPED_SPACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX = 100  # it names a folder: well under the 255 bytes most file systems allow
 _KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
 
 
@@ -215,9 +217,9 @@ def _cells(fixed: dict, axes: list, variants: list[dict] | None, seeds: list[int
 
 
 def check_name(name: Any, where: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_', '-', "
-                          "starting with a letter or digit (it names the experiment folder)")
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > NAME_MAX:
+        raise ConfigError(f"{where}: sweep name {name!r} is not allowed; allowed: up to {NAME_MAX} letters, digits, "
+                          "'.', '_', '-', starting with a letter or digit (it names the experiment folder)")
     return name
 
 
@@ -344,15 +346,19 @@ def _resources(section: Any, where) -> dict:
     return res
 
 
+RESOURCE_STEP = 0.0001  # Ray's smallest share of a resource: a smaller one fails inside Tune, after Ray has started
+
+
 def check_resource(key: str, value: Any, where: str) -> float | int:
     """cpu > 0; gpu >= 0, fractional below 1 (packed onto one card), whole above 1."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and key == "cpu":
-        ok = value > 0
+        ok = value >= RESOURCE_STEP
     if ok and key == "gpu":
-        ok = value >= 0 and (value <= 1 or float(value).is_integer())
+        ok = (value == 0 or value >= RESOURCE_STEP) and (value <= 1 or float(value).is_integer())
     if not ok:
-        allowed = "a number > 0" if key == "cpu" else "a fraction in 0..1 (shares one card) or a whole number of GPUs"
+        allowed = (f"a number >= {RESOURCE_STEP:g}" if key == "cpu" else
+                   f"0, a fraction in {RESOURCE_STEP:g}..1 (shares one card) or a whole number of GPUs")
         raise ConfigError(f"{where}: resource '{key}' = {value!r}: allowed: {allowed}")
     return int(value) if float(value).is_integer() else float(value)
 
@@ -386,7 +392,7 @@ def _early_stopping(section: Any, where) -> dict | None:
         raise ConfigError(f"{where('early_stopping', 'grace_period')}: grace_period {gp!r}: allowed: a whole number "
                           "of epochs >= 1")
     rf = out["reduction_factor"]
-    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
+    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not 1 < rf < math.inf:  # (NaN fails too)
         raise ConfigError(f"{where('early_stopping', 'reduction_factor')}: reduction_factor {rf!r}: allowed: a number > 1")
     return out
 
