@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.resume:  # a resumed trial continues from its checkpoints, not from these
         for note in check_inputs(space, local=not args.address):  # the dry run too: it is there to catch mistakes
             print(f"note: {note}")
-    stored = report.read_meta(experiment) if args.resume and exists else None
+    stored = check_stored(report.read_meta(experiment), experiment, name) if args.resume and exists else None
     if stored and stored.get("resources"):  # Tune would give every trial, restored ones too, the new flags' resources
         resources = {"cpu": stored["resources"]["cpu"], "gpu": stored["resources"]["gpu"]}
 
@@ -872,6 +872,41 @@ def _resume_notes(args, space: Space, experiment: str, stored: dict) -> None:
     ignored = _ignored_on_resume(args, stored)
     if ignored:
         print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
+
+
+def check_stored(stored: dict, experiment: str, name: str) -> dict:
+    """The sweep.json a resume keeps its resources, retries, concurrency and early stopping from,
+    as the sweep wrote it: a hand-edited value fails here, naming the file and the key, not inside
+    Tune. Keys it lacks (an older sweep) are fine."""
+    from lsq import report
+    from lsq.space import _early_stopping, check_resource
+
+    where = f"--resume: {_join(experiment, report.SWEEP_FILE)}"
+
+    def bad(key: str, allowed: str):
+        return ConfigError(f"{where}: key '{key}' = {stored[key]!r}; allowed: {allowed}, as the sweep wrote it "
+                           f"(restore the file, or start again with --name {name}-2)")
+
+    res = stored.get("resources")
+    if res is not None:
+        if not isinstance(res, dict) or set(res) != {"cpu", "gpu"}:
+            raise bad("resources", "a mapping of cpu and gpu")
+        for key, value in res.items():
+            try:
+                check_resource(key, value, where)
+            except ConfigError:
+                raise bad("resources", f"{key} as a trial's resources allow") from None
+    count = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least  # noqa: E731
+    if "max_failures" in stored and not count(stored["max_failures"], 0):
+        raise bad("max_failures", "a whole number >= 0")
+    if stored.get("max_concurrent") is not None and not count(stored["max_concurrent"], 1):
+        raise bad("max_concurrent", "null or a whole number >= 1")
+    if stored.get("early_stopping") is not None:
+        try:
+            _early_stopping(stored["early_stopping"], lambda *keys: where)
+        except ConfigError:
+            raise bad("early_stopping", "null or the space's early_stopping section") from None
+    return stored
 
 
 def _ignored_on_resume(args, stored: dict) -> list[str]:

@@ -333,6 +333,32 @@ def test_local_gpus_counts_what_ray_would(monkeypatch):
     assert sweep.local_gpus() is None  # Ray cannot say: the dry run shows the resources as asked
 
 
+@pytest.mark.parametrize("stored, key", [
+    ({"resources": "x"}, "resources"), ({"resources": {"gpu": 0}}, "resources"),
+    ({"resources": {"cpu": 1e-9, "gpu": 0}}, "resources"), ({"max_failures": "x"}, "max_failures"),
+    ({"max_concurrent": 0}, "max_concurrent"), ({"early_stopping": "x"}, "early_stopping"),
+    ({"early_stopping": {"metric": "top1", "reduction_factor": 1}}, "early_stopping"),
+])
+def test_resume_of_a_hand_edited_sweep_json_names_the_file_and_key(stored, key, tmp_path, capsys):
+    """A resume keeps the resources, retries, concurrency and early stopping in sweep.json: a
+    value the sweep could not have written is one error naming the file and the key (it was an
+    AttributeError, KeyError or TypeError), for the dry run and the real resume alike."""
+    import sweep
+
+    experiment = tmp_path / "runs" / "edited"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (experiment / "sweep.json").write_text(json.dumps({"name": "edited", **stored}))
+    path = space(tmp_path, "edited", epochs=1, batch=256, bits=[W4])
+    before = sorted(p.name for p in experiment.iterdir())
+    for flags in (["--dry-run"], []):
+        assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --resume: {experiment / 'sweep.json'}: key '{key}' = ") and err.count("\n") == 1, err
+        assert "allowed:" in err and "--name edited-2" in err
+    assert sorted(p.name for p in experiment.iterdir()) == before
+
+
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
     """Tune resumes the stored trials with the configs they started with: a space (or --set) that
     now asks for more epochs or other trials is named, with the way to run it."""
