@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow.fs as pafs
 
-from .config import PATH_KEYS, PRESET_WORDS, PRESETS, TrialConfig
+from .config import PATH_KEYS, PRESET_WORDS, PRESETS, ConfigError, TrialConfig, coerce
 from .files import atomic_write
 
 SWEEP_FILE = "sweep.json"
@@ -254,14 +254,22 @@ def _results(st: Storage, folder: str) -> list[dict]:
     epoch repeated after a resume counts once), plus a final `failed_reason` row if any."""
     text = st.read_text(folder, "result.json") or ""
     by_epoch, failed = {}, None
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
+        if not isinstance(row, dict):
+            raise ConfigError(f"{st.uri(folder, 'result.json')}, line {i}: {line[:60]!r} is not a result row "
+                              "(a mapping, as Tune writes them); was the file edited?")
         if row.get("failed_reason"):
             failed = row
         elif "top1" in row and "epoch" in row:
+            wrong = [k for k in ("epoch", "top1", "top5", "time_total_s", "epoch_seconds")
+                     if k in row and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+            if wrong:
+                raise ConfigError(f"{st.uri(folder, 'result.json')}, line {i}: '{wrong[0]}' = {row[wrong[0]]!r}: "
+                                  "allowed: a number, as the trainer reports it; was the file edited?")
             by_epoch[row["epoch"]] = row
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     return rows + ([failed] if failed else [])
@@ -291,9 +299,13 @@ def _latest_checkpoint(st: Storage, folder: str, rows: list[dict]) -> str | None
     return None
 
 
-def _config(values: dict) -> TrialConfig:
-    """A TrialConfig from stored values, without re-checking files that live on other machines."""
-    known = {k: values[k] for k in TrialConfig.keys() if k in values}
+def _config(values: dict, where: str | None = None) -> TrialConfig:
+    """A TrialConfig from stored values, without re-checking files that live on other machines.
+    `where` (the file they come from): check each value as the schema does, so that a
+    hand-edited params.json is an error naming it and the key, not a TypeError later on."""
+    if where is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(values).__name__}")
+    known = {k: values[k] if where is None else coerce(k, values[k], where) for k in TrialConfig.keys() if k in values}
     return TrialConfig(**known)
 
 
@@ -338,8 +350,8 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
     records, layer_rows = [], []
     for t in trials.values():
         folder = t.get("folder")
-        params = (st.read_json(folder, "params.json") if folder else None) or t["config"]
-        cfg = _config(params)
+        params = st.read_json(folder, "params.json") if folder else None
+        cfg = _config(params or t["config"], st.uri(folder, "params.json") if params else "Tune's experiment state")
         rows = _results(st, folder) if folder else []
         epochs = [r for r in rows if not r.get("failed_reason")]
         failed = next((r["failed_reason"] for r in rows if r.get("failed_reason")), None)

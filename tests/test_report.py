@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from lsq import report
-from lsq.config import TrialConfig
+from lsq.config import ConfigError, TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "resnet20", "dataset": "digits", "epochs": 3, "wd": 1e-4, "batch_size": 128}
@@ -462,6 +462,24 @@ def test_a_folder_in_the_way_of_one_file_leaves_the_whole_report_as_it_was(exper
     with pytest.raises(IsADirectoryError, match="accuracy_vs_bits.png"):
         report.build_report(str(experiment), str(reports))
     assert {f: (reports / "fake" / f).read_bytes() for f in before} == before
+
+
+@pytest.mark.parametrize("file, text, words", [
+    ("params.json", json.dumps({**BASE, "epochs": "x"}), ["001_FP32/params.json", "'epochs' = 'x'", "expected an integer"]),
+    ("params.json", "5", ["001_FP32/params.json", "expected a mapping"]),
+    ("result.json", "5\n", ["001_FP32/result.json, line 1", "'5' is not a result row"]),
+    ("result.json", json.dumps({**epoch_row("x_00000", 1, 90.0, 10.0), "top1": None}) + "\n",
+     ["001_FP32/result.json, line 1", "'top1' = None", "allowed: a number"]),
+])
+def test_a_hand_edited_trial_file_is_one_error_naming_it(experiment, tmp_path, file, text, words):
+    """Tune and the trainer write these files; one changed by hand is an error that names the
+    file (and line, and key), not a TypeError from deep inside the report. Nothing is written."""
+    (experiment / "001_FP32" / file).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        report.build_report(str(experiment), str(tmp_path / "reports"))
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+    assert not (tmp_path / "reports").exists()
 
 
 def test_report_needs_no_ray(experiment, tmp_path):
