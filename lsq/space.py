@@ -67,6 +67,11 @@ SHIPPED_SPACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_MAX = 100  # it names a folder: well under the 255 bytes most file systems allow
 _KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
+# What a space file may make of itself through YAML aliases (&name / *name). An alias is a copy of
+# what it names, so ten lines of ten aliases each expand to 10**10 values: a file is checked on
+# its text, in its own size, before anything reads it as values.
+MAX_VALUES = 1_000_000  # values once aliases are expanded: hand-written spaces hold hundreds
+MAX_DEPTH = 100         # lists and mappings in one another: spaces need 4; Python's stack some 300
 
 
 @dataclass
@@ -126,6 +131,7 @@ def trial_name(config: dict, index: int) -> str:
 def load_space(path: str, overrides: list[str] | None = None) -> Space:
     """Read, validate and expand a search space file. Raises ConfigError on any mistake."""
     text = _read(path)
+    lines = _checked_lines(text, path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -133,7 +139,6 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
     if not isinstance(doc, dict):
         got = "an empty file" if doc is None else f"a {type(doc).__name__}"
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
-    lines = _KeyLines(text)
     where = _Where(path, lines)
     if lines.duplicates:
         key_path, first, again = lines.duplicates[0]
@@ -242,6 +247,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
         if key in _NOT_TRIAL_KEYS:  # a section of the space file, or a flag: not a trial's key
             raise ConfigError(f"--set {item!r}: '{key}' is not a trial key; allowed: {_NOT_TRIAL_KEYS[key]}")
+        _checked_lines(raw, f"--set {item!r}", in_file=False)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -443,30 +449,54 @@ def _yaml_message(path: str, e: yaml.YAMLError) -> str:
 
 
 class _KeyLines:
-    """Line numbers of the keys and list items in a YAML text, for messages: path -> line."""
+    """Line numbers of the keys and list items in a YAML text, for messages: path -> line; and
+    what its aliases make of it (`_checked_lines` refuses a text that is too much). All of it in
+    the text's own size: nothing here expands an alias. A text that is not YAML gives nothing
+    (yaml.safe_load says what is wrong with it)."""
 
     def __init__(self, text: str):
         self.lines: dict[tuple, int] = {}
         self.duplicates: list[tuple[tuple, int, int]] = []  # (path, first line, repeated line)
+        self.recursive = None  # (alias event, its anchor's mark): an alias inside the list or mapping it names
+        self.too_deep = None   # the mark of a list or mapping nested deeper than MAX_DEPTH
+        self.values = 0        # values in the document, each alias counted as a copy of what it names
+        self.biggest = None    # (top-level key, its values) of the most values
+        self._values: dict[int, int] = {}  # id(node) -> its values: each node is walked once
         try:
-            self._walk(yaml.compose(text), ())
+            recursive, too_deep = _scan(text)
+            root = None if too_deep else yaml.compose(text)  # (compose recurses once per level)
+            if not (recursive or too_deep):
+                self.values = self._walk(root, ())
+                if isinstance(root, yaml.MappingNode):
+                    sizes = [(k.value, self._values.get(id(v), 0)) for k, v in root.value if isinstance(k, yaml.ScalarNode)]
+                    self.biggest = max(sizes, key=lambda kv: kv[1], default=None)
+            self.recursive, self.too_deep = recursive, too_deep
         except yaml.YAMLError:
             pass
 
-    def _walk(self, node, path):
+    def _walk(self, node, path) -> int:
+        """Record the lines in `node`; return its values. An alias is the very node it names: a
+        node met again is not walked again (its lines are those of where it was written)."""
+        if id(node) in self._values:
+            return self._values[id(node)]
+        n = 1
         if isinstance(node, yaml.MappingNode):
             seen: dict[tuple, int] = {}  # this mapping's keys: (tag, text) -> line ("1" and 1 are two keys)
             for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):  # a list or mapping as a key: safe_load refuses it
+                    continue
                 p, line = path + (key.value,), key.start_mark.line + 1
                 if (key.tag, key.value) in seen and key.value != "<<":  # YAML would keep only the last, silently
                     self.duplicates.append((p, seen[(key.tag, key.value)], line))
                 seen[(key.tag, key.value)] = line
                 self.lines[p] = line
-                self._walk(value, p)
+                n += 1 + self._walk(value, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[path + (i,)] = item.start_mark.line + 1
-                self._walk(item, path + (i,))
+                n += self._walk(item, path + (i,))
+        self._values[id(node)] = n
+        return n
 
     def find(self, path: tuple) -> int | None:
         while path:  # the deepest part of the path that has a line
@@ -474,6 +504,55 @@ class _KeyLines:
                 return self.lines[path]
             path = path[:-1]
         return None
+
+
+def _scan(text: str) -> tuple:
+    """(recursive, too_deep) of `_KeyLines`, from the parser's events (no recursion here, nothing
+    expanded). An alias names an earlier anchor: it is inside what it names (a structure that
+    contains itself) exactly when that anchor's list or mapping is still open."""
+    open_anchors: list = []  # the anchors of the lists and mappings being read, outermost first
+    marks: dict = {}         # anchor -> where it is
+    recursive = too_deep = None
+    for event in yaml.parse(text):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_anchors.append(event.anchor)
+            if event.anchor is not None:
+                marks[event.anchor] = event.start_mark
+            if len(open_anchors) > MAX_DEPTH and too_deep is None:
+                too_deep = event.start_mark
+        elif isinstance(event, yaml.CollectionEndEvent):
+            open_anchors.pop()
+        elif isinstance(event, yaml.AliasEvent) and event.anchor in open_anchors and recursive is None:
+            recursive = (event, marks[event.anchor])
+    return recursive, too_deep
+
+
+def _checked_lines(text: str, where: str, in_file: bool = True) -> _KeyLines:
+    """The text's `_KeyLines`, once it is known that reading it as values is bounded: no alias in
+    what it names, at most MAX_DEPTH levels, at most MAX_VALUES values with aliases expanded.
+    `where`: the file (or the --set item) for messages."""
+    lines = _KeyLines(text)
+
+    def at(mark) -> str:
+        return f"{where}:{mark.line + 1}:{mark.column + 1}" if in_file else f"{where} (column {mark.column + 1})"
+
+    if lines.recursive:
+        alias, anchor = lines.recursive
+        raise ConfigError(f"{at(alias.start_mark)}: YAML alias *{alias.anchor} refers to &{alias.anchor} (line "
+                          f"{anchor.line + 1}), the list or mapping it is in: recursive structures are not allowed; "
+                          "allowed: an alias of a value that does not contain it")
+    if lines.too_deep:
+        raise ConfigError(f"{at(lines.too_deep)}: lists and mappings nested more than {MAX_DEPTH} levels deep; "
+                          f"allowed: at most {MAX_DEPTH}")
+    if lines.values > MAX_VALUES:
+        what = f"the {'file' if in_file else 'value'} holds {lines.values:,} values"
+        if lines.biggest:  # the top-level key of the most values
+            key, n = lines.biggest
+            where = f"{where}:{lines.find((key,))} ({key})"
+            what = f"'{key}' holds {n:,} values ({lines.values:,} in all)"
+        raise ConfigError(f"{where}: with its YAML aliases expanded, {what}; allowed: at most {MAX_VALUES:,} "
+                          "values in all, each alias counted as a copy of what it names")
+    return lines
 
 
 class _Where:
@@ -508,8 +587,10 @@ def _locate(message: str, path: str, number: int, origin: dict, where) -> str:
 # ----------------------------------------------------------------------------- dry-run table
 def read_name(path: str) -> str:
     """Just the sweep name of a space file (for --report-only, which trains nothing)."""
+    text = _read(path)
+    _checked_lines(text, path)
     try:
-        doc = yaml.safe_load(_read(path))
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(_yaml_message(path, e)) from None
     name = doc.get("name") if isinstance(doc, dict) else None

@@ -48,6 +48,10 @@ FILES = {
     "shadow2/clash/table.md": lambda p: p.mkdir(parents=True),  # a folder where the report writes a file
 }
 TAG = "!!python/object/apply:os.system ['touch pwned']"
+# 450 bytes that expand to 10**8 values: each of a1..a7 is ten aliases of the one before
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
+ALIAS_BOMB_FLOW = "[" + ", ".join(line.split(": ", 1)[1] for line in ALIAS_BOMB.splitlines()) + "]"
 
 # case: (space file text, or None for no file; --set items and other flags; words the message must have)
 BAD = {
@@ -58,6 +62,15 @@ BAD = {
     "not_a_mapping_text": ("just some text\n", [], ["expected a mapping", "got a str"]),
     "empty_file": ("", [], ["expected a mapping", "got an empty file"]),
     "no_such_file": (None, [], ["no such search space file"]),
+    # YAML aliases: a short text that a naive reader expands for minutes and gigabytes, or for ever
+    "yaml_alias_bomb": (ALIAS_BOMB, [], [":8", "'a7'", "111,111,111 values", "aliases", "allowed: at most 1,000,000"]),
+    "yaml_alias_bomb_in_a_key": (ALIAS_BOMB + "fixed: {lr: *a7}\n", [], [":9", "'fixed'", "aliases", "allowed: at most"]),
+    "yaml_alias_bomb_report_only": (ALIAS_BOMB + "name: *a7\n", ["--report-only"], [":8", "'a7'", "aliases", "allowed: at most"]),
+    "yaml_alias_bomb_set": ("fixed: {epochs: 1}\n", ["--set", "lr=" + ALIAS_BOMB_FLOW], ["--set", "aliases", "allowed: at most"]),
+    "yaml_alias_recursive": ("description: &a [*a]\n", [], [":1:18", "YAML alias *a", "refers to &a", "recursive", "not allowed"]),
+    "yaml_alias_recursive_merge": ("fixed: {epochs: 1}\nvariants:\n  - &row {w_bits: 4, <<: *row}\n", [],
+                                   [":3:26", "YAML alias *row", "recursive", "not allowed"]),
+    "yaml_nested_too_deep": ("description: " + "[" * 3000 + "]" * 3000 + "\n", [], [":1", "nested", "allowed: at most 100"]),
     # keys
     "duplicate_key": ("grid:\n  w_bits: [4, 2]\n  a_bits: [4]\n  w_bits: [8]\n", [],
                       [":4", "'grid.w_bits' is given twice", "lines 2 and 4", "allowed: each key once"]),
@@ -218,7 +231,8 @@ def test_bad_input_is_one_clear_error_exit_2_nothing_written(case, workdir, caps
     assert not (workdir / "pwned").exists()  # no code from the input ran
 
 
-@pytest.mark.parametrize("case", ["yaml_syntax", "yaml_python_tag", "init_from_runs_code", "data_dir_not_a_folder"])
+@pytest.mark.parametrize("case", ["yaml_syntax", "yaml_python_tag", "init_from_runs_code", "data_dir_not_a_folder",
+                                  "yaml_alias_bomb", "yaml_alias_recursive"])
 def test_bad_input_in_a_fresh_process(case, workdir):
     """The real command: exit status 2, one `error:` line, no traceback, nothing written."""
     args, _ = argv(case, workdir)
