@@ -295,6 +295,7 @@ def _grid(section: Any, where) -> list[tuple[str, list[tuple[int, dict, bool]]]]
         raise ConfigError(f"{where('grid')}: 'grid' is empty; allowed: at least one key with a list of values, "
                           "or leave 'grid' out")
     axes = []
+    set_by: dict[str, str] = {}  # config key -> the axis that sets it
     for key, values in section.items():
         if not isinstance(values, list):
             raise ConfigError(f"{where('grid', key)}: grid key '{key}' = {values!r}: expected a list of values, "
@@ -305,12 +306,25 @@ def _grid(section: Any, where) -> list[tuple[str, list[tuple[int, dict, bool]]]]
             rows = [(i, {key: v}, True) for i, v in enumerate(values)]
             for i, v in enumerate(values):
                 coerce(key, v, where=where("grid", key, i))
-        elif all(isinstance(v, dict) for v in values):  # a named axis of partial configs
+        elif any(isinstance(v, dict) for v in values):  # a named axis of partial configs
+            for i, v in enumerate(values):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{where('grid', key, i)}: grid axis '{key}': item {v!r} is not a mapping, as its "
+                                      "other items are; allowed: every item a mapping of config keys, e.g. "
+                                      "{w_bits: 4, a_bits: 4}")
             rows = [(i, _partial(v, where, ("grid", key, i)), False) for i, v in enumerate(values)]
         else:
             raise ConfigError(f"{where('grid', key)}: unknown key '{key}'{_did_you_mean(key, TrialConfig.keys())}; "
                               f"allowed: a config key ({', '.join(TrialConfig.keys())}) with a list of values, "
                               "or an axis name with a list of mappings of config keys")
+        for i, row, plain in rows:
+            for k in row:
+                other = set_by.setdefault(k, str(key))
+                if other != str(key):  # the later axis would win in every cell, silently
+                    at = where("grid", key) if plain else where("grid", key, i, k)
+                    raise ConfigError(f"{at}: grid axes '{other}' and '{key}' both set key '{k}', so one would "
+                                      "override the other in every cell; allowed: each key in one axis (put the "
+                                      "values in one axis of partial configs, or use variants)")
         axes.append((str(key), rows))
     return axes
 

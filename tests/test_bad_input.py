@@ -77,6 +77,11 @@ BAD = {
     "unknown_top_key": ("fixd:\n  epochs: 3\n", [], [":1", "'fixd'", "did you mean 'fixed'", "allowed: name"]),
     "unknown_key": ("fixed:\n  epoch: 3\n", [], [":2", "'epoch'", "did you mean 'epochs'", "allowed keys"]),
     "unknown_grid_key": ("grid:\n  w_bit: [2, 4]\n", [], [":2", "'w_bit'", "did you mean 'w_bits'"]),
+    "grid_axes_set_one_key": ("grid:\n  w_bits: [2, 4]\n  bits: [{w_bits: 8}]\n", [],
+                              [":3", "grid.bits[0]", "'w_bits'", "grid axes 'w_bits' and 'bits'", "allowed: each key in one axis"]),
+    "grid_axis_item_not_a_mapping": ("grid:\n  bits:\n    - {w_bits: 2}\n    - 3\n", [],
+                                     [":4", "grid.bits[1]", "'bits'", "item 3 is not a mapping",
+                                      "allowed: every item a mapping of config keys"]),
     "unknown_key_in_axis": ("grid:\n  bits:\n    - {w_bits: 4, a_bit: 4}\n", [], [":3", "'a_bit'", "did you mean 'a_bits'"]),
     "bad_resource": ("resources: {cpu: 1, gpus: 1}\n", [], [":1", "'gpus'", "did you mean 'gpu'", "allowed: cpu, gpu"]),
     # types and ranges
