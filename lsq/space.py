@@ -72,6 +72,10 @@ _KEY_IN_MESSAGE = re.compile(r"key '(\w+)'")
 # its text, in its own size, before anything reads it as values.
 MAX_VALUES = 1_000_000  # values once aliases are expanded: hand-written spaces hold hundreds
 MAX_DEPTH = 100         # lists and mappings in one another: spaces need 4; Python's stack some 300
+# Cells (trials before merging) of one space: each is validated here, and Tune keeps every trial
+# in the driver and writes them all into its snapshot after every step. Far more than a sweep
+# runs (the shipped ones have 4 to 30), few enough to validate in seconds, not to exhaust memory.
+MAX_CELLS = 100_000
 
 
 @dataclass
@@ -171,6 +175,7 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
             if any("seed" in r for r in rows):
                 raise ConfigError(f"{where(origin) if origin != '--set' else '--set seed'}: key 'seed' is set in "
                                   f"'{origin}' and by 'seeds'; allowed: one of them ('seeds' repeats every cell)")
+    _check_cells(path, axes, variants, seeds)
     cells = _cells(fixed, axes, variants, seeds, sets)
 
     trials, first_of, groups = [], {}, {}
@@ -191,6 +196,17 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
     return Space(path=path, name=name, description=description.strip(), trials=trials, cells=len(cells),
                  merged=merged, resources=resources, early_stopping=early, max_failures=max_failures,
                  seeds=seeds, overrides=sets)
+
+
+def _check_cells(path: str, axes: list, variants: list[dict] | None, seeds: list[int] | None) -> None:
+    """At most MAX_CELLS cells, counted before any is made."""
+    factors = ([(len(variants), "variants")] if variants else []) + [(len(rows), axis) for axis, rows in axes] \
+        + ([(len(seeds), "seeds")] if seeds else [])
+    n = math.prod(count for count, _ in factors)
+    if n > MAX_CELLS:
+        product = " x ".join(f"{count:,} {what}" for count, what in factors)
+        raise ConfigError(f"{path}: {n:,} cells ({product}); allowed: at most {MAX_CELLS:,} cells in one space "
+                          "(split it into several sweeps)")
 
 
 def _cells(fixed: dict, axes: list, variants: list[dict] | None, seeds: list[int] | None,
@@ -347,8 +363,9 @@ def _seeds(section: Any, where) -> list[int] | None:
         if not section:
             raise ConfigError(f"{where('seeds')}: 'seeds' is an empty list; allowed: a count N >= 1 or a list of seeds")
         return [coerce("seed", s, where=where("seeds", i)) for i, s in enumerate(section)]
-    if isinstance(section, bool) or not isinstance(section, int) or section < 1:
-        raise ConfigError(f"{where('seeds')}: 'seeds' = {section!r}: allowed: a count N >= 1 or a list of seeds")
+    if isinstance(section, bool) or not isinstance(section, int) or not 1 <= section <= MAX_CELLS:
+        raise ConfigError(f"{where('seeds')}: 'seeds' = {section!r}: allowed: a count N >= 1 (at most {MAX_CELLS:,}, "
+                          "as many as the cells of a space) or a list of seeds")
     return list(range(section))
 
 
