@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(_interrupted_text(args, argv), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`--dry-run | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (or Python's exit flush complains)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe ended
     except Exception as e:  # a bug or an environment problem: one line unless --debug
         if args.debug:
             raise

@@ -318,6 +318,20 @@ def test_dry_run_refuses_what_the_run_on_this_machine_would_refuse(gpus, flags, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_dry_run_piped_into_head_stops_quietly(tmp_path):
+    """`python sweep.py SPACE --dry-run | head`: the reader closes the pipe after a few lines; the
+    dry run stops without an error line (it printed `error: BrokenPipeError`, exit 1)."""
+    path = tmp_path / "big.yaml"
+    path.write_text("name: big\nfixed: {epochs: 1}\nseeds: 3000\n")  # a table larger than a pipe holds
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), str(path), "--dry-run", "--storage",
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("Sweep 'big'")
+    proc.stdout.close()  # what head does once it has its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_local_gpus_counts_what_ray_would(monkeypatch):
     """As ray.init counts them: the devices, capped by CUDA_VISIBLE_DEVICES where it is set."""
     import sweep
