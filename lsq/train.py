@@ -372,6 +372,11 @@ def read_checkpoint(path: str) -> dict:
     missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch", "rng") if not (isinstance(state, dict) and k in state)]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (missing {', '.join(missing)})")
+    model = state["model"]
+    if not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
+        # (loading it would fail deep in load_state_dict, or in a comparison of shapes, with a TypeError)
+        raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (its 'model' is of type "
+                              f"{type(model).__name__}, not a state dict of tensors)")
     return state
 
 

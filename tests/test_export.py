@@ -427,3 +427,22 @@ def test_check_catches_an_export_without_the_clip(trained, tmp_path, monkeypatch
     export_onnx(model, str(path), next(iter(trainer.data.test))[0])
     r = compare_paths(model, trainer.data.test, str(path))
     assert r["onnx_code_mismatch"] > 0 and passes(r, "onnx") is False
+
+
+def _refused(argv, capsys, *needles):
+    """main(argv) stops with one `error:` line, exit status 2, that holds every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_cli_checkpoint_whose_model_is_not_a_state_dict(tmp_path, trained, capsys):
+    path, _, _ = trained
+    state = torch.load(path, weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({**state, "model": 5}, bad)
+    _refused([str(bad), "--out", str(tmp_path / "m.onnx")], capsys, f"checkpoint {bad}", "'model' is of type int",
+             "not a state dict")
+    assert not (tmp_path / "m.onnx").exists()
