@@ -679,6 +679,8 @@ def main(argv=None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:  # (torch.set_num_threads raises on these)
+            raise ConfigError(f"--threads {args.threads}: allowed: a whole number >= 1")
         if args.threads:
             torch.set_num_threads(args.threads)
         _read(args.checkpoint)  # a bad checkpoint is the first thing to report

@@ -446,8 +446,11 @@ def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cfg, args = parse_args(argv)
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 1:  # (torch.set_num_threads raises on these)
+            raise ConfigError(f"--threads {threads}: allowed: a whole number >= 1")
+        if threads:
+            torch.set_num_threads(threads)
         trainer = Trainer(cfg, log=lambda message: print(message, flush=True))
         print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({trainer.device}); first={cfg.normalized().first} last={cfg.normalized().last}; "
               f"{trainer.data.train_size} train / {trainer.data.test_size} test images", flush=True)

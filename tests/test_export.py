@@ -446,3 +446,11 @@ def test_cli_checkpoint_whose_model_is_not_a_state_dict(tmp_path, trained, capsy
     _refused([str(bad), "--out", str(tmp_path / "m.onnx")], capsys, f"checkpoint {bad}", "'model' is of type int",
              "not a state dict")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_cli_threads_below_one(tmp_path, trained, threads, capsys):
+    path, _, _ = trained
+    _refused([str(path), "--out", str(tmp_path / "m.onnx"), "--threads", threads], capsys,
+             f"--threads {threads}", "allowed: a whole number >= 1")
+    assert not (tmp_path / "m.onnx").exists()
