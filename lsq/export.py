@@ -66,7 +66,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .config import ConfigError, TrialConfig
-from .files import atomic_write
+from .files import atomic_write, write_problem
 from .layers import QConv2d, QLinear
 from .models import state_mismatch
 from .quantizer import STEP_EPS, LsqQuantizer
@@ -665,6 +665,19 @@ def default_onnx_path(checkpoint: str) -> str:
     return os.path.splitext(checkpoint)[0] + ".onnx"
 
 
+def check_outputs(checkpoint: str, out: str, json_path: str | None, out_given: bool = True) -> None:
+    """Before any work, ConfigError where the ONNX file (`out`) or the figures (`json_path`)
+    could not be written, or would replace each other. Writes nothing."""
+    for flag, path in (("--out", out), ("--json", json_path)):
+        if path is None:
+            continue
+        problem = write_problem(flag, path)
+        if problem:
+            raise ConfigError(problem)
+    if json_path is not None and os.path.realpath(json_path) == os.path.realpath(out):
+        raise ConfigError(f"--json {json_path}: is also the ONNX file (--out {out}); allowed: another path")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lsq.export",
                                 description="Export a trained LSQ checkpoint to ONNX (QDQ with the learned step "
@@ -684,10 +697,11 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         _read(args.checkpoint)  # a bad checkpoint is the first thing to report
+        out = args.out if args.out is not None else default_onnx_path(args.checkpoint)
+        check_outputs(args.checkpoint, out, args.json, out_given=args.out is not None)
         missing = onnx_missing()
         if missing:
             raise ConfigError(missing.replace("ONNX export skipped: ", "cannot export: "))
-        out = args.out or default_onnx_path(args.checkpoint)
         r = deployment_check(args.checkpoint, args.data_dir, out)
         if args.json:
             try:

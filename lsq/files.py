@@ -40,3 +40,24 @@ def atomic_write(path: str, data: bytes | memoryview | str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_problem(flag: str, path: str) -> str | None:
+    """Why the file `path`, given as `flag`, could not be written (one line naming the flag, the
+    path and what is allowed), or None. Writes nothing: a command checks its output paths with this
+    before its work, so a bad one is reported at once, not after the work, and nothing is half-done.
+    The missing folders above `path` are created when it is written (atomic_write, Trainer.save)."""
+    if not path:
+        return f"{flag} {path!r}: an empty path; allowed: a file path"
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a folder; allowed: a file path (in a folder, created if missing)"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: {folder} is a file; allowed: a file path in a folder (created if missing)"
+    read_only_fs = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
+    if not os.access(folder, os.W_OK | os.X_OK) or read_only_fs:
+        return (f"{flag} {path}: {folder} is read-only for this user; allowed: a file path in a folder this user "
+                "can write to")
+    return None

@@ -454,3 +454,20 @@ def test_cli_threads_below_one(tmp_path, trained, threads, capsys):
     _refused([str(path), "--out", str(tmp_path / "m.onnx"), "--threads", threads], capsys,
              f"--threads {threads}", "allowed: a whole number >= 1")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_checks_where_it_writes_before_any_work(tmp_path, trained, capsys):
+    """An --out or --json that cannot be written is reported at once, naming the flag, and no
+    ONNX file is left behind (it used to be found only after the whole check)."""
+    path, _, _ = trained
+    onnx_out = tmp_path / "sub" / "m.onnx"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("a file, not a folder\n")
+    _refused([str(path), "--out", str(onnx_out), "--json", str(a_file / "f.json")], capsys,
+             f"--json {a_file / 'f.json'}", f"{a_file} is a file", "allowed:")
+    _refused([str(path), "--out", str(onnx_out), "--json", str(tmp_path)], capsys, f"--json {tmp_path}", "is a folder")
+    _refused([str(path), "--out", str(onnx_out), "--json", ""], capsys, "--json ''", "allowed: a file path")
+    _refused([str(path), "--out", str(a_file / "m.onnx")], capsys, f"--out {a_file / 'm.onnx'}", "is a file")
+    _refused([str(path), "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a folder")
+    _refused([str(path), "--out", str(onnx_out), "--json", str(onnx_out)], capsys, "--json", "is also the ONNX file")
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
