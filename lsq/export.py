@@ -549,11 +549,19 @@ def passes(r: dict, prefix: str) -> bool | None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def _checkpoint_file(checkpoint_path: str) -> str:
+    """The file a checkpoint path stands for: a sweep's checkpoint folder (the report's
+    `checkpoint` column) stands for the checkpoint.pt inside it."""
+    if os.path.isdir(checkpoint_path):
+        return os.path.join(checkpoint_path, "checkpoint.pt")  # lsq.trainable.CHECKPOINT_FILE (no Ray here)
+    return checkpoint_path
+
+
 def _read(checkpoint_path: str) -> dict:
     """A trainer checkpoint that holds its trial config, or CheckpointError. A sweep's checkpoint
-    folder (the report's `checkpoint` column) stands for the checkpoint.pt inside it."""
+    folder stands for the checkpoint.pt inside it."""
     if os.path.isdir(checkpoint_path):
-        inside = os.path.join(checkpoint_path, "checkpoint.pt")  # lsq.trainable.CHECKPOINT_FILE (no Ray here)
+        inside = _checkpoint_file(checkpoint_path)
         if not os.path.isfile(inside):
             raise CheckpointError(f"checkpoint {checkpoint_path}: a folder without checkpoint.pt (allowed: a "
                                   "trainer checkpoint file, or a sweep trial's checkpoint_NNNNNN folder)")
@@ -667,13 +675,20 @@ def default_onnx_path(checkpoint: str) -> str:
 
 def check_outputs(checkpoint: str, out: str, json_path: str | None, out_given: bool = True) -> None:
     """Before any work, ConfigError where the ONNX file (`out`) or the figures (`json_path`)
-    could not be written, or would replace each other. Writes nothing."""
+    could not be written, or would replace the checkpoint being read (`--out CKPT`; a checkpoint
+    named *.onnx, whose default --out is itself) or each other. Writes nothing."""
+    read = _checkpoint_file(checkpoint)
     for flag, path in (("--out", out), ("--json", json_path)):
         if path is None:
             continue
         problem = write_problem(flag, path)
         if problem:
             raise ConfigError(problem)
+        if os.path.exists(path) and os.path.samefile(path, read):  # (also through a link)
+            if flag == "--out" and not out_given:
+                raise ConfigError(f"--out {path} (the default: the checkpoint's path with .onnx): is the checkpoint "
+                                  f"being read ({read}); allowed: another path, given with --out")
+            raise ConfigError(f"{flag} {path}: is the checkpoint being read ({read}); allowed: another path")
     if json_path is not None and os.path.realpath(json_path) == os.path.realpath(out):
         raise ConfigError(f"--json {json_path}: is also the ONNX file (--out {out}); allowed: another path")
 

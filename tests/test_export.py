@@ -471,3 +471,31 @@ def test_cli_checks_where_it_writes_before_any_work(tmp_path, trained, capsys):
     _refused([str(path), "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a folder")
     _refused([str(path), "--out", str(onnx_out), "--json", str(onnx_out)], capsys, "--json", "is also the ONNX file")
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys):
+    """--out naming the checkpoint, a checkpoint named *.onnx (whose default --out is itself), and
+    a trial folder's checkpoint.pt as --out: refused before anything is written."""
+    import shutil
+
+    path, _, _ = trained
+    data = path.read_bytes()
+    ckpt = tmp_path / "w4a4.pt"
+    shutil.copy(path, ckpt)
+    _refused([str(ckpt), "--out", str(ckpt)], capsys, f"--out {ckpt}", "is the checkpoint being read")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(ckpt)
+    _refused([str(ckpt), "--out", str(link)], capsys, f"--out {link}", "checkpoint being read")
+    _refused([str(ckpt), "--out", str(tmp_path / "x.onnx"), "--json", str(ckpt)], capsys,
+             f"--json {ckpt}", "checkpoint being read")
+    named_onnx = tmp_path / "model.onnx"
+    shutil.copy(path, named_onnx)
+    _refused([str(named_onnx)], capsys, f"--out {named_onnx}", "the default", "given with --out")
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    shutil.copy(path, folder / "checkpoint.pt")
+    _refused([str(folder), "--out", str(folder / "checkpoint.pt")], capsys, "--out", "checkpoint being read")
+    for kept in (ckpt, named_onnx, folder / "checkpoint.pt"):
+        assert kept.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "link.onnx", "model.onnx", "w4a4.pt"]
+    assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]
