@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, TrialConfig, coerce
 from .data import CIFAR_CLASSES, load_data
+from .files import write_problem
 from .models import CIFAR_DEPTHS, build_model, load_error, load_fp32, read_state_dict
 from .policy import BitPolicy, describe, quantize_model, quantizers
 
@@ -446,9 +447,12 @@ def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cfg, args = parse_args(argv)
-        threads = getattr(args, "threads", None)
+        threads, save = getattr(args, "threads", None), getattr(args, "save", None)
         if threads is not None and threads < 1:  # (torch.set_num_threads raises on these)
             raise ConfigError(f"--threads {threads}: allowed: a whole number >= 1")
+        problem = save is not None and write_problem("--save", save)
+        if problem:  # now, not after the training it would throw away
+            raise ConfigError(problem)
         if threads:
             torch.set_num_threads(threads)
         trainer = Trainer(cfg, log=lambda message: print(message, flush=True))
@@ -456,10 +460,10 @@ def main(argv=None) -> int:
               f"{trainer.data.train_size} train / {trainer.data.test_size} test images", flush=True)
         for m in trainer.epochs():
             print(format_metrics(m, cfg.epochs), flush=True)
-        if getattr(args, "save", None):
-            os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
-            trainer.save(args.save)
-            print(f"saved {args.save}")
+        if save is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
+            trainer.save(save)
+            print(f"saved {save}")
         return 0
     except (ConfigError, CheckpointError, DivergedError) as e:
         if debug:

@@ -292,6 +292,25 @@ def test_cli_bad_input(argv, needle, capsys):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("save, needle", [
+    ("file.txt/x.pt", "file.txt is a file; allowed: a file path in a folder"),
+    ("a_folder", "a_folder: is a folder; allowed: a file path"),
+    ("", "--save '': an empty path; allowed: a file path"),
+])
+def test_cli_checks_save_before_training(tmp_path, save, needle, capsys):
+    """A --save that cannot be written is an error at once, not after the training it would lose
+    (or, for '', a run that saves nothing and says nothing)."""
+    (tmp_path / "file.txt").write_text("a file, not a folder\n")
+    (tmp_path / "a_folder").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    target = str(tmp_path / save) if save else ""
+    assert main(["--epochs", "1", "--bit", "8", "--batch_size", "256", "--save", target]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # not one epoch trained
+    assert err.startswith("error: --save ") and needle in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_compiled_block_matches_eager_forward_and_gradients():
     """torch.compile of a quantized residual block computes what eager does, up to float
     reassociation (BatchNorm's batch statistics are reduced in another order)."""
