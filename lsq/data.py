@@ -216,19 +216,24 @@ def _load_digits(cfg, device, generator, channels_last):
 
 
 # -------------------------------------------------------------------------------------- CIFAR
-def _missing(cfg, what: str, looked: str, extra: str = "") -> ConfigError:
+# How the user sets key 'data_dir', for the messages below: the sweep's way (sweep.py --set);
+# lsq.train and lsq.export, whose flag is --data_dir, pass theirs to load_data (via the Trainer).
+DATA_DIR_FLAG = "--set data_dir"
+
+
+def _missing(cfg, flag: str, what: str, looked: str, extra: str = "") -> ConfigError:
     return ConfigError(
         f"key 'data_dir' = {cfg.data_dir!r}: no {what} found: looked for {looked}{extra}; "
-        f"unpack it there or pass --set data_dir=<folder>"
+        f"unpack it there or pass {flag}=<folder>"
     )
 
 
-def _check_dir(cfg) -> str:
+def _check_dir(cfg, flag: str) -> str:
     root = os.path.abspath(os.path.expanduser(cfg.data_dir))
     if not os.path.isdir(root):
         raise ConfigError(
             f"key 'data_dir' = {cfg.data_dir!r}: no such folder ({root}); "
-            f"pass --set data_dir=<folder holding {cfg.dataset}>"
+            f"pass {flag}=<folder holding {cfg.dataset}>"
         )
     return root
 
@@ -325,8 +330,8 @@ def _save_atomic(obj, path: str) -> None:
         atomic_write(path, buf.getbuffer())  # (no second copy of the bytes)
 
 
-def _load_cifar(cfg, device, generator, channels_last):
-    name, root = cfg.dataset, _check_dir(cfg)
+def _load_cifar(cfg, device, generator, channels_last, flag):
+    name, root = cfg.dataset, _check_dir(cfg, flag)
     want, human = CIFAR_CLASSES[name], CIFAR_NAMES[name]
     tv_folder = os.path.join(root, CIFAR_FOLDERS[name])
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
@@ -351,7 +356,7 @@ def _load_cifar(cfg, device, generator, channels_last):
         except Exception as e:
             looked = (f"{tv_folder} (torchvision format) and {train_dir}/<class>/*.jpg + "
                       f"{test_dir}/<class>/*.jpg (ImageFolder)")
-            raise _missing(cfg, human, looked, f"; download failed: {type(e).__name__}: {e}") from None
+            raise _missing(cfg, flag, human, looked, f"; download failed: {type(e).__name__}: {e}") from None
     x = train[0]
     if tuple(x.shape[1:]) != (3, 32, 32):
         raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {human} images must be 3x32x32, got {tuple(x.shape[1:])}")
@@ -381,11 +386,11 @@ class DeviceDataLoader:
                    y.to(self.device, non_blocking=True))
 
 
-def _load_imagenet(cfg, device, generator, channels_last):
-    root = _check_dir(cfg)
+def _load_imagenet(cfg, device, generator, channels_last, flag):
+    root = _check_dir(cfg, flag)
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if data_layout("imagenet", root) is None:
-        raise _missing(cfg, "ImageNet", f"{train_dir}/<class>/*.JPEG and {val_dir}/<class>/*.JPEG (ImageFolder; "
+        raise _missing(cfg, flag, "ImageNet", f"{train_dir}/<class>/*.JPEG and {val_dir}/<class>/*.JPEG (ImageFolder; "
                        "val/ sorted into class folders)")
     import torchvision
     from torchvision import transforms as T
@@ -416,13 +421,14 @@ def _load_imagenet(cfg, device, generator, channels_last):
 
 # -------------------------------------------------------------------------------- entry point
 def load_data(cfg: TrialConfig, device: torch.device, generator: torch.Generator,
-              channels_last: bool = False) -> Data:
-    """The train and test loaders of cfg.dataset on `device`. All randomness from `generator`."""
+              channels_last: bool = False, data_dir_flag: str = DATA_DIR_FLAG) -> Data:
+    """The train and test loaders of cfg.dataset on `device`. All randomness from `generator`.
+    `data_dir_flag`: how the command being run sets key 'data_dir', for the error messages."""
     device = torch.device(device)
     if cfg.dataset == "digits":
         return _load_digits(cfg, device, generator, channels_last)
     if cfg.dataset in CIFAR_STATS:
-        return _load_cifar(cfg, device, generator, channels_last)
+        return _load_cifar(cfg, device, generator, channels_last, data_dir_flag)
     if cfg.dataset == "imagenet":
-        return _load_imagenet(cfg, device, generator, channels_last)
+        return _load_imagenet(cfg, device, generator, channels_last, data_dir_flag)
     raise ConfigError(f"key 'dataset' = {cfg.dataset!r}: unknown; allowed: digits, cifar10, cifar100, imagenet")

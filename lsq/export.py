@@ -585,12 +585,7 @@ def load_trained(checkpoint_path: str, data_dir: str | None = None) -> tuple[nn.
     if data_dir is not None:
         values["data_dir"] = data_dir
     cfg = TrialConfig.from_dict(values, where=f"config of checkpoint {checkpoint_path}")
-    try:
-        trainer = Trainer(cfg)
-    except ConfigError as e:  # the data set is not where the trial had it
-        if "data_dir" not in str(e):
-            raise
-        raise ConfigError(f"{e} (python -m lsq.export takes --data_dir DIR)") from None
+    trainer = Trainer(cfg, data_dir_flag="--data_dir")  # (where the data set is not where the trial had it)
     stored = state["model"]
     problem = state_mismatch(trainer.model.state_dict(), stored)
     if problem:

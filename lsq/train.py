@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, TrialConfig, coerce
-from .data import CIFAR_CLASSES, load_data
+from .data import CIFAR_CLASSES, DATA_DIR_FLAG, load_data
 from .files import write_problem
 from .models import CIFAR_DEPTHS, build_model, load_error, load_fp32, read_state_dict
 from .policy import BitPolicy, describe, quantize_model, quantizers
@@ -166,16 +166,19 @@ def lr_factor(cfg: TrialConfig, epoch: int) -> float:
 
 
 class Trainer:
-    """One trial: build everything from a TrialConfig, then yield metrics epoch by epoch."""
+    """One trial: build everything from a TrialConfig, then yield metrics epoch by epoch.
+    `data_dir_flag`: how the command being run sets key 'data_dir' (the sweep's --set data_dir by
+    default), named where the data set is not found."""
 
-    def __init__(self, cfg: TrialConfig, log=None):
+    def __init__(self, cfg: TrialConfig, log=None, data_dir_flag: str = DATA_DIR_FLAG):
         self.cfg, self.log = cfg, log or (lambda msg: None)
         self.device = pick_device(cfg)
         cuda = self.device.type == "cuda"
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # every draw of the data path
         channels_last = uses_channels_last(self.device, cfg.model)
-        self.data = load_data(cfg, self.device, self.generator, channels_last=channels_last)
+        self.data = load_data(cfg, self.device, self.generator, channels_last=channels_last,
+                              data_dir_flag=data_dir_flag)
 
         model = build_model(cfg.model, self.data.num_classes, self.data.in_channels)
         if cfg.init_from:
@@ -455,7 +458,7 @@ def main(argv=None) -> int:
             raise ConfigError(problem)
         if threads:
             torch.set_num_threads(threads)
-        trainer = Trainer(cfg, log=lambda message: print(message, flush=True))
+        trainer = Trainer(cfg, log=lambda message: print(message, flush=True), data_dir_flag="--data_dir")
         print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({trainer.device}); first={cfg.normalized().first} last={cfg.normalized().last}; "
               f"{trainer.data.train_size} train / {trainer.data.test_size} test images", flush=True)
         for m in trainer.epochs():

@@ -409,6 +409,7 @@ def test_cli_data_elsewhere(tmp_path, trained, capsys):
     assert main([str(moved)]) == 2
     err = capsys.readouterr().err
     assert "key 'data_dir'" in err and "--data_dir" in err and "Traceback" not in err
+    assert "--set" not in err  # the sweep's flag, not this command's
 
 
 def test_check_catches_an_export_without_the_clip(trained, tmp_path, monkeypatch):

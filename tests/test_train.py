@@ -282,6 +282,8 @@ def test_cli_runs_and_saves(tmp_path, capsys):
     (["--dataset", "cifar10"], "key 'data_dir' is required"),
     (["--first", "w8a9"], "key 'first'"),
     (["--init_from", "/nonexistent/x.pth"], "no such file"),
+    # this command's flag, not the sweep's --set data_dir
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "pass --data_dir=<folder holding cifar10>"),
     # (--epochs 1: without the check, 0 trained with the default threads and -1 was a RuntimeError)
     (["--threads", "0", "--epochs", "1", "--batch_size", "256"], "--threads 0: allowed: a whole number >= 1"),
     (["--threads", "-1", "--epochs", "1", "--batch_size", "256"], "--threads -1: allowed: a whole number >= 1"),
