@@ -70,7 +70,7 @@ from .files import atomic_write, write_problem
 from .layers import QConv2d, QLinear
 from .models import state_mismatch
 from .quantizer import STEP_EPS, LsqQuantizer
-from .train import CheckpointError, Trainer, read_checkpoint
+from .train import CheckpointError, Trainer, check_threads, read_checkpoint
 
 OPSET = 17
 INSTALL_HINT = "pip install -r requirements-export.txt"
@@ -702,8 +702,7 @@ def main(argv=None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
-        if args.threads is not None and args.threads < 1:  # (torch.set_num_threads raises on these)
-            raise ConfigError(f"--threads {args.threads}: allowed: a whole number >= 1")
+        check_threads(args.threads)
         if args.threads:
             torch.set_num_threads(args.threads)
         _read(args.checkpoint)  # a bad checkpoint is the first thing to report

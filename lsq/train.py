@@ -38,6 +38,18 @@ from .policy import BitPolicy, describe, quantize_model, quantizers
 CHECKPOINT_VERSION = 1
 
 
+# torch.set_num_threads takes any positive number, but far above a machine's cores its thread pool
+# crashes the process (100000: a segfault); 1024 still works, and exceeds the cores of today's
+# largest machines (a few hundred)
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None) -> None:
+    """ConfigError unless --threads is unset or a whole number in 1..MAX_THREADS."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:  # (torch.set_num_threads raises below 1)
+        raise ConfigError(f"--threads {threads}: allowed: a whole number from 1 to {MAX_THREADS}")
+
+
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -451,8 +463,7 @@ def main(argv=None) -> int:
     try:
         cfg, args = parse_args(argv)
         threads, save = getattr(args, "threads", None), getattr(args, "save", None)
-        if threads is not None and threads < 1:  # (torch.set_num_threads raises on these)
-            raise ConfigError(f"--threads {threads}: allowed: a whole number >= 1")
+        check_threads(threads)
         problem = save is not None and write_problem("--save", save)
         if problem:  # now, not after the training it would throw away
             raise ConfigError(problem)

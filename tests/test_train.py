@@ -285,8 +285,10 @@ def test_cli_runs_and_saves(tmp_path, capsys):
     # this command's flag, not the sweep's --set data_dir
     (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "pass --data_dir=<folder holding cifar10>"),
     # (--epochs 1: without the check, 0 trained with the default threads and -1 was a RuntimeError)
-    (["--threads", "0", "--epochs", "1", "--batch_size", "256"], "--threads 0: allowed: a whole number >= 1"),
-    (["--threads", "-1", "--epochs", "1", "--batch_size", "256"], "--threads -1: allowed: a whole number >= 1"),
+    (["--threads", "0", "--epochs", "1", "--batch_size", "256"], "--threads 0: allowed: a whole number from 1 to 1024"),
+    (["--threads", "-1", "--epochs", "1", "--batch_size", "256"], "--threads -1: allowed: a whole number from 1 to 1024"),
+    # (100000 threads: torch's thread pool crashed the process, a segfault)
+    (["--threads", "100000", "--epochs", "1", "--batch_size", "256"], "--threads 100000: allowed: a whole number from 1 to 1024"),
 ])
 def test_cli_bad_input(argv, needle, capsys):
     assert main(argv) == 2
