@@ -4,6 +4,7 @@ open() would give it (mkstemp's own is 0600)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -42,6 +43,24 @@ def atomic_write(path: str, data: bytes | memoryview | str) -> None:
         raise
 
 
+def _dead_link(path: str) -> str | None:
+    """What the symbolic link at `path` is, if it leads nowhere (dangling, or a loop); else None.
+    (os.path.exists says False for both, as for a missing path: writing there would replace the
+    link with a file, and making it a folder fails with FileExistsError.)"""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        target = os.readlink(path)
+        if e.errno == errno.ELOOP:
+            return f"a symbolic link in a loop (to {target})"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"a broken symbolic link to {target}"
+        return f"a symbolic link to {target} that cannot be followed ({e.strerror})"
+
+
 def write_problem(flag: str, path: str) -> str | None:
     """Why the file `path`, given as `flag`, could not be written (one line naming the flag, the
     path and what is allowed), or None. Writes nothing: a command checks its output paths with this
@@ -51,9 +70,15 @@ def write_problem(flag: str, path: str) -> str | None:
         return f"{flag} {path!r}: an empty path; allowed: a file path"
     if os.path.isdir(path):
         return f"{flag} {path}: is a folder; allowed: a file path (in a folder, created if missing)"
+    link = _dead_link(path)
+    if link:
+        return f"{flag} {path}: is {link}; allowed: a file path (remove the link, or give the path it should lead to)"
     folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
+    while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
+    link = _dead_link(folder)
+    if link:
+        return f"{flag} {path}: {folder} is {link}; allowed: a file path in a folder (created if missing)"
     if not os.path.isdir(folder):
         return f"{flag} {path}: {folder} is a file; allowed: a file path in a folder (created if missing)"
     read_only_fs = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY

@@ -471,7 +471,10 @@ def test_cli_checks_where_it_writes_before_any_work(tmp_path, trained, capsys):
     _refused([str(path), "--out", str(a_file / "m.onnx")], capsys, f"--out {a_file / 'm.onnx'}", "is a file")
     _refused([str(path), "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a folder")
     _refused([str(path), "--out", str(onnx_out), "--json", str(onnx_out)], capsys, "--json", "is also the ONNX file")
-    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+    dangling = tmp_path / "dangling.onnx"  # (it was replaced by the ONNX file)
+    dangling.symlink_to("nowhere/m.onnx")
+    _refused([str(path), "--out", str(dangling)], capsys, f"--out {dangling}: is a broken symbolic link to nowhere/m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.onnx", "file.txt"] and dangling.is_symlink()
 
 
 def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys):

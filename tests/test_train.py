@@ -300,12 +300,21 @@ def test_cli_bad_input(argv, needle, capsys):
     ("file.txt/x.pt", "file.txt is a file; allowed: a file path in a folder"),
     ("a_folder", "a_folder: is a folder; allowed: a file path"),
     ("", "--save '': an empty path; allowed: a file path"),
+    # links that lead nowhere: the checkpoint replaced the link silently, and a folder that is one
+    # was a FileExistsError traceback after the training (or, for a loop, called 'a file')
+    ("dangling.pt", "dangling.pt: is a broken symbolic link to nowhere/x.pt; allowed: a file path"),
+    ("loop.pt", "loop.pt: is a symbolic link in a loop (to loop.pt)"),
+    ("dangling_dir/x.pt", "dangling_dir is a broken symbolic link to nowhere; allowed: a file path in a folder"),
+    ("loop.pt/x.pt", "loop.pt is a symbolic link in a loop"),
 ])
 def test_cli_checks_save_before_training(tmp_path, save, needle, capsys):
     """A --save that cannot be written is an error at once, not after the training it would lose
     (or, for '', a run that saves nothing and says nothing)."""
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "a_folder").mkdir()
+    (tmp_path / "dangling.pt").symlink_to("nowhere/x.pt")
+    (tmp_path / "dangling_dir").symlink_to("nowhere")
+    (tmp_path / "loop.pt").symlink_to("loop.pt")
     before = sorted(tmp_path.rglob("*"))
     target = str(tmp_path / save) if save else ""
     assert main(["--epochs", "1", "--bit", "8", "--batch_size", "256", "--save", target]) == 2
