@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -268,6 +269,20 @@ def _download(name: str, root: str):
         return _torchvision_cifar(name, root, download=True)  # closing the file releases the lock
 
 
+class BadImageError(ConfigError):
+    """An image file that cannot be decoded. A DataLoader worker's error reaches the trainer as a
+    new error of its class whose message is the worker's whole traceback: only ours, at its end, is kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rpartition("BadImageError: ")[2].strip())
+
+
+def _bad_image(path: str, e: Exception) -> BadImageError:
+    why = re.sub(r"^\w+, \S+:\d+, ", "", str(e))  # (torchvision's errors start with its function, file and line)
+    return BadImageError(f"ImageFolder image {path}: cannot be decoded ({why}); allowed: an image file that "
+                         "decodes (replace or remove this one)")
+
+
 def _classes(folder: str) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
@@ -283,9 +298,15 @@ def _decode_folder(folder: str, classes: list[str]):
             sub = os.path.join(folder, name)
             for f in sorted(os.listdir(sub)):
                 if f.lower().endswith(IMAGE_EXTS):
-                    with open(os.path.join(sub, f), "rb") as fh:
-                        raw = torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8)
-                    images.append(decode_image(raw, mode=ImageReadMode.RGB))
+                    path = os.path.join(sub, f)
+                    try:
+                        with open(path, "rb") as fh:
+                            raw = bytearray(fh.read())
+                        if not raw:  # (torch.frombuffer's own message would be about buffer lengths)
+                            raise ValueError("an empty file")
+                        images.append(decode_image(torch.frombuffer(raw, dtype=torch.uint8), mode=ImageReadMode.RGB))
+                    except (OSError, ValueError, RuntimeError) as e:  # (decode_image: RuntimeError)
+                        raise _bad_image(path, e) from None
                     labels.append(label)
     if not images:
         raise ConfigError(f"ImageFolder {folder}: no {'/'.join(IMAGE_EXTS)} images in its class folders")
@@ -366,6 +387,17 @@ def _load_cifar(cfg, device, generator, channels_last, flag):
 
 
 # ----------------------------------------------------------------------------------- ImageNet
+def _load_image(path: str):
+    """torchvision's ImageFolder loader (PIL), read when a batch needs the image: a file that cannot
+    be decoded is a BadImageError naming it, not PIL's traceback in the middle of an epoch."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError, a truncated file, ...
+        raise _bad_image(path, e) from None
+
+
 class DeviceDataLoader:
     """A torch DataLoader whose batches arrive on the device, reseeded from the trainer's
     generator at the start of every epoch (shuffle order and the workers' seeds)."""
@@ -399,8 +431,8 @@ def _load_imagenet(cfg, device, generator, channels_last, flag):
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
     try:
-        train = torchvision.datasets.ImageFolder(train_dir, transform=train_tf)
-        val = torchvision.datasets.ImageFolder(val_dir, transform=val_tf)
+        train = torchvision.datasets.ImageFolder(train_dir, transform=train_tf, loader=_load_image)
+        val = torchvision.datasets.ImageFolder(val_dir, transform=val_tf, loader=_load_image)
     except (FileNotFoundError, RuntimeError) as e:  # e.g. a class folder without images
         raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: not a usable ImageNet ImageFolder: {e}") from None
     if val.classes != train.classes:

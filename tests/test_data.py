@@ -5,6 +5,7 @@ the published CIFAR statistics) rather than read back from the loader.
 """
 
 import os
+import re
 import time
 
 import numpy as np
@@ -392,6 +393,23 @@ def test_cifar_errors(tmp_path, monkeypatch):
         D.load_data(cfg(dataset="cifar10", data_dir=str(broken)), CPU, gen())
 
 
+@pytest.mark.parametrize("content, why", [(b"not an image", "Unsupported image file"), (b"", "an empty file"),
+                                           (b"\x89PNG\r\n\x1a\n truncated", "")])
+def test_cifar_image_that_cannot_be_decoded_is_named(cifar_tree, content, why, capsys):
+    """A corrupt or empty image: one error naming the file (lsq.train: exit 2), not a RuntimeError
+    or ValueError traceback from the decoder."""
+    from lsq.train import main
+
+    root, _ = cifar_tree
+    bad = root / "train" / "class4" / "0001.png"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"ImageFolder image {re.escape(str(bad))}: cannot be decoded \({why}.*\); allowed: an image"):
+        D.load_data(cfg(dataset="cifar10", data_dir=str(root)), CPU, gen())
+    assert main(["--dataset", "cifar10", "--data_dir", str(root), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: ImageFolder image {bad}: cannot be decoded") and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------------- ImageNet
 def test_imagenet_image_folder(tmp_path):
     write_tree(tmp_path, {"train": 3, "val": 2}, ["n01", "n02"], size=64, fmt="jpg")
@@ -407,6 +425,20 @@ def test_imagenet_image_folder(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"no ImageNet found.*val"):
         D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path / "other")), CPU, gen())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagenet_image_that_cannot_be_decoded_is_named(tmp_path, workers):
+    """ImageNet's images are decoded as batches need them, in DataLoader workers or not: a corrupt
+    one is one error naming the file, not PIL's traceback (in a worker's, wrapped in another)."""
+    write_tree(tmp_path, {"train": 2, "val": 1}, ["n01", "n02"], size=64, fmt="jpg")
+    bad = tmp_path / "val" / "n02" / "0000.jpg"
+    bad.write_bytes(b"not a JPEG")
+    data = D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path), workers=workers, batch_size=2), CPU, gen())
+    with pytest.raises(ConfigError) as e:
+        epoch(data.test)
+    assert str(e.value).startswith(f"ImageFolder image {bad}: cannot be decoded (cannot identify image file")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_trials_that_download_at_once_take_turns(tmp_path, monkeypatch):
