@@ -67,6 +67,15 @@ class ConfigError(ValueError):
     """A user's mistake in a config, a search space or a command line. Printed without traceback."""
 
 
+def not_a_file(path: str) -> str:
+    """Why `path`, which os.path.isfile refused, is not a checkpoint file: for a folder, the
+    checkpoint.pt a sweep's trial keeps in its checkpoint_NNNNNN folders, if it holds one."""
+    if not os.path.isdir(path):
+        return "no such file"
+    inside = os.path.join(path, "checkpoint.pt")
+    return f"is a folder, not a file{f'; it holds the checkpoint file {inside}' if os.path.isfile(inside) else ''}"
+
+
 def _choice(*allowed):
     return {"choices": allowed}
 
@@ -164,7 +173,7 @@ class TrialConfig:
             raise ConfigError(f"{where}: key 'data_dir' is required for dataset '{self.dataset}' (only 'digits' is embedded)")
         if self.init_from and self.init_from != "torchvision" and not os.path.isfile(self.init_from):
             raise ConfigError(
-                f"{where}: key 'init_from' = {self.init_from!r}: no such file "
+                f"{where}: key 'init_from' = {self.init_from!r}: {not_a_file(self.init_from)} "
                 "(allowed: a path to an FP32 checkpoint, or 'torchvision')"
             )
         if self.init_from == "torchvision" and self.model not in ("resnet18", "resnet34", "resnet50"):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, not_a_file
 
 CIFAR_DEPTHS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
@@ -104,7 +104,7 @@ def read_state_dict(path: str) -> dict:
     Loaded with weights_only=True: a file whose unpickling would run code is refused.
     """
     if not os.path.isfile(path):
-        raise ConfigError(f"key 'init_from' = {path!r}: no such file")
+        raise ConfigError(f"key 'init_from' = {path!r}: {not_a_file(path)}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...

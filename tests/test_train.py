@@ -296,6 +296,20 @@ def test_cli_bad_input(argv, needle, capsys):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+def test_cli_init_from_a_folder_says_so(tmp_path, capsys):
+    """--init_from a folder was 'no such file'; a sweep trial's checkpoint folder names the file in it."""
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    assert main(["--init_from", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"'init_from' = '{folder}': is a folder, not a file (allowed: a path to an FP32 checkpoint" in err
+    (folder / "checkpoint.pt").write_bytes(b"")
+    assert main(["--init_from", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"is a folder, not a file; it holds the checkpoint file {folder / 'checkpoint.pt'} (allowed:" in err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("save, needle", [
     ("file.txt/x.pt", "file.txt is a file; allowed: a file path in a folder"),
     ("a_folder", "a_folder: is a folder; allowed: a file path"),
