@@ -342,10 +342,12 @@ class Trainer:
         try:
             torch.save(self.state_dict(), tmp)
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:  # (Ctrl-C too: no half-written .tmp file left behind)
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+            if isinstance(e, OSError):
+                raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+            raise
 
     def load(self, path: str) -> None:
         state = read_checkpoint(path)
@@ -460,6 +462,7 @@ def _cli_value(key: str, v: str):
 
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    trainer, save, saved = None, None, False  # (for the message of a Ctrl-C: epochs trained, what was saved)
     try:
         cfg, args = parse_args(argv)
         threads, save = getattr(args, "threads", None), getattr(args, "save", None)
@@ -477,6 +480,7 @@ def main(argv=None) -> int:
         if save is not None:
             os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
             trainer.save(save)
+            saved = True
             print(f"saved {save}")
         return 0
     except (ConfigError, CheckpointError, DivergedError) as e:
@@ -484,6 +488,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+        if debug:
+            raise
+        done = "before training" if trainer is None else f"{trainer.epoch} of {trainer.cfg.epochs} epochs trained"
+        kept = "" if save is None else f"; saved {save}" if saved else f"; nothing saved to {save}"
+        print(f"interrupted ({done}){kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

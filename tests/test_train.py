@@ -296,6 +296,40 @@ def test_cli_bad_input(argv, needle, capsys):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C was a KeyboardInterrupt traceback: now one line saying how far it got and what was
+    saved, exit status 130; a checkpoint being written when it comes leaves no .tmp file behind."""
+    out = tmp_path / "last.pt"
+    argv = ["--epochs", "3", "--bit", "8", "--batch_size", "256", "--save", str(out)]
+    one_epoch = Trainer.train_one_epoch
+    calls = []
+
+    def ctrl_c_in_epoch_2(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return one_epoch(self)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", ctrl_c_in_epoch_2)
+    assert main(argv) == 130
+    out_text, err = capsys.readouterr()
+    assert "epoch   1/3" in out_text and "Traceback" not in err
+    assert err == f"interrupted (1 of 3 epochs trained); nothing saved to {out}\n"
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", one_epoch)
+
+    def ctrl_c_while_saving(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", ctrl_c_while_saving)
+    assert main(argv[:1] + ["1"] + argv[2:]) == 130
+    assert capsys.readouterr().err == f"interrupted (1 of 1 epochs trained); nothing saved to {out}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_init_from_a_folder_says_so(tmp_path, capsys):
     """--init_from a folder was 'no such file'; a sweep trial's checkpoint folder names the file in it."""
     folder = tmp_path / "checkpoint_000003"
