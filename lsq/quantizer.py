@@ -20,7 +20,7 @@ and called through ctypes. On CUDA, where eager calls are bound by kernel launch
 Triton kernels (lsq/_triton.py: one launch forward, two backward), checked against the eager
 path once per process. Either falls back to the eager path when it cannot be built (the CUDA
 kernels also when their check disagrees; the C loop is checked by the tests, not at run time),
-and LSQ_FAST_PATH=0 turns both off.
+and LSQ_FAST_PATH=0 (or false, no, off) turns both off.
 tests/test_quantizer_fastpath.py checks that the fast paths give the eager path's results.
 """
 
@@ -316,7 +316,32 @@ def save_as_codes(*pairs):
 # gets the same float32 operations in the same order (the step gradient's sum is accumulated
 # in another order, in double precision on the CPU).
 
-FAST_PATH = os.environ.get("LSQ_FAST_PATH", "1") != "0"  # set False to force the eager path
+# True: the fast kernels where they build; False: the eager path. None: the environment variable
+# LSQ_FAST_PATH decides, read at the first call (tests and benchmarks set True or False).
+FAST_PATH: bool | None = None
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off in any case; unset or empty
+    is `default`. Anything else is a ValueError naming the variable, its value and what is allowed."""
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if not word:
+        return default
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r}: allowed: 1, true, yes, on or 0, false, no, off "
+                     "(any case), or unset")
+
+
+def fast_path_on() -> bool:
+    """FAST_PATH, from LSQ_FAST_PATH (default on) the first time; ValueError for a value it cannot read."""
+    global FAST_PATH
+    if FAST_PATH is None:
+        FAST_PATH = env_switch("LSQ_FAST_PATH", True)
+    return FAST_PATH
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -520,7 +545,7 @@ def _checked(fast, device: torch.device):
 
 def _fast_path(v: torch.Tensor):
     """The fast kernels for v, or None for the eager path."""
-    if not FAST_PATH or torch.compiler.is_compiling():  # inside a compiled model, stay traceable
+    if not fast_path_on() or torch.compiler.is_compiling():  # inside a compiled model, stay traceable
         return None
     kind = v.device.type
     if kind not in _kernels:

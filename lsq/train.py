@@ -34,6 +34,7 @@ from .data import CIFAR_CLASSES, DATA_DIR_FLAG, load_data
 from .files import write_problem
 from .models import CIFAR_DEPTHS, build_model, load_error, load_fp32, read_state_dict
 from .policy import BitPolicy, describe, quantize_model, quantizers
+from .quantizer import fast_path_on
 
 CHECKPOINT_VERSION = 1
 
@@ -184,6 +185,10 @@ class Trainer:
 
     def __init__(self, cfg: TrialConfig, log=None, data_dir_flag: str = DATA_DIR_FLAG):
         self.cfg, self.log = cfg, log or (lambda msg: None)
+        try:  # now, not at the first quantizer call: a bad LSQ_FAST_PATH is the user's error, told as one
+            fast_path_on()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.device = pick_device(cfg)
         cuda = self.device.type == "cuda"
         torch.manual_seed(cfg.seed)

@@ -223,3 +223,19 @@ def test_a_gpu_fast_path_is_checked_against_the_eager_path_before_use():
     for fault in ({"off": 1}, {"no_g": True}, {"no_clamp": True}):
         with pytest.raises(RuntimeError, match="disagrees with the eager path"):
             Q._checked(_EagerKernels(**fault), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("No", False), ("OFF", False), ("1", True),
+                                       ("True", True), ("yes", True), (" on ", True), ("", True)])
+def test_lsq_fast_path_reads_the_usual_spellings(value, on, monkeypatch):
+    """LSQ_FAST_PATH=false (no, off) kept the fast path on: only '0' turned it off."""
+    monkeypatch.setenv("LSQ_FAST_PATH", value)
+    monkeypatch.setattr(Q, "FAST_PATH", None)  # (None: read from the environment at the first call)
+    assert Q.fast_path_on() is on and Q.FAST_PATH is on
+
+
+def test_lsq_fast_path_with_another_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("LSQ_FAST_PATH", "maybe")
+    monkeypatch.setattr(Q, "FAST_PATH", None)
+    with pytest.raises(ValueError, match=r"environment variable LSQ_FAST_PATH='maybe': allowed: 1, true, yes, on or 0"):
+        Q.LsqQuantizer(4, True, "weight")(torch.ones(8))

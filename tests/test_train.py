@@ -330,6 +330,17 @@ def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_bad_lsq_fast_path_is_an_input_error(monkeypatch, capsys):
+    """An LSQ_FAST_PATH it cannot read: one error naming it, exit 2 (was: 'maybe' on, 'false' on)."""
+    from lsq import quantizer
+
+    monkeypatch.setenv("LSQ_FAST_PATH", "maybe")
+    monkeypatch.setattr(quantizer, "FAST_PATH", None)  # (None: read from the environment)
+    assert main(["--epochs", "1", "--bit", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: environment variable LSQ_FAST_PATH='maybe': allowed: 1, true")
+
+
 def test_cli_init_from_a_folder_says_so(tmp_path, capsys):
     """--init_from a folder was 'no such file'; a sweep trial's checkpoint folder names the file in it."""
     folder = tmp_path / "checkpoint_000003"
