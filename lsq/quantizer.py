@@ -545,7 +545,7 @@ def _checked(fast, device: torch.device):
 
 def _fast_path(v: torch.Tensor):
     """The fast kernels for v, or None for the eager path."""
-    if not fast_path_on() or torch.compiler.is_compiling():  # inside a compiled model, stay traceable
+    if torch.compiler.is_compiling() or not fast_path_on():  # inside a compiled model, stay traceable
         return None
     kind = v.device.type
     if kind not in _kernels:
