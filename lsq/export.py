@@ -688,6 +688,15 @@ def check_outputs(checkpoint: str, out: str, json_path: str | None, out_given: b
         raise ConfigError(f"--json {json_path}: is also the ONNX file (--out {out}); allowed: another path")
 
 
+def _identity(path: str):
+    """(mtime, inode) of a file, None where there is none: atomic_write changes both."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lsq.export",
                                 description="Export a trained LSQ checkpoint to ONNX (QDQ with the learned step "
@@ -701,6 +710,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    written = {}  # path -> its (mtime, inode) before the run, to say on Ctrl-C what was written
     try:
         check_threads(args.threads)
         if args.threads:
@@ -708,6 +718,7 @@ def main(argv=None) -> int:
         _read(args.checkpoint)  # a bad checkpoint is the first thing to report
         out = args.out if args.out is not None else default_onnx_path(args.checkpoint)
         check_outputs(args.checkpoint, out, args.json, out_given=args.out is not None)
+        written = {path: _identity(path) for path in (out, args.json) if path is not None}
         missing = onnx_missing()
         if missing:
             raise ConfigError(missing.replace("ONNX export skipped: ", "cannot export: "))
@@ -722,6 +733,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, what was written, and the shell's status for SIGINT
+        if args.debug:
+            raise
+        done = [path for path, before in written.items() if _identity(path) != before]
+        print(f"interrupted; {'wrote ' + ' and '.join(done) if done else 'nothing written'}", file=sys.stderr)
+        return 130
     nodes = r["onnx_nodes"]
     floats = r["float_layers"]
     floats = ", ".join(floats) if len(floats) <= 3 else f"{len(floats)} layers ({floats[0]}, ...)"

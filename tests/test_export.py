@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from lsq.config import TrialConfig
 from lsq.export import (AGREEMENT_TARGET, DeployLayer, _full_fp32_matmul, agreement_ok, compare_paths, deploy_model,
                         default_onnx_path, deployment_check, export_onnx, load_trained, main, onnx_session, passes)
+from lsq.files import atomic_write
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, init_steps, quantize_model
@@ -503,3 +505,31 @@ def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys
         assert kept.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "link.onnx", "model.onnx", "w4a4.pt"]
     assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path, trained, monkeypatch, capsys):
+    """Ctrl-C was a KeyboardInterrupt traceback: now one line saying what was written, exit 130."""
+    import lsq.export as export
+
+    path, _, _ = trained
+    out = tmp_path / "m.onnx"
+
+    def ctrl_c(checkpoint, data_dir, onnx_path, write_first=False):
+        if write_first:
+            atomic_write(onnx_path, b"an ONNX file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "deployment_check", ctrl_c)
+    assert export.main([str(path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing written\n"
+    assert not out.exists()
+
+    monkeypatch.setattr(export, "deployment_check", partial(ctrl_c, write_first=True))
+    assert export.main([str(path), "--out", str(out), "--json", str(tmp_path / "m.json")]) == 130
+    assert capsys.readouterr().err == f"interrupted; wrote {out}\n"
+
+    monkeypatch.setattr(export, "deployment_check", ctrl_c)  # the file from before is not "written"
+    assert export.main([str(path), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing written\n"
+    with pytest.raises(KeyboardInterrupt):
+        export.main([str(path), "--out", str(out), "--debug"])
