@@ -49,6 +49,7 @@ import itertools
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,9 @@ MAX_DEPTH = 100         # lists and mappings in one another: spaces need 4; Pyth
 # in the driver and writes them all into its snapshot after every step. Far more than a sweep
 # runs (the shipped ones have 4 to 30), few enough to validate in seconds, not to exhaust memory.
 MAX_CELLS = 100_000
+# Bytes of a space file: hand-written spaces are a few KB. Reading a YAML list of 1 MB takes some
+# 10 s (4 MB: 40 s); a device (/dev/zero) or a FIFO would be read for ever.
+MAX_FILE_BYTES = 1_000_000
 
 
 @dataclass
@@ -274,9 +278,18 @@ def parse_overrides(items: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- sections
 def _read(path: str) -> str:
+    """The text of a regular file of at most MAX_FILE_BYTES (opened without waiting: a FIFO)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, a FIFO, a device such as /dev/zero
+            os.close(fd)
+            raise ConfigError(f"{path}: not a regular file; allowed: a search space file (YAML)")
+        with open(fd, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; allowed: a search space file of at "
+                              f"most {MAX_FILE_BYTES:,} bytes")
+        return data.decode("utf-8")
     except FileNotFoundError:
         hint = ""
         for folder in (os.path.dirname(path) or ".", SHIPPED_SPACES):  # beside it, else the shipped ones

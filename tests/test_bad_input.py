@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from lsq.models import build_model
+from lsq.space import MAX_FILE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -252,6 +253,39 @@ def test_bad_input_in_a_fresh_process(case, workdir):
     for word in BAD[case][2]:
         assert word in proc.stderr, (word, proc.stderr)
     assert tree(workdir) == before and not (workdir / "pwned").exists()
+
+
+def _space_of_kind(kind: str, folder: Path) -> str:
+    if kind == "device":
+        return "/dev/zero"  # read whole, it never ends (until memory does)
+    path = folder / f"{kind}.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it waits for a writer that never comes
+    elif kind == "folder":
+        path.mkdir()
+    else:  # valid YAML, one byte over the limit
+        text = "fixed: {epochs: 1}\n# "
+        path.write_text(text + "x" * (MAX_FILE_BYTES + 1 - len(text)))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, words", [("fifo", ["not a regular file"]), ("device", ["not a regular file"]),
+                                         ("folder", ["not a regular file"]),
+                                         ("too_big", ["larger than 1,000,000 bytes", "at most 1,000,000 bytes"])])
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--report-only"]])
+def test_a_space_that_is_no_regular_file_or_too_big_is_refused_unread(kind, words, flags, workdir, capsys):
+    """A FIFO, a device or a folder is refused before it is read, a file over the limit after
+    the limit's bytes: neither waits for ever or reads until memory runs out."""
+    if kind == "device" and not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    path = _space_of_kind(kind, workdir)
+    before = tree(workdir)
+    assert sweep.main([path, "--storage", str(workdir / "runs"), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and not out, (out, err)
+    for word in words:
+        assert word in err, (word, err)
+    assert tree(workdir) == before
 
 
 @pytest.mark.parametrize("flags", [[], ["--dry-run"], ["--report-only"]])
