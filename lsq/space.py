@@ -196,6 +196,11 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
         groups.setdefault(first_of[ident], []).append(values)
     merged = [Merged(kept=i, dropped=rows[1:], differ_in=varied_keys(rows))
               for i, rows in groups.items() if len(rows) > 1]
+    most = max(t.epochs for t in trials)  # the scheduler's max_t (sweep.py): ASHA asserts grace_period <= max_t
+    if early and early["grace_period"] > most:
+        raise ConfigError(f"{where('early_stopping', 'grace_period')}: grace_period {early['grace_period']} is more "
+                          f"than the {most} epoch{'s' * (most != 1)} of the longest trial; allowed: a whole number "
+                          f"of epochs from 1 to {most} (early stopping acts after grace_period epochs at the earliest)")
 
     return Space(path=path, name=name, description=description.strip(), trials=trials, cells=len(cells),
                  merged=merged, resources=resources, early_stopping=early, max_failures=max_failures,
