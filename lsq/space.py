@@ -77,6 +77,10 @@ MAX_DEPTH = 100         # lists and mappings in one another: spaces need 4; Pyth
 # in the driver and writes them all into its snapshot after every step. Far more than a sweep
 # runs (the shipped ones have 4 to 30), few enough to validate in seconds, not to exhaust memory.
 MAX_CELLS = 100_000
+# Digits of an integer in a space: Python reads at most 4300 (beyond, int() is a ValueError) and no
+# key takes more than 19 (TrialConfig's 2^63 - 1).
+MAX_INT_DIGITS = 100
+_INT_TAG = "tag:yaml.org,2002:int"
 # Bytes of a space file: hand-written spaces are a few KB. Reading a YAML list of 1 MB takes some
 # 10 s (4 MB: 40 s); a device (/dev/zero) or a FIFO would be read for ever.
 MAX_FILE_BYTES = 1_000_000
@@ -272,7 +276,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
         if key in _NOT_TRIAL_KEYS:  # a section of the space file, or a flag: not a trial's key
             raise ConfigError(f"--set {item!r}: '{key}' is not a trial key; allowed: {_NOT_TRIAL_KEYS[key]}")
-        _checked_lines(raw, f"--set {item!r}", in_file=False)
+        _checked_lines(raw, f"--set {key}", in_file=False)  # (not the item: it may be long)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -510,6 +514,7 @@ class _KeyLines:
         self.too_deep = None   # the mark of a list or mapping nested deeper than MAX_DEPTH
         self.values = 0        # values in the document, each alias counted as a copy of what it names
         self.biggest = None    # (top-level key, its values) of the most values
+        self.long_int = None   # (what, mark, digits) of the first integer of more than MAX_INT_DIGITS digits
         self._values: dict[int, int] = {}  # id(node) -> its values: each node is walked once
         try:
             recursive, too_deep = _scan(text)
@@ -528,12 +533,14 @@ class _KeyLines:
         node met again is not walked again (its lines are those of where it was written)."""
         if id(node) in self._values:
             return self._values[id(node)]
+        self._check_int(node, f"key '{_dotted(path)}'" if path else "the value")
         n = 1
         if isinstance(node, yaml.MappingNode):
             seen: dict[tuple, int] = {}  # this mapping's keys: (tag, text) -> line ("1" and 1 are two keys)
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):  # a list or mapping as a key: safe_load refuses it
                     continue
+                self._check_int(key, f"a key in '{_dotted(path)}'" if path else "a top-level key")
                 p, line = path + (key.value,), key.start_mark.line + 1
                 if (key.tag, key.value) in seen and key.value != "<<":  # YAML would keep only the last, silently
                     self.duplicates.append((p, seen[(key.tag, key.value)], line))
@@ -546,6 +553,12 @@ class _KeyLines:
                 n += self._walk(item, path + (i,))
         self._values[id(node)] = n
         return n
+
+    def _check_int(self, node, what: str) -> None:
+        if self.long_int is None and isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG:
+            digits = len(node.value.lstrip("+-").replace("_", ""))
+            if digits > MAX_INT_DIGITS:
+                self.long_int = (what, node.start_mark, digits)
 
     def find(self, path: tuple) -> int | None:
         while path:  # the deepest part of the path that has a line
@@ -593,6 +606,10 @@ def _checked_lines(text: str, where: str, in_file: bool = True) -> _KeyLines:
     if lines.too_deep:
         raise ConfigError(f"{at(lines.too_deep)}: lists and mappings nested more than {MAX_DEPTH} levels deep; "
                           f"allowed: at most {MAX_DEPTH}")
+    if lines.long_int:
+        what, mark, digits = lines.long_int
+        raise ConfigError(f"{at(mark)}: {what} is an integer of {digits:,} digits; allowed: at most "
+                          f"{MAX_INT_DIGITS} digits (no key takes more than 19)")
     if lines.values > MAX_VALUES:
         what = f"the {'file' if in_file else 'value'} holds {lines.values:,} values"
         if lines.biggest:  # the top-level key of the most values
