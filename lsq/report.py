@@ -90,11 +90,17 @@ class Storage:
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
 
     def read_bytes(self, *parts: str) -> bytes | None:
+        """The file's bytes; None when it is not there (not written yet). A file that is there
+        but cannot be read (its permissions, a folder in its place) is an error naming it: taken
+        for missing, its trial would be reported as never started."""
         try:
             with self.fs.open_input_stream(self.join(*parts)) as f:
                 return f.read()
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, NotADirectoryError):  # (a file where a folder of the path should be)
             return None
+        except OSError as e:
+            raise ConfigError(f"{self.uri(*parts)}: cannot read it ({e.strerror or e}); allowed: a file this user "
+                              "can read") from None
 
     def read_text(self, *parts: str) -> str | None:
         data = self.read_bytes(*parts)

@@ -482,6 +482,37 @@ def test_a_hand_edited_trial_file_is_one_error_naming_it(experiment, tmp_path, f
     assert not (tmp_path / "reports").exists()
 
 
+class _Denied(report.pafs.LocalFileSystem):
+    """A local file system on which 001_FP32/result.json has no read permission (root reads any file)."""
+
+    def open_input_stream(self, path):
+        if path.endswith(os.path.join("001_FP32", "result.json")):
+            raise PermissionError(13, "Permission denied", path)
+        return super().open_input_stream(path)
+
+
+@pytest.mark.parametrize("unreadable", ["permission", "folder"])
+def test_an_unreadable_trial_file_is_one_error_naming_it_and_the_report_stays(unreadable, experiment, tmp_path,
+                                                                              monkeypatch):
+    """Only a file that is not there counts as not written yet: one that cannot be read is an
+    error naming it, and the report built before stays as it was (it was taken for missing,
+    and the report rebuilt with that trial PENDING)."""
+    reports = tmp_path / "reports"
+    report.build_report(str(experiment), str(reports))
+    before = {f: (reports / "fake" / f).read_bytes() for f in os.listdir(reports / "fake")}
+    result = experiment / "001_FP32" / "result.json"
+    if unreadable == "permission":
+        monkeypatch.setattr(report.pafs, "LocalFileSystem", _Denied)
+    else:
+        result.unlink()
+        result.mkdir()
+    with pytest.raises(ConfigError) as err:
+        report.build_report(str(experiment), str(reports))
+    assert str(err.value).startswith(f"{result}: cannot read it (")
+    assert ("Permission denied" if unreadable == "permission" else "is a directory") in str(err.value)
+    assert {f: (reports / "fake" / f).read_bytes() for f in os.listdir(reports / "fake")} == before
+
+
 def test_report_needs_no_ray(experiment, tmp_path):
     """Built in a fresh process that never imports Ray (e.g. a laptop reading the storage)."""
     code = ("import sys; from lsq.report import build_report; "
