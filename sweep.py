@@ -113,6 +113,8 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from lsq import report
 
+    if args.address is not None:
+        check_address(args.address)
     space_path = _space_path(args.space)
     storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
 
@@ -527,16 +529,37 @@ def _lean_local_ray(dashboard: bool):
                 setattr(node.Node, name, original)
 
 
+HOST_MAX = 253  # a DNS name: at most 253 characters, each dot-separated part 1..63
+
+
+def check_address(address: str) -> tuple[str, int] | None:
+    """--address as written: auto, local, or HOST:PORT (ray://HOST:PORT) with a host name the
+    resolver takes and a port of ASCII digits in 1..65535 (int() also reads '²' and '٣').
+    Returns (host, port), None for auto and local. Connects to nothing."""
+    if address in ("auto", "local"):
+        return None
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    name = host.strip("[]")
+    parts = name[:-1].split(".") if name.endswith(".") else name.split(".")  # (a final dot: a full name)
+    if not (name and len(name) <= HOST_MAX and all(0 < len(p) <= 63 for p in parts)
+            and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        shown = shlex.quote(address if len(address) <= 100 else address[:100] + "...")
+        raise ConfigError(f"--address {shown}: expected auto, HOST:PORT or ray://HOST:PORT, with a host name of at "
+                          f"most {HOST_MAX} characters (dot-separated parts of 1..63) and a port in 1..65535")
+    return host, int(port)
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a wrong host:port (Ray itself retries for many minutes)."""
-    if address in ("auto", "local"):
+    target = check_address(address)
+    if target is None:
         return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT, with a port in 1..65535")
+    host, port = target
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
+    except UnicodeError as e:  # a host name the resolver cannot encode (IDNA), e.g. a character it prohibits
+        raise ConfigError(f"--address {address}: host {host!r} is not a host name ({e}); allowed: auto, HOST:PORT "
+                          "or ray://HOST:PORT") from None
     except OSError as e:
         raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}). "
                           "Is the cluster up (`ray start --head` prints its address)?") from None
