@@ -731,8 +731,15 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     if args.resume:
         print(f"Resuming sweep '{name}' from {experiment}")
         _resume_notes(args, space, experiment, stored or {})
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=False)
+        try:  # Tune unpickles tuner.pkl here: a file that is whole (see recover_snapshot) but not a Tuner's state
+            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                       restart_errored=False)
+        except Exception as e:
+            if args.debug:
+                raise
+            raise ConfigError(f"--resume: cannot restore sweep '{name}' from {_join(experiment, 'tuner.pkl')} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); allowed: the tuner.pkl Tune "
+                              f"wrote for this sweep (restore it, or start again with --name {name}-2)") from None
     else:
         points = space.points()
         varied = space.varied_keys()

@@ -404,6 +404,31 @@ def test_more_cpus_per_trial_than_this_machine_has_are_capped_locally(cpu, addre
     assert ("note: this machine has 2 CPUs: each trial gets 2 (asked for 8)" in out) == capped, out
 
 
+@pytest.mark.parametrize("pkl, words", [(pickle.dumps([1, 2]), ["TypeError"]),
+                                        (b"cno_such_module_here\nthing\n.", ["ModuleNotFoundError", "no_such_module_here"])])
+def test_resume_from_a_tuner_pkl_that_is_not_tunes_is_one_error(pkl, words, workdir, monkeypatch, capsys):
+    """A tuner.pkl that is whole (a pickle to its end) but not the state Tune wrote: one error
+    naming the file, exit 2, not the exception from inside Tuner.restore; --debug shows that one."""
+    monkeypatch.setattr(sweep, "start_ray", lambda args: types.SimpleNamespace(
+        cluster_resources=lambda: {"CPU": 2.0}, shutdown=lambda: None))
+    exp = workdir / "runs" / "broken"
+    exp.mkdir(parents=True)
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (exp / "tuner.pkl").write_bytes(pkl)
+    (workdir / "broken.yaml").write_text("fixed: {epochs: 1}\n")
+    args = ["broken.yaml", "--storage", str(workdir / "runs"), "--reports", str(workdir / "reports"), "--resume"]
+    assert sweep.main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: --resume: cannot restore sweep 'broken' from {exp / 'tuner.pkl'} (") and \
+        err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words + ["allowed: the tuner.pkl Tune wrote for this sweep", "--name broken-2"]:
+        assert word in err, (word, err)
+    assert (exp / "tuner.pkl").read_bytes() == pkl and not (workdir / "reports" / "broken").exists()
+    with pytest.raises(Exception) as raised:
+        sweep.main(args + ["--debug"])
+    assert not isinstance(raised.value, sweep.ConfigError) and words[0] in type(raised.value).__name__
+
+
 def test_the_malicious_inputs_would_run_code_if_loaded_unsafely(workdir):
     """Positive controls: the YAML tag and the pickle above do run code without safe loading."""
     yaml.unsafe_load(f"epochs: {TAG}\n")
