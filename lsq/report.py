@@ -115,7 +115,7 @@ class Storage:
             return None
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:  # (JSONDecodeError, or an integer past Python's 4300-digit limit)
             return None
 
     def write_text(self, text: str, *parts: str) -> None:
@@ -233,7 +233,7 @@ def _tune_state(st: Storage) -> list[dict]:
     for entry in state.get("trial_data", []):
         try:
             info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-        except (json.JSONDecodeError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError):  # (JSONDecodeError is a ValueError)
             continue
         trials.append({"trial_id": info.get("trial_id"), "status": info.get("status"),
                        "folder": info.get("relative_logdir"), "name": info.get("custom_trial_name"),
@@ -263,7 +263,7 @@ def _results(st: Storage, folder: str) -> list[dict]:
     for i, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue  # a line cut short by a crash
         if not isinstance(row, dict):
             raise ConfigError(f"{st.uri(folder, 'result.json')}, line {i}: {line[:60]!r} is not a result row "

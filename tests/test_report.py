@@ -482,6 +482,18 @@ def test_a_hand_edited_trial_file_is_one_error_naming_it(experiment, tmp_path, f
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.parametrize("file", ["params.json", "result.json"])
+def test_an_integer_past_pythons_digit_limit_in_a_trial_file_is_no_traceback(experiment, tmp_path, file):
+    """json.loads refuses an integer of more than 4300 digits with a ValueError that is not a
+    JSONDecodeError: such a file reads as one that is not valid JSON (params.json: from Tune's
+    snapshot instead; a result.json line: skipped, as a line cut short), not a traceback."""
+    report.build_report(str(experiment), str(tmp_path / "before"))
+    (experiment / "001_FP32" / file).write_text('{"seed": ' + "9" * 5000 + "}\n")
+    report.build_report(str(experiment), str(tmp_path / "reports"))
+    before, after = (pd.read_csv(tmp_path / f / "fake" / "results.csv") for f in ("before", "reports"))
+    assert list(after["trial_id"]) == list(before["trial_id"])
+
+
 class _Denied(report.pafs.LocalFileSystem):
     """A local file system on which 001_FP32/result.json has no read permission (root reads any file)."""
 
