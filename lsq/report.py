@@ -82,11 +82,15 @@ class Storage:
         return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
 
     def listdir(self, *parts: str) -> list[tuple[str, bool]]:
-        """(name, is_dir) of the entries of a folder; [] when it does not exist."""
+        """(name, is_dir) of the entries of a folder; [] when it is not there. One that cannot be
+        listed (its permissions) is an error naming it, as in read_bytes."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.join(*parts), allow_not_found=True))
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise ConfigError(f"{self.uri(*parts)}: cannot list it ({e.strerror or e}); allowed: a folder this user "
+                              "can read") from None
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
 
     def read_bytes(self, *parts: str) -> bytes | None:

@@ -503,6 +503,24 @@ class _Denied(report.pafs.LocalFileSystem):
         return super().open_input_stream(path)
 
 
+class _Unlistable(report.pafs.LocalFileSystem):
+    """A local file system on which the trial folder 001_FP32 cannot be listed."""
+
+    def get_file_info(self, what):
+        if isinstance(what, report.pafs.FileSelector) and what.base_dir.endswith("001_FP32"):
+            raise PermissionError(13, "Permission denied", what.base_dir)
+        return super().get_file_info(what)
+
+
+def test_an_unlistable_trial_folder_is_one_error_naming_it(experiment, tmp_path, monkeypatch):
+    """A folder that cannot be listed was taken for an empty one (its checkpoints for none)."""
+    monkeypatch.setattr(report.pafs, "LocalFileSystem", _Unlistable)
+    with pytest.raises(ConfigError) as err:
+        report.build_report(str(experiment), str(tmp_path / "reports"))
+    assert str(err.value).startswith(f"{experiment / '001_FP32'}: cannot list it (")
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.parametrize("unreadable", ["permission", "folder"])
 def test_an_unreadable_trial_file_is_one_error_naming_it_and_the_report_stays(unreadable, experiment, tmp_path,
                                                                               monkeypatch):
