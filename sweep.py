@@ -692,6 +692,39 @@ def results_survive_a_restart() -> bool:
     return True
 
 
+class RestoreFailed(BaseException):
+    """Tune's controller could not restore the stored run state (see resume_or_stop)."""
+
+
+def resume_or_stop() -> bool:
+    """A resume whose run state Tune cannot restore stops, where Tune would start the sweep again.
+
+    Ray 2.60's TuneController catches any exception from its `resume` (a snapshot it cannot read:
+    trials it cannot rebuild from the experiment state, storage that moved) and, unless every
+    trial is run fail-fast, logs "Failed to restore the run state" and starts the experiment from
+    scratch: every trial from epoch 0, its stored results and checkpoints taken over by the new
+    run. Here `resume` raises RestoreFailed instead, a BaseException that the catch-all lets
+    through, and run_sweep turns it into one error. Patches `TuneController.resume` in this (the
+    driver's) process; with another Ray that lacks it, nothing changes."""
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+    except ImportError:
+        return False
+    resume = getattr(TuneController, "resume", None)
+    if resume is None or hasattr(resume, "unpatched"):
+        return resume is not None
+
+    def resume_or_raise(self, *args, **kwargs):
+        try:
+            return resume(self, *args, **kwargs)
+        except Exception as e:
+            raise RestoreFailed(e) from e
+
+    resume_or_raise.unpatched = resume
+    TuneController.resume = resume_or_raise
+    return True
+
+
 def trials_in_prestarted_workers() -> bool:
     """Let the trials run in the Python workers Ray starts with the node, not in new ones.
 
@@ -726,6 +759,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
 
     whole_file_snapshots()
     results_survive_a_restart()
+    resume_or_stop()
     trials_in_prestarted_workers()
     trainable = tune.with_resources(train_lsq, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
     if args.resume:
@@ -795,6 +829,17 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
         pass
+    except RestoreFailed as e:
+        cause = e.__cause__
+        if args.debug:
+            raise cause from None
+        newest = sorted(n for n in os.listdir(experiment) if n.startswith("experiment_state-")) \
+            if os.path.isdir(experiment) else []
+        raise ConfigError(f"--resume: Tune cannot restore sweep '{name}' from "
+                          f"{_join(experiment, newest[-1] if newest else 'experiment_state-*.json')} "
+                          f"({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); nothing was run again. "
+                          f"Allowed: the experiment state Tune wrote for this sweep (restore it, or start again "
+                          f"with --name {name}-2)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -123,6 +123,20 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
     assert "--resume" in refused.stderr and "--name tiny-2" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(str(p) for p in (tmp_path / "runs").rglob("*")) == before
 
+    # a resume from an experiment state Tune cannot rebuild the trials from: one error, and nothing
+    # run again (Tune's controller would log the failure and start the whole sweep from epoch 0)
+    state = max(experiment.glob("experiment_state-*.json"))
+    snapshot = json.loads(state.read_text())
+    snapshot["trial_data"] = [["not a trial's state", "{}"]]
+    state.write_text(json.dumps(snapshot))
+    trials = {str(p): p.read_bytes() for p in experiment.glob("*/**/*") if p.is_file()}
+    broken = run(sweep_cmd(tmp_path, path, "--resume"), cwd=tmp_path)
+    assert broken.returncode == 2, broken.stdout[-3000:] + broken.stderr[-3000:]
+    err = broken.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume: Tune cannot restore sweep 'tiny' from {state} (") and \
+        "nothing was run again" in err and "--name tiny-2" in err and "Traceback" not in broken.stderr, broken.stderr
+    assert {str(p): p.read_bytes() for p in experiment.glob("*/**/*") if p.is_file()} == trials
+
 
 def test_one_driver_per_sweep(tmp_path, capsys):
     """The same sweep started again, or resumed, while its driver still runs would have two Tunes
