@@ -411,6 +411,8 @@ def test_resume_from_a_tuner_pkl_that_is_not_tunes_is_one_error(pkl, words, work
     naming the file, exit 2, not the exception from inside Tuner.restore; --debug shows that one."""
     monkeypatch.setattr(sweep, "start_ray", lambda args: types.SimpleNamespace(
         cluster_resources=lambda: {"CPU": 2.0}, shutdown=lambda: None))
+    for patch in ("whole_file_snapshots", "results_survive_a_restart", "resume_or_stop", "trials_in_prestarted_workers"):
+        monkeypatch.setattr(sweep, patch, lambda: True)  # Tune patched in this process would stay so for later tests
     exp = workdir / "runs" / "broken"
     exp.mkdir(parents=True)
     (exp / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
