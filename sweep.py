@@ -833,10 +833,9 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
         cause = e.__cause__
         if args.debug:
             raise cause from None
-        newest = sorted(n for n in os.listdir(experiment) if n.startswith("experiment_state-")) \
-            if os.path.isdir(experiment) else []
-        raise ConfigError(f"--resume: Tune cannot restore sweep '{name}' from "
-                          f"{_join(experiment, newest[-1] if newest else 'experiment_state-*.json')} "
+        session, _ = report.usable_snapshot(experiment)  # the one Tune read (recover_snapshot set newer ones aside)
+        state = f"experiment_state-{session}.json" if session else "experiment_state-*.json"
+        raise ConfigError(f"--resume: Tune cannot restore sweep '{name}' from {_join(experiment, state)} "
                           f"({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); nothing was run again. "
                           f"Allowed: the experiment state Tune wrote for this sweep (restore it, or start again "
                           f"with --name {name}-2)") from None
