@@ -1,9 +1,10 @@
 """Data sets and loaders: the embedded digits, CIFAR-10/100, and ImageNet.
 
 Small data sets (digits, CIFAR) follow KellerJordan/airbench: the whole set lives on the
-training device as one uint8 tensor (N, C, H, W) and `DeviceLoader` augments it a batch at a
-time with a single gather (random crop from a zero-padded copy, with the horizontal flip folded
-into the column index), then converts to float and normalizes. No per-image Python, no workers.
+training device as one uint8 tensor (N, C, H, W) and `DeviceLoader` augments it with one gather
+for every 16 batches (`GATHER_BATCHES`: random crop from a zero-padded copy, with the horizontal
+flip folded into the column index), then converts each batch to float and normalizes it. No
+per-image Python, no workers.
 
 ImageNet is too large for that and uses torchvision's ImageFolder and DataLoader, wrapped so
 that batches arrive on the device.
