@@ -1,7 +1,7 @@
 """LSQ's claim on real CIFAR-10: fine-tuned from FP32, 4 bits matches FP32, 2 bits is a few
 points below. ResNet-20, first/last layers w8a8 (the paper's choice).
 
-    python bench/accuracy_cifar10.py                  # CPU protocol, ~45 min on 2 cores
+    python bench/accuracy_cifar10.py                  # CPU protocol, 15-25 min on 2 cores
     python bench/accuracy_cifar10.py --protocol gpu   # GPU protocol, a few minutes on one H100
 
 1. Train FP32 resnet20 from scratch (or reuse the checkpoint this script saved before).
