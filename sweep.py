@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python sweep.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 done, 1 some trial errored, 2 a mistake in the input, 130 interrupted "
-               "(resume with --resume)")
+        epilog="exit status: 0 done, 1 some trial errored or the report could not be written, "
+               "2 a mistake in the input, 130 interrupted (resume with --resume), 141 its output "
+               "pipe closed")
     p.add_argument("space", nargs="?", default=None, metavar="SPACE",
                    help=f"search space YAML (default: {DEFAULT_SPACE})")
     p.add_argument("--address", help="join this Ray cluster, e.g. 'auto' after `ray start --head` "
