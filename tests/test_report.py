@@ -256,6 +256,20 @@ def test_headline_shows_the_last_epoch_not_the_best_of_one_trial(tmp_path):
     assert "| 001_W4A4_w8a8 | TERMINATED | 4 | 4 | 3/3 | 91.00 | 88.00 | 89.00 |" in table
 
 
+def test_best_top5_is_the_highest_top5_of_any_epoch_not_the_last(tmp_path):
+    """best_top5 is the maximum over the trial's epochs, as best_top1 is. Here top-5 peaks at
+    epoch 2 (99) and falls after it (97, 96) while top-1 keeps rising, so neither the last top-5
+    nor the top-5 of the best top-1 epoch is the answer."""
+    top1s, top5s = [80.0, 82.0, 85.0, 86.0], [95.0, 99.0, 97.0, 96.0]
+    rows = [{**epoch_row("t_00000", e, t1, 10.0 * e), "top5": t5, "best_top1": max(top1s[:e])}
+            for e, (t1, t5) in enumerate(zip(top1s, top5s), 1)]
+    exp = stored_sweep(tmp_path, "top5", [("t_00000", "001_W4A4_w8a8", config(epochs=4), "TERMINATED", rows)])
+    r = report.build_report(str(exp), str(tmp_path / "reports")).results.set_index("trial_id").loc["t_00000"]
+    assert r["best_top5"] == max(top5s) == 99.0
+    assert r["final_top5"] == top5s[-1] == 96.0
+    assert (r["best_top1"], r["final_top1"]) == (86.0, 86.0)
+
+
 def test_an_epoch_repeated_after_a_resume_counts_its_last_report(tmp_path):
     """Epochs 2 and 3 reported, the driver killed before Tune's snapshot, the trial resumed from
     epoch 1's checkpoint: epochs 2 and 3 again. The repeated run is the model that was kept, so
