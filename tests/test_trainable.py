@@ -168,6 +168,38 @@ def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
     assert str(said[-1].message) == f"no readable checkpoint for this trial (latest: {folders[1]}); restarting from epoch 0"
 
 
+def test_restore_with_the_newest_corrupt_takes_the_next_newest_not_the_oldest(tmp_path):
+    """Three checkpoints kept (epochs 1, 2, 3), the newest unreadable: the trial continues from
+    epoch 2, the newest readable one, with epoch 2's state (best_top1, weights); not from the
+    oldest (epoch 1) and not from scratch."""
+    import torch
+
+    from lsq.train import Trainer
+    from lsq.trainable import restore
+
+    cfg = TrialConfig.from_dict(CFG)
+    trainer = Trainer(cfg)
+    folders, weights = [], {}
+    for epoch in (1, 2, 3):
+        trainer.epoch, trainer.best_top1 = epoch, 10.0 * epoch  # a different state in each
+        with torch.no_grad():
+            trainer.model.fc.bias.fill_(float(epoch))
+        weights[epoch] = trainer.model.fc.bias.detach().clone()
+        folder = tmp_path / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir()
+        trainer.save(str(folder / CHECKPOINT_FILE))
+        folders.append(folder)
+    (folders[2] / CHECKPOINT_FILE).write_bytes(b"truncated")
+
+    fresh = Trainer(cfg)
+    with pytest.warns(UserWarning) as said:
+        restore(fresh, tune.Checkpoint.from_directory(str(folders[2])))
+    assert (fresh.epoch, fresh.best_top1) == (2, 20.0)
+    assert torch.equal(fresh.model.fc.bias, weights[2])
+    assert [str(w.message).split(":")[0] for w in said] == [f"skipping checkpoint {folders[2]}",
+                                                          f"resumed from the older checkpoint {folders[1]} (epoch 2)"]
+
+
 def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
     """deploy_check=false skips the check (minutes per CIFAR-10 trial) and says why in the report's
     fields; left on, even a checkpoint that cannot be read is a finding, not a failed trial."""
