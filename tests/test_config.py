@@ -46,6 +46,14 @@ def test_fp32_body_is_fp32_baseline():
     assert cfg.end_bits("first") == (None, None) and cfg.end_bits("last") == (None, None)
 
 
+@pytest.mark.parametrize("w_bits, a_bits, label", [(4, 8, "W4A8"), (8, 4, "W8A4"), (2, 3, "W2A3"),
+                                                    (3, None, "W3A32"), (None, 2, "W32A2")])
+def test_label_names_weight_bits_then_activation_bits(w_bits, a_bits, label):
+    """The tables' label is 'W<weight bits>A<activation bits>', 32 standing for FP32 on one side:
+    with unequal bits, 4-bit weights and 8-bit activations are W4A8, never A8W4 or W8A4."""
+    assert TrialConfig.from_dict({"w_bits": w_bits, "a_bits": a_bits}).label() == label
+
+
 @pytest.mark.parametrize("key", ["w_bits", "a_bits"])
 @pytest.mark.parametrize("value", ["four", 4.5, True, [4], float("inf"), float("-inf"), float("nan")])
 def test_bits_wrong_type_rejected(key, value):
