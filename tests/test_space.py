@@ -53,6 +53,22 @@ seeds: 2
     assert space.seeds == [0, 1]
 
 
+def test_set_beats_a_key_that_a_variant_row_sets(tmp_path):
+    """--set overrides a key for every trial, also where a variant row sets that key itself
+    (lr in both rows, epochs in one); the variants' other keys stay theirs."""
+    path = write(tmp_path, """
+fixed: {epochs: 3, lr: 0.1}
+variants:
+  - {w_bits: 4, a_bits: 4, lr: 0.05, epochs: 5}
+  - {w_bits: 2, a_bits: 2, lr: 0.2}
+""")
+    space = load_space(path, ["lr=0.01", "epochs=1"])
+    assert [(t.w_bits, t.a_bits, t.lr, t.epochs) for t in space.trials] == [(4, 4, 0.01, 1), (2, 2, 0.01, 1)]
+    # without --set each variant row beats fixed:
+    plain = load_space(path)
+    assert [(t.w_bits, t.lr, t.epochs) for t in plain.trials] == [(4, 0.05, 5), (2, 0.2, 3)]
+
+
 def test_seed_list_and_defaults(tmp_path):
     space = load_space(write(tmp_path, "fixed: {epochs: 1}\nseeds: [7, 11]\n"))
     assert space.name == "space"  # the file's stem
