@@ -152,6 +152,64 @@ def test_divergence_is_detected():
         list(trainer.epochs())
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # (no optimizer step: training is stubbed)
+def test_best_top1_is_the_running_maximum_through_a_dip(monkeypatch):
+    """best_top1 after each epoch is the highest top-1 so far: top-1 50, 70, 60, 65 gives best
+    50, 70, 70, 70, in every epoch's metrics, the history and the trainer's own best_top1."""
+    import itertools
+    import types
+
+    import lsq.train
+
+    top1s = [50.0, 70.0, 60.0, 65.0]
+    trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": len(top1s), "w_bits": None, "a_bits": None}))
+    scripted = iter([{"top1": t, "top5": 99.0, "loss": 0.5} for t in top1s])
+    monkeypatch.setattr(trainer, "train_one_epoch", lambda: 0.25)
+    monkeypatch.setattr(trainer, "evaluate", lambda: dict(next(scripted)))
+    ticks = itertools.count()  # a clock that moves 1 s a reading: no zero-length epoch to divide by
+    monkeypatch.setattr(lsq.train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+    metrics = list(trainer.epochs())
+    assert [m["top1"] for m in metrics] == top1s
+    assert [m["best_top1"] for m in metrics] == [50.0, 70.0, 70.0, 70.0]
+    assert [m["best_top1"] for m in trainer.history] == [50.0, 70.0, 70.0, 70.0]
+    assert trainer.best_top1 == 70.0
+
+
+def test_evaluate_returns_top1_top5_and_mean_cross_entropy_as_defined():
+    """evaluate() on a test set of known logits (the model passes its input through): top-1 is the
+    percentage of samples whose label has the highest logit, top-5 the percentage whose label is
+    among the 5 highest, loss the mean over samples (not over batches) of the cross-entropy
+    -log softmax(z)[y] = log(sum_j exp(z_j)) - z_y, computed here with math."""
+    import dataclasses
+
+    trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1, "w_bits": None, "a_bits": None}))
+    down = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]  # 7 classes, class 0 highest ... class 6 lowest
+    up = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]     # class 6 highest ... class 2 fifth
+    samples = [  # (logits, label, label is the highest, label among the 5 highest)
+        (down, 0, True, True), (down, 3, False, True), (down, 6, False, False),  # batch of 3
+        (up, 2, False, True)]                                                      # batch of 1
+    batches = [samples[:3], samples[3:]]
+    test = [(torch.tensor([s[0] for s in b]), torch.tensor([s[1] for s in b])) for b in batches]
+    trainer.model = torch.nn.Identity()
+    trainer.data = dataclasses.replace(trainer.data, test=test, num_classes=7)
+
+    m = trainer.evaluate()
+    n = len(samples)
+    ce = [math.log(sum(math.exp(z) for z in logits)) - logits[y] for logits, y, _, _ in samples]
+    assert m["top1"] == pytest.approx(100.0 * sum(s[2] for s in samples) / n) == 25.0
+    assert m["top5"] == pytest.approx(100.0 * sum(s[3] for s in samples) / n) == 75.0
+    assert m["loss"] == pytest.approx(sum(ce) / n, rel=1e-6)
+    assert m["loss"] != pytest.approx((sum(ce[:3]) / 3 + ce[3]) / 2, rel=1e-3)  # (the mean of batch means differs)
+
+    # fewer than 5 classes: every label is among the top 5, so top-5 is 100
+    trainer.data = dataclasses.replace(trainer.data, test=[(torch.tensor([[2.0, 1.0, 0.0]] * 2), torch.tensor([0, 2]))],
+                                       num_classes=3)
+    m = trainer.evaluate()
+    assert (m["top1"], m["top5"]) == (50.0, 100.0)
+    assert m["loss"] == pytest.approx(math.log(math.exp(2) + math.exp(1) + 1) - (2.0 + 0.0) / 2, rel=1e-6)
+
+
 def test_step_sizes_excluded_from_weight_decay():
     model = quantize_model(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2)),
                            BitPolicy(4, 4))
