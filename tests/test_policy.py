@@ -13,7 +13,7 @@ from torch import nn
 from lsq.config import ConfigError
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
-from lsq.policy import BitPolicy, describe, quantize_model
+from lsq.policy import BitPolicy, describe, init_steps, quantize_model
 
 W, A = 4, 3  # body bits, chosen different from each other and from 8
 
@@ -187,6 +187,52 @@ def test_quantized_model_runs_forward_backward(fp32_models, model_name, policy, 
         rel = ((w_hat - w) ** 2).sum() / (w**2).sum()
         assert df.loc[name, "w_rel_mse"] == pytest.approx(rel, rel=1e-4)
         assert 0 < df.loc[name, "w_rel_mse"] < 1
+
+
+def paper_qp(bits: int, signed: bool) -> int:
+    """The paper's Qp: 2^(b-1) - 1 signed, 2^b - 1 unsigned."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["from-train-mode", "from-eval-mode"])
+def test_init_steps_sets_every_step_and_leaves_batchnorm_and_the_mode_alone(fp32_models, training, seed):
+    """init_steps is one pass that sets every step size to the paper's 2 * mean(|v|) / sqrt(Qp)
+    (section 2.1; v: the layer's weight, or its input in that pass), and nothing else: the
+    BatchNorm running statistics (and their batch count) stay as they were, and the model and
+    every submodule are left in the train/eval mode they were in."""
+    _, model = quantized(fp32_models, "resnet20", BitPolicy(W, A))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    with torch.no_grad():  # statistics as after some training: batch statistics would differ from them
+        for bn in bns:
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=seed) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=seed) + 0.5)
+            bn.num_batches_tracked.fill_(7)
+    before = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    model.train(training)
+    inputs = {}
+    names = layer_names(model)
+    for name in names:
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].clone()))
+    images = torch.randn(8, 3, 32, 32, generator=seed)
+
+    init_steps(model, images)
+
+    for bn, saved in zip(bns, before):
+        for k, v in bn.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+    assert model.training is training and all(m.training is training for m in model.modules())
+    first, last = first_and_last(model)
+    assert torch.equal(inputs[first], images)
+    for name in names:
+        m = model.get_submodule(name)
+        w_bits, a_bits = EXPECTED_END["w8a8"] if name in (first, last) else (W, A)
+        assert (m.w_quant.bits, m.a_quant.bits) == (w_bits, a_bits), name
+        w_step = 2 * m.weight.detach().double().abs().mean().item() / math.sqrt(paper_qp(w_bits, signed=True))
+        a_step = 2 * inputs[name].double().abs().mean().item() / math.sqrt(paper_qp(a_bits, signed=name == first))
+        assert m.w_quant.step.item() == pytest.approx(w_step, rel=1e-5), name
+        assert m.a_quant.step.item() == pytest.approx(a_step, rel=1e-5), name
+        assert bool(m.w_quant.initialized) and bool(m.a_quant.initialized), name
 
 
 def test_unknown_end_preset_is_a_config_error():
