@@ -18,9 +18,17 @@ import torch.nn.functional as F
 
 from lsq.layers import QConv2d, QLinear, _ImageConv
 from lsq import quantizer as Q
-from lsq.quantizer import _codes, _decode, qrange
+from lsq.quantizer import _codes, _decode
 
 S_ACT, S_W = 0.125, 0.0625  # powers of two: v / s and k * s are exact in float32
+
+
+def paper_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The paper's (Qn, Qp): signed 2^(b-1) and 2^(b-1) - 1, unsigned 0 and 2^b - 1. Written out
+    here, not read from the quantizer under test."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
 
 
 def quantized(v: torch.Tensor, s: float, qn: int, qp: int):
@@ -57,8 +65,8 @@ def test_gradients_through_the_layer_follow_the_paper(kind, bits):
     up = torch.randn(op(kind, x, layer.weight, layer.bias).shape, generator=torch.Generator().manual_seed(9))
     layer(x).backward(up)
 
-    aqn, aqp = qrange(bits, signed=False)
-    wqn, wqp = qrange(bits, signed=True)
+    aqn, aqp = paper_range(bits, signed=False)
+    wqn, wqp = paper_range(bits, signed=True)
     v_hat, v_in = quantized(x.detach(), S_ACT, aqn, aqp)
     w_hat, w_in = quantized(layer.weight.detach(), S_W, wqn, wqp)
     v_hat.requires_grad_(True)
@@ -108,7 +116,7 @@ def test_op_saves_one_byte_per_quantized_value_not_a_float_copy(kind):
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "eager"])
 def test_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed, fast, monkeypatch):
     monkeypatch.setattr(Q, "FAST_PATH", fast)
-    qn, qp = qrange(bits, signed)
+    qn, qp = paper_range(bits, signed)
     k = torch.arange(-qn, qp + 1).reshape(2, -1)
     for s in (0.0371, 1.7, 1e-8, 3.0e3):  # steps that are not powers of two, tiny and large
         s_t = torch.tensor(s, dtype=torch.float32)
@@ -125,7 +133,7 @@ def test_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed, 
 def test_bfloat16_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed):
     """Under CUDA's bf16 autocast the activations' v_hat is bf16(k * s): 8 significant bits, so
     v_hat / s is k within |k| * 2^-8, which rounds back to k for every range up to 7 bits."""
-    qn, qp = qrange(bits, signed)
+    qn, qp = paper_range(bits, signed)
     k = torch.arange(-qn, qp + 1)
     gen = torch.Generator().manual_seed(bits)
     steps = torch.cat([torch.tensor([1e-8, 0.0371, 1.7, 3.0e3]),
@@ -221,21 +229,24 @@ def image_layer(bits, signed, stride, padding, bias, seed):
     return layer, x
 
 
-def paper_image_grads(layer, x, up, dtype=torch.float32):
+def paper_image_grads(layer, x, up, bits, signed, dtype=torch.float32):
     """(dL/ds_x, dL/dw, dL/db) by the paper's formulas in float64, around a plain conv that runs
     on x_hat and w_hat as a `dtype` conv sees them: dL/dx_hat from autograd through that conv,
-    then eq. 3 summed against it, times g = 1 / sqrt(C*H*W * Qp)."""
-    aq, wq = layer.a_quant, layer.w_quant
-    s, s_w = aq.step.item(), wq.step.item()
+    then eq. 3 summed against it, times g = 1 / sqrt(C*H*W * Qp). `bits`: the layer's weight and
+    input bits (image_layer gives both the same), `signed`: its input's; Qn and Qp come from the
+    paper's definition, not from the layer's quantizers."""
+    aqn, aqp = paper_range(bits, signed)
+    wqn, wqp = paper_range(bits, signed=True)
+    s, s_w = layer.a_quant.step.item(), layer.w_quant.step.item()
     v = x.double() / s
-    x_hat = (v.clamp(-aq.qn, aq.qp).round() * s).to(dtype).double().requires_grad_(True)
-    w_hat, w_in = quantized(layer.weight.detach(), s_w, wq.qn, wq.qp)
+    x_hat = (v.clamp(-aqn, aqp).round() * s).to(dtype).double().requires_grad_(True)
+    w_hat, w_in = quantized(layer.weight.detach(), s_w, wqn, wqp)
     w_hat = w_hat.to(dtype).double().requires_grad_(True)
     b = None if layer.bias is None else layer.bias.detach().to(dtype).double().requires_grad_(True)
     F.conv2d(x_hat, w_hat, b, layer.stride, layer.padding).backward(up.double())
-    inside = (v > -aq.qn) & (v < aq.qp)
-    ds = torch.where(inside, v.round() - v, torch.where(v <= -aq.qn, -aq.qn, aq.qp).double())
-    g = 1 / (x[0].numel() * aq.qp) ** 0.5
+    inside = (v > -aqn) & (v < aqp)
+    ds = torch.where(inside, v.round() - v, torch.where(v <= -aqn, -aqn, aqp).double())
+    g = 1 / (x[0].numel() * aqp) ** 0.5
     return g * (x_hat.grad * ds).sum(), w_hat.grad * w_in, None if b is None else b.grad
 
 
@@ -262,7 +273,7 @@ def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
     out = layer(x)
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     out.backward(up)
-    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up)
+    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up, bits, signed)
 
     assert input_grads == [False], "the image conv computed an input gradient, or ran no backward of its own"
     assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
@@ -287,7 +298,7 @@ def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
         assert out.dtype == torch.bfloat16
         up = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
         out.backward(up)
-        step_grad, w_grad, _ = paper_image_grads(layer, x, up, torch.bfloat16)
+        step_grad, w_grad, _ = paper_image_grads(layer, x, up, 8, True, torch.bfloat16)
         assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-4), seed
         assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max()))
 
@@ -306,7 +317,7 @@ def test_image_conv_with_a_step_below_eps_or_a_frozen_weight_follows_the_paper()
         up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
         out.backward(up)
         layer.a_quant.step.data.clamp_(min=Q.STEP_EPS)  # the formula's s
-        step_grad, _, _ = paper_image_grads(layer, x, up)
+        step_grad, _, _ = paper_image_grads(layer, x, up, 4, True)
         assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5), (step, frozen)
         assert (layer.weight.grad is None) == frozen
 
@@ -384,7 +395,7 @@ def test_compiled_image_conv_follows_the_paper(monkeypatch):
     assert traced, "the compiled layer did not go through _ImageConv"
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     out.backward(up)
-    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up)
+    step_grad, w_grad, b_grad = paper_image_grads(layer, x, up, 8, True)
     assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
     assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max()))
     assert torch.allclose(layer.bias.grad.double(), b_grad, atol=1e-6 * float(b_grad.abs().max()))
