@@ -30,6 +30,14 @@ def needs_fast_path(device: str, v: torch.Tensor):
         pytest.skip(f"no fast path on {device} here (no C compiler / torch.compile): eager only")
 
 
+def paper_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The paper's (Qn, Qp): signed 2^(b-1) and 2^(b-1) - 1, unsigned 0 and 2^b - 1. Written out
+    here, not read from the quantizer under test."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
 def paper(v: np.ndarray, s: float, qn: int, qp: int, up: np.ndarray):
     x = v.astype(np.float64) / s
     inside = (x > -qn) & (x < qp)
@@ -67,7 +75,7 @@ def run(v: torch.Tensor, up: torch.Tensor, bits: int, signed: bool, step: float,
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, False), (4, True), (8, True), (8, False)])
 def test_fast_path_equals_paper_and_eager(device, shape, bits, signed, seed):
-    qn, qp = Q.qrange(bits, signed)
+    qn, qp = paper_range(bits, signed)
     n = math.prod(shape)
     v = (unit_values(qn, qp, seed, n) * S).float().reshape(shape).to(device)
     up = torch.randn(shape, generator=seed).to(device)
@@ -139,11 +147,12 @@ def test_steps_at_or_below_the_clamp_and_a_nan_step_as_in_the_eager_path(device,
         assert out.isnan().all() and e_out.isnan().all() and math.isnan(float(gs)) and math.isnan(float(e_gs))
         return
     s = float(torch.tensor(Q.STEP_EPS))  # the clamp's value, as float32
-    fwd, ref_gv, ref_gs, scale = paper(v.cpu().numpy(), s, 8, 7, up.cpu().numpy())
+    qn, qp = paper_range(4, signed=True)  # (8, 7)
+    fwd, ref_gv, ref_gs, scale = paper(v.cpu().numpy(), s, qn, qp, up.cpu().numpy())
     assert torch.equal(out, e_out) and torch.equal(gv, e_gv)
     assert np.allclose(out.cpu().double().numpy(), fwd, rtol=1e-6, atol=0)  # s * k with a float32 s
     assert np.array_equal(gv.cpu().double().numpy(), ref_gv)
-    g = 1 / math.sqrt(v.numel() * 7)
+    g = 1 / math.sqrt(v.numel() * qp)
     assert float(gs) == pytest.approx(ref_gs * g, rel=1e-5, abs=1e-6 * scale * g)
     assert float(gs) == pytest.approx(float(e_gs), rel=1e-5, abs=1e-6 * scale * g)
 
