@@ -87,6 +87,11 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
 
     everything = pd.read_parquet(folder / "results.parquet")
     assert len(everything) == 3 and everything["trial_id"].is_unique
+    # exactly one row per trial folder in the run directory: each folder Tune made for a trial
+    # (the one holding its params.json) is named by exactly one row's trial_name
+    trial_folders = sorted(p.name for p in experiment.iterdir() if (p / "params.json").is_file())
+    assert len(trial_folders) == 3 and sorted(everything["trial_name"]) == trial_folders, \
+        (trial_folders, list(everything["trial_name"]))
     # the broken trial was retried (max_failures 1), then marked ERROR with its reason; the others ran on
     broken = everything[everything["dataset"] == "cifar10"].iloc[0]
     assert broken["status"] == "ERROR" and broken["epochs_done"] == 0
