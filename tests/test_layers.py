@@ -19,16 +19,9 @@ import torch.nn.functional as F
 from lsq.layers import QConv2d, QLinear, _ImageConv
 from lsq import quantizer as Q
 from lsq.quantizer import _codes, _decode
+from paper_formulas import paper_range
 
 S_ACT, S_W = 0.125, 0.0625  # powers of two: v / s and k * s are exact in float32
-
-
-def paper_range(bits: int, signed: bool) -> tuple[int, int]:
-    """The paper's (Qn, Qp): signed 2^(b-1) and 2^(b-1) - 1, unsigned 0 and 2^b - 1. Written out
-    here, not read from the quantizer under test."""
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
 
 
 def quantized(v: torch.Tensor, s: float, qn: int, qp: int):

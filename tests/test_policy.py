@@ -14,6 +14,7 @@ from lsq.config import ConfigError
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, describe, init_steps, quantize_model
+from paper_formulas import paper_range
 
 W, A = 4, 3  # body bits, chosen different from each other and from 8
 
@@ -189,11 +190,6 @@ def test_quantized_model_runs_forward_backward(fp32_models, model_name, policy, 
         assert 0 < df.loc[name, "w_rel_mse"] < 1
 
 
-def paper_qp(bits: int, signed: bool) -> int:
-    """The paper's Qp: 2^(b-1) - 1 signed, 2^b - 1 unsigned."""
-    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["from-train-mode", "from-eval-mode"])
 def test_init_steps_sets_every_step_and_leaves_batchnorm_and_the_mode_alone(fp32_models, training, seed):
     """init_steps is one pass that sets every step size to the paper's 2 * mean(|v|) / sqrt(Qp)
@@ -228,8 +224,8 @@ def test_init_steps_sets_every_step_and_leaves_batchnorm_and_the_mode_alone(fp32
         m = model.get_submodule(name)
         w_bits, a_bits = EXPECTED_END["w8a8"] if name in (first, last) else (W, A)
         assert (m.w_quant.bits, m.a_quant.bits) == (w_bits, a_bits), name
-        w_step = 2 * m.weight.detach().double().abs().mean().item() / math.sqrt(paper_qp(w_bits, signed=True))
-        a_step = 2 * inputs[name].double().abs().mean().item() / math.sqrt(paper_qp(a_bits, signed=name == first))
+        w_step = 2 * m.weight.detach().double().abs().mean().item() / math.sqrt(paper_range(w_bits, signed=True)[1])
+        a_step = 2 * inputs[name].double().abs().mean().item() / math.sqrt(paper_range(a_bits, signed=name == first)[1])
         assert m.w_quant.step.item() == pytest.approx(w_step, rel=1e-5), name
         assert m.a_quant.step.item() == pytest.approx(a_step, rel=1e-5), name
         assert bool(m.w_quant.initialized) and bool(m.a_quant.initialized), name

@@ -21,6 +21,7 @@ import torch
 
 from lsq import quantizer as quantizer_module
 from lsq.quantizer import LsqQuantizer
+from paper_formulas import paper_range
 
 S = 0.25  # a power of two: v = x * S and v / S are exact in float32
 
@@ -29,12 +30,6 @@ ACT_SHAPE = (4, 6, 3, 3)  # batch 4, 54 features per sample
 
 
 # ------------------------------------------------------------------------------- references
-def paper_range(bits: int, signed: bool) -> tuple[int, int]:
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
 def paper_reference(v: np.ndarray, s: float, qn: int, qp: int, upstream: np.ndarray, g: float):
     """Forward, grad to v, grad to s (and the sum of |terms| for a tolerance), in float64."""
     v = v.astype(np.float64)

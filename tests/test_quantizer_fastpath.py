@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lsq import quantizer as Q
+from paper_formulas import paper_range
 
 # the CUDA cases show as skipped where there is no GPU, not as absent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -28,14 +29,6 @@ SHAPES = [(128, 16, 8, 8), (16, 16, 3, 3), (4, 7, 5, 3), (33, 10), (257,)]  # th
 def needs_fast_path(device: str, v: torch.Tensor):
     if Q._fast_path(v) is None:
         pytest.skip(f"no fast path on {device} here (no C compiler / torch.compile): eager only")
-
-
-def paper_range(bits: int, signed: bool) -> tuple[int, int]:
-    """The paper's (Qn, Qp): signed 2^(b-1) and 2^(b-1) - 1, unsigned 0 and 2^b - 1. Written out
-    here, not read from the quantizer under test."""
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
 
 
 def paper(v: np.ndarray, s: float, qn: int, qp: int, up: np.ndarray):
