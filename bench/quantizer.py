@@ -13,6 +13,9 @@ Rows (all measured side by side, interleaved, in one process):
              the rounded value for the clip range, so its gradients differ from the paper's in
              the half-step band outside each bound)
   none       no quantizer: v * 1, forward and backward
+  empty      an autograd Function with LsqFunction's arguments and saved tensors that only
+             allocates its outputs: what any quantizer written as a Python autograd Function
+             costs before it computes anything (on CUDA, before its kernel launches)
 With --options, also the implementation options explored (see RESULTS.md): the eager path,
 eager + a saved mask, torch.compile of the quantizer's functions and the C loop (CPU). On CUDA
 "ours" is the Triton kernels of lsq/_triton.py.
@@ -80,6 +83,22 @@ class MaskFunction(torch.autograd.Function):
         ds = x.clamp(-ctx.qn, ctx.qp).round_().sub_(x.mul_(inside))
         grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)) * ctx.g
         return grad * inside, grad_s.reshape(s.shape), None, None, None
+
+
+class EmptyFunction(torch.autograd.Function):
+    """The floor of a Python autograd Function: LsqFunction's arguments and saved tensors, its
+    outputs allocated (empty_like) and never computed."""
+
+    @staticmethod
+    def forward(ctx, v, step, qn, qp, g):
+        ctx.save_for_backward(v, step)
+        ctx.qn, ctx.qp, ctx.g = qn, qp, g
+        return torch.empty_like(v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, step = ctx.saved_tensors
+        return torch.empty_like(v), torch.empty_like(step), None, None, None
 
 
 def kernel_function(kernels):
@@ -220,6 +239,7 @@ def main():
         fns["fused"] = call(lambda: torch._fake_quantize_learnable_per_tensor_affine(
             vl, sl.reshape(1), zero, -qn, qp, g))
         fns["none"] = call(lambda: vl * 1)
+        fns["empty"] = call(lambda: EmptyFunction.apply(vl, sl, qn, qp, g))
         runs = interleaved(fns, rounds, 3, device, inner)
         times = {k: median(t) for k, t in runs.items()}
 
@@ -235,6 +255,7 @@ def main():
             "ours / fused": ratio("ours", "fused"),
             "ours / reference": ratio("ours", "reference"),
             "ours / none": ratio("ours", "none"),
+            "empty / fused": ratio("empty", "fused"),
             **{f"{k} / fused": ratio(k, "fused") for k in impls if k != "ours"},
             "elements != paper": bad,
             "step grad rel. err": f"{gs_err:.1e}",
