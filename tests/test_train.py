@@ -1,10 +1,13 @@
 """The trainer without Ray: accuracy on digits, init_from, exact resume, the single-run CLI."""
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -156,18 +159,13 @@ def test_divergence_is_detected():
 def test_best_top1_is_the_running_maximum_through_a_dip(monkeypatch):
     """best_top1 after each epoch is the highest top-1 so far: top-1 50, 70, 60, 65 gives best
     50, 70, 70, 70, in every epoch's metrics, the history and the trainer's own best_top1."""
-    import itertools
-    import types
-
-    import lsq.train
-
     top1s = [50.0, 70.0, 60.0, 65.0]
     trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": len(top1s), "w_bits": None, "a_bits": None}))
     scripted = iter([{"top1": t, "top5": 99.0, "loss": 0.5} for t in top1s])
     monkeypatch.setattr(trainer, "train_one_epoch", lambda: 0.25)
     monkeypatch.setattr(trainer, "evaluate", lambda: dict(next(scripted)))
     ticks = itertools.count()  # a clock that moves 1 s a reading: no zero-length epoch to divide by
-    monkeypatch.setattr(lsq.train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr("lsq.train.time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
 
     metrics = list(trainer.epochs())
     assert [m["top1"] for m in metrics] == top1s
@@ -181,8 +179,6 @@ def test_evaluate_returns_top1_top5_and_mean_cross_entropy_as_defined():
     percentage of samples whose label has the highest logit, top-5 the percentage whose label is
     among the 5 highest, loss the mean over samples (not over batches) of the cross-entropy
     -log softmax(z)[y] = log(sum_j exp(z_j)) - z_y, computed here with math."""
-    import dataclasses
-
     trainer = Trainer(TrialConfig.from_dict({**FAST, "epochs": 1, "w_bits": None, "a_bits": None}))
     down = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]  # 7 classes, class 0 highest ... class 6 lowest
     up = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]     # class 6 highest ... class 2 fifth
