@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from lsq import report
+    from lsq import report, resume
 
     if args.address is not None:
         check_address(args.address)
@@ -190,8 +190,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     with one_driver(experiment, name):  # from here on, this driver alone writes the sweep's folder
         if args.resume:
             try:
-                cut = report.recover_snapshot(experiment)
-            except report.SnapshotError as e:
+                cut = resume.recover_snapshot(experiment)
+            except resume.SnapshotError as e:
                 raise ConfigError(f"--resume: cannot resume sweep '{name}': {e}. Start it again with --name "
                                   f"{name}-2; its trials' checkpoints stay in {experiment}") from None
             if cut:
@@ -367,7 +367,7 @@ def check_folder(flag: str, path: str, or_else: str = "", given: str | None = No
 def check_reports(reports: str, name: str) -> None:
     """--reports: a local folder where <name>/ and each report file can be written, checked before
     the sweep trains (the report is written at its end). Writes nothing."""
-    from lsq import report
+    from lsq import report, resume
 
     if "://" in reports:
         raise ConfigError(f"--reports {reports}: a URI; allowed: a local folder (--storage is the one that takes URIs)")
@@ -594,7 +594,7 @@ def fit_resources(ray, resources: dict, space: Space, local: bool) -> dict:
 
 def fit_to(cpus: float, gpus: float, resources: dict, space: Space, local: bool) -> dict:
     """fit_resources for a cluster of `cpus` CPUs and `gpus` GPUs (the dry run: this machine's)."""
-    from lsq import report
+    from lsq import report, resume
 
     res = dict(resources)
     if not gpus and any(t.device == "cuda" for t in space.trials):  # whatever gpu the trials ask for
@@ -630,7 +630,7 @@ def whole_file_snapshots() -> bool:
     import pyarrow.fs as pafs
     from ray.train._internal import storage as ray_storage
 
-    from lsq.report import whole_snapshot_file
+    from lsq.storage import whole_snapshot_file
 
     upload = getattr(ray_storage, "_upload_to_fs_path", None)
     if upload is None or getattr(upload, "whole_files", False):
@@ -755,7 +755,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from lsq import report
+    from lsq import report, resume
     from lsq.trainable import NoTensorBoard, train_lsq
 
     whole_file_snapshots()
@@ -834,7 +834,7 @@ def run_sweep(args, argv, space: Space, name: str, storage: str, experiment: str
         cause = e.__cause__
         if args.debug:
             raise cause from None
-        session, _ = report.usable_snapshot(experiment)  # the one Tune read (recover_snapshot set newer ones aside)
+        session, _ = report.usable_session(report.Storage(experiment))  # the one Tune read (recover_snapshot set newer ones aside)
         state = f"experiment_state-{session}.json" if session else "experiment_state-*.json"
         raise ConfigError(f"--resume: Tune cannot restore sweep '{name}' from {_join(experiment, state)} "
                           f"({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); nothing was run again. "
@@ -928,7 +928,7 @@ def _interrupted_text(args, argv: list[str]) -> str:
     if args.report_only or args.dry_run:
         return "\ninterrupted."
     try:
-        from lsq import report
+        from lsq import report, resume
 
         stored = experiment is not None and (args.resume or report.experiment_exists(experiment))
     except Exception:  # storage unreachable: the resume command is the safer advice
@@ -956,7 +956,7 @@ def check_stored(stored: dict, experiment: str, name: str) -> dict:
     """The sweep.json a resume keeps its resources, retries, concurrency and early stopping from,
     as the sweep wrote it: a hand-edited value fails here, naming the file and the key, not inside
     Tune. Keys it lacks (an older sweep) are fine."""
-    from lsq import report
+    from lsq import report, resume
     from lsq.space import _early_stopping, check_resource
 
     where = f"--resume: {_join(experiment, report.SWEEP_FILE)}"
@@ -1015,7 +1015,7 @@ def _warn_if_space_changed(space: Space, experiment: str, stored: dict | None = 
     """Tune resumes the trials it stored, with the configs they started with: say so when the
     space (its file, or --set) now asks for other trials or other values, e.g. more epochs.
     `stored`: the sweep's sweep.json, if the caller has read it already."""
-    from lsq import report
+    from lsq import report, resume
     from lsq.config import TrialConfig
 
     name = os.path.basename(experiment.rstrip("/"))
@@ -1045,7 +1045,7 @@ def _values(values: list) -> str:
 
 # ----------------------------------------------------------------------------- text
 def dry_run_text(space: Space, name: str, resources: dict, max_failures: int, experiment: str, args) -> str:
-    from lsq import report
+    from lsq import report, resume
 
     scheduler = "FIFO: every trial runs to its last epoch"
     if space.early_stopping:

@@ -27,28 +27,21 @@ import io
 import json
 import math
 import os
-import pickletools
-import posixpath
 import re
 import time
 from dataclasses import dataclass
 
 import pandas as pd
-import pyarrow.fs as pafs
 
 from .config import PATH_KEYS, PRESET_WORDS, PRESETS, ConfigError, TrialConfig, coerce
 from .files import atomic_write
+from .storage import SWEEP_FILE, Storage, experiment_exists, read_meta, usable_session, write_meta  # noqa: F401
 
-SWEEP_FILE = "sweep.json"
 LAYERS_FILE = "layers.json"
 FILES = ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv", "accuracy_vs_bits.png")
 RESULT_COLUMNS = ["trial_id", "trial_name", "status", "epochs_done", "best_top1", "final_top1", "best_top5",
                   "final_top5", "int_top1", "export_ok", "gpu_hours", "wall_seconds", "error", "checkpoint"]
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
-# Tune's snapshot of an experiment: one set of files per driver session (a timestamp), the
-# experiment state as JSON, the searcher's and the callbacks' states as pickles
-_SNAPSHOT_FILE = re.compile(r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)"
-                            r"-(?P<session>.+)\.(json|pkl)$")
 
 
 @dataclass
@@ -60,176 +53,10 @@ class Report:
     files: list[str]
 
 
-# ----------------------------------------------------------------------------- storage
-class Storage:
-    """Read-only access to an experiment folder on a local disk or a pyarrow filesystem."""
-
-    def __init__(self, path: str):
-        if "://" in path:
-            self.fs, self.root = pafs.FileSystem.from_uri(path)
-            self.display = path.rstrip("/")
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
-            self.display = self.root
-
-    def join(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts) if "://" in self.display else os.path.join(self.root, *parts)
-
-    def uri(self, *parts: str) -> str:
-        return posixpath.join(self.display, *parts) if "://" in self.display else self.join(*parts)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
-
-    def listdir(self, *parts: str) -> list[tuple[str, bool]]:
-        """(name, is_dir) of the entries of a folder; [] when it is not there. One that cannot be
-        listed (its permissions) is an error naming it, as in read_bytes."""
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.join(*parts), allow_not_found=True))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as e:
-            raise ConfigError(f"{self.uri(*parts)}: cannot list it ({e.strerror or e}); allowed: a folder this user "
-                              "can read") from None
-        return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
-
-    def read_bytes(self, *parts: str) -> bytes | None:
-        """The file's bytes; None when it is not there (not written yet). A file that is there
-        but cannot be read (its permissions, a folder in its place) is an error naming it: taken
-        for missing, its trial would be reported as never started."""
-        try:
-            with self.fs.open_input_stream(self.join(*parts)) as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):  # (a file where a folder of the path should be)
-            return None
-        except OSError as e:
-            raise ConfigError(f"{self.uri(*parts)}: cannot read it ({e.strerror or e}); allowed: a file this user "
-                              "can read") from None
-
-    def read_text(self, *parts: str) -> str | None:
-        data = self.read_bytes(*parts)
-        return None if data is None else data.decode("utf-8", errors="replace")
-
-    def rename(self, src: str, dst: str) -> None:
-        self.fs.move(self.join(src), self.join(dst))
-
-    def read_json(self, *parts: str):
-        text = self.read_text(*parts)
-        if text is None:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:  # (JSONDecodeError, or an integer past Python's 4300-digit limit)
-            return None
-
-    def write_text(self, text: str, *parts: str) -> None:
-        """Write one small file (sweep.json) into the experiment folder."""
-        path = self.join(*parts)
-        if "://" not in self.display:
-            atomic_write(path, text)
-            return
-        self.fs.create_dir(posixpath.dirname(path))
-        with self.fs.open_output_stream(path) as f:  # object stores replace a whole object at once
-            f.write(text.encode("utf-8"))
-
-
-def experiment_exists(path: str) -> bool:
-    """A Tune experiment is stored there (its snapshot or its tuner state)."""
-    st = Storage(path)
-    return any(n.startswith("experiment_state") or n == "tuner.pkl" for n, _ in st.listdir())
-
-
-def write_meta(path: str, meta: dict) -> None:
-    Storage(path).write_text(json.dumps(meta, indent=2, default=str), SWEEP_FILE)
-
-
-def read_meta(path: str) -> dict:
-    meta = Storage(path).read_json(SWEEP_FILE)
-    return meta if isinstance(meta, dict) else {}
-
-
-# ----------------------------------------------------------------------------- Tune's snapshot
-class SnapshotError(Exception):
-    """No whole snapshot of the experiment is left to resume from."""
-
-
-def whole_snapshot_file(name: str, data: bytes | None) -> bool:
-    """Whether one of Tune's snapshot files was written to its end. The experiment state must
-    parse as JSON and hold its trials; a pickle (the searcher's state, tuner.pkl) must run to its
-    STOP opcode, checked opcode by opcode without unpickling anything. Other files are taken as
-    they are."""
-    known = name.startswith("experiment_state-") or name.endswith(".pkl") or _SNAPSHOT_FILE.match(name)
-    if not known:
-        return True
-    if not data:
-        return False
-    if name.startswith("experiment_state-"):
-        try:
-            state = json.loads(data)
-        except ValueError:
-            return False
-        return isinstance(state, dict) and "trial_data" in state
-    try:
-        for _ in pickletools.genops(io.BytesIO(data)):
-            pass
-    except Exception:  # ValueError "pickle exhausted before seeing STOP", or garbage
-        return False
-    return True
-
-
-def _snapshot_sessions(st: Storage) -> dict[str, list[str]]:
-    """session -> its snapshot files, in the experiment folder's top level."""
-    sessions: dict[str, list[str]] = {}
-    for name, is_dir in st.listdir():
-        m = None if is_dir else _SNAPSHOT_FILE.match(name)
-        if m:
-            sessions.setdefault(m["session"], []).append(name)
-    return sessions
-
-
-def usable_snapshot(path: str) -> tuple[str | None, list[str]]:
-    """(the session a resume restores, the files of newer sessions that must not be read). Tune
-    restores from the newest experiment_state-*.json and the newest searcher state, and fails on
-    a file cut short: a driver killed while one was copied to storage leaves it so. The session
-    used is the newest whose experiment state and every other snapshot file are whole."""
-    return _usable_session(Storage(path))
-
-
-def _usable_session(st: Storage) -> tuple[str | None, list[str]]:
-    sessions = _snapshot_sessions(st)
-    newer: list[str] = []
-    for session in sorted(sessions, reverse=True):
-        files = sessions[session]
-        if f"experiment_state-{session}.json" in files and all(
-                whole_snapshot_file(n, st.read_bytes(n)) for n in files):
-            return session, newer
-        newer += sorted(files)
-    return None, newer
-
-
-def recover_snapshot(path: str) -> list[str]:
-    """Before a resume: set aside (rename to NAME.cut) every snapshot file newer than the newest
-    whole session, so that Tune restores from that one. Returns the names set aside. Raises
-    SnapshotError, renaming nothing, when no session is whole or tuner.pkl is cut."""
-    st = Storage(path)
-    if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
-        raise SnapshotError(f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it")
-    session, newer = _usable_session(st)
-    if session is None:
-        raise SnapshotError(f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
-                            f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})")
-    for name in newer:
-        st.rename(name, name + ".cut")
-    for name, is_dir in st.listdir():  # copies a killed driver left unfinished (sweep.whole_file_snapshots)
-        if not is_dir and name.startswith(".") and name.endswith(".tmp") and _SNAPSHOT_FILE.match(name[1:].rsplit(".", 2)[0]):
-            st.fs.delete_file(st.join(name))
-    return newer
-
-
 # ----------------------------------------------------------------------------- collecting
-def _tune_state(st: Storage) -> list[dict]:
+def tune_trials(st: Storage) -> list[dict]:
     """Trials in Tune's latest whole experiment snapshot: trial_id, status, folder, config."""
-    session, _ = _usable_session(st)
+    session, _ = usable_session(st)
     if session is None:
         return []
     state = st.read_json(f"experiment_state-{session}.json") or {}
@@ -249,7 +76,7 @@ def stored_configs(experiment: str) -> dict[int, dict]:
     """The TrialConfig dicts of the trials in Tune's latest whole snapshot (what --resume runs),
     by the number Tune gave each trial as it created it (`<run>_00003`: the space's fourth point)."""
     configs = {}
-    for t in _tune_state(Storage(experiment)):
+    for t in tune_trials(Storage(experiment)):
         number = re.search(r"_(\d+)$", str(t["trial_id"]))
         try:
             if number:
@@ -348,7 +175,7 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
     meta = read_meta(experiment)
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
 
-    trials = {t["trial_id"]: t for t in _tune_state(st) if t.get("trial_id")}
+    trials = {t["trial_id"]: t for t in tune_trials(st) if t.get("trial_id")}
     by_folder = {t["folder"]: t for t in trials.values() if t.get("folder")}
     for name, is_dir in st.listdir():  # trial folders Tune's snapshot has not seen yet
         if is_dir and name not in by_folder and st.exists(name, "params.json"):

@@ -1,0 +1,164 @@
+"""The sweep's folder as Tune and the trainable leave it, on a local disk or any storage pyarrow
+reads (s3://...): files, the sweep's own record (sweep.json), and which of Tune's snapshots is whole.
+No Ray here: reports read it after Ray is gone."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickletools
+import posixpath
+import re
+
+import pyarrow.fs as pafs
+
+from .config import ConfigError
+from .files import atomic_write
+
+SWEEP_FILE = "sweep.json"
+# Tune's snapshot: one set of files per driver session (a timestamp), the experiment state as
+# JSON, the searcher's and the callbacks' states as pickles
+SNAPSHOT_FILE = re.compile(r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)"
+                           r"-(?P<session>.+)\.(json|pkl)$")
+
+
+class Storage:
+    """Read-only access to an experiment folder on a local disk or a pyarrow filesystem."""
+
+    def __init__(self, path: str):
+        if "://" in path:
+            self.fs, self.root = pafs.FileSystem.from_uri(path)
+            self.display = path.rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
+            self.display = self.root
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if "://" in self.display else os.path.join(self.root, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return posixpath.join(self.display, *parts) if "://" in self.display else self.join(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
+
+    def listdir(self, *parts: str) -> list[tuple[str, bool]]:
+        """(name, is_dir) of the entries of a folder; [] when it is not there. One that cannot be
+        listed (its permissions) is an error naming it, as in read_bytes."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.join(*parts), allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise ConfigError(f"{self.uri(*parts)}: cannot list it ({e.strerror or e}); allowed: a folder this user "
+                              "can read") from None
+        return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The file's bytes; None when it is not there (not written yet). A file that is there
+        but cannot be read (its permissions, a folder in its place) is an error naming it: taken
+        for missing, its trial would be reported as never started."""
+        try:
+            with self.fs.open_input_stream(self.join(*parts)) as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):  # (a file where a folder of the path should be)
+            return None
+        except OSError as e:
+            raise ConfigError(f"{self.uri(*parts)}: cannot read it ({e.strerror or e}); allowed: a file this user "
+                              "can read") from None
+
+    def read_text(self, *parts: str) -> str | None:
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.move(self.join(src), self.join(dst))
+
+    def read_json(self, *parts: str):
+        text = self.read_text(*parts)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:  # (JSONDecodeError, or an integer past Python's 4300-digit limit)
+            return None
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Write one small file (sweep.json) into the experiment folder."""
+        path = self.join(*parts)
+        if "://" not in self.display:
+            atomic_write(path, text)
+            return
+        self.fs.create_dir(posixpath.dirname(path))
+        with self.fs.open_output_stream(path) as f:  # object stores replace a whole object at once
+            f.write(text.encode("utf-8"))
+
+
+def experiment_exists(path: str) -> bool:
+    """A Tune experiment is stored there (its snapshot or its tuner state)."""
+    st = Storage(path)
+    return any(n.startswith("experiment_state") or n == "tuner.pkl" for n, _ in st.listdir())
+
+
+def write_meta(path: str, meta: dict) -> None:
+    Storage(path).write_text(json.dumps(meta, indent=2, default=str), SWEEP_FILE)
+
+
+def read_meta(path: str) -> dict:
+    meta = Storage(path).read_json(SWEEP_FILE)
+    return meta if isinstance(meta, dict) else {}
+
+
+def whole_snapshot_file(name: str, data: bytes | None) -> bool:
+    """Whether one of Tune's snapshot files was written to its end. The experiment state must
+    parse as JSON and hold its trials; a pickle (the searcher's state, tuner.pkl) must run to its
+    STOP opcode, checked opcode by opcode without unpickling anything. Other files are taken as
+    they are."""
+    known = name.startswith("experiment_state-") or name.endswith(".pkl") or SNAPSHOT_FILE.match(name)
+    if not known:
+        return True
+    if not data:
+        return False
+    if name.startswith("experiment_state-"):
+        try:
+            state = json.loads(data)
+        except ValueError:
+            return False
+        return isinstance(state, dict) and "trial_data" in state
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:  # ValueError "pickle exhausted before seeing STOP", or garbage
+        return False
+    return True
+
+
+def _snapshot_sessions(st: Storage) -> dict[str, list[str]]:
+    """session -> its snapshot files, in the experiment folder's top level."""
+    sessions: dict[str, list[str]] = {}
+    for name, is_dir in st.listdir():
+        m = None if is_dir else SNAPSHOT_FILE.match(name)
+        if m:
+            sessions.setdefault(m["session"], []).append(name)
+    return sessions
+
+
+def usable_snapshot(path: str) -> tuple[str | None, list[str]]:
+    """(the session a resume restores, the files of newer sessions that must not be read). Tune
+    restores from the newest experiment_state-*.json and the newest searcher state, and fails on
+    a file cut short: a driver killed while one was copied to storage leaves it so. The session
+    used is the newest whose experiment state and every other snapshot file are whole."""
+    return _usable_session(Storage(path))
+
+
+def usable_session(st: Storage) -> tuple[str | None, list[str]]:
+    sessions = _snapshot_sessions(st)
+    newer: list[str] = []
+    for session in sorted(sessions, reverse=True):
+        files = sessions[session]
+        if f"experiment_state-{session}.json" in files and all(
+                whole_snapshot_file(n, st.read_bytes(n)) for n in files):
+            return session, newer
+        newer += sorted(files)
+    return None, newer
