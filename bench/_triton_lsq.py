@@ -23,7 +23,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import _common  # noqa: E402, F401  (puts the repository on sys.path)
 from lsq import quantizer as Q  # noqa: E402
-from lsq._triton import TritonKernels  # noqa: E402
+from lsq.kernels_cuda import TritonKernels  # noqa: E402
 
 
 def self_check() -> int:

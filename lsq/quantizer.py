@@ -554,7 +554,7 @@ def _fast_path(v: torch.Tensor):
             if kind == "cpu":
                 _kernels[kind] = _CpuKernels()
             elif kind == "cuda":  # eager CUDA is launch-bound: one Triton launch instead of ~7
-                from lsq._triton import TritonKernels
+                from lsq.kernels_cuda import TritonKernels
 
                 _kernels[kind] = _checked(TritonKernels(), v.device)
         except Exception as e:  # no compiler, no Triton, ...: the eager path does the same math
