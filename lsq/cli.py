@@ -33,6 +33,10 @@ def run_command(body, debug: bool = False, failures: tuple = (), interrupted=lam
             print(f"error: {e}", file=sys.stderr)
             return BAD_INPUT
         known = isinstance(e, failures)
-        print(f"error: {e}" if known else f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"error: {e}"
+            if known
+            else f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return FAILED

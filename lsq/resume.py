@@ -1,8 +1,98 @@
-"""Resuming a sweep: Tune's snapshots repaired, one driver per sweep."""
+"""Resuming a sweep: one driver per sweep, Tune's snapshots repaired, and what a resume keeps."""
 
 from __future__ import annotations
 
-from .storage import SNAPSHOT_FILE, Storage, usable_session, whole_snapshot_file
+import contextlib
+import os
+import shlex
+import socket
+import sys
+import time
+
+from .config import ConfigError, TrialConfig
+from .space import Space
+from .storage import SNAPSHOT_FILE, Storage, read_meta, usable_session, whole_snapshot_file
+
+LOCK_FILE = ".sweep.lock"
+SWEEP_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweep.py")
+
+
+def running_driver(experiment: str) -> str | None:
+    """Who holds the sweep's lock (see `one_driver`) now, or None (also where files cannot be locked)."""
+    import fcntl
+
+    path = os.path.join(experiment, LOCK_FILE)
+    if "://" in experiment or not os.path.isfile(path):
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "another process"
+        except OSError:  # e.g. NFS without its lock service
+            return None
+        return None
+
+
+def running_text(name: str, experiment: str, holder: str) -> str:
+    return (
+        f"sweep '{name}' is running now ({holder}) in {experiment}. Wait for it, or stop it (Ctrl-C) and "
+        f"then --resume; or start another sweep with --name {name}-2"
+    )
+
+
+@contextlib.contextmanager
+def one_driver(experiment: str, name: str):
+    """Two drivers of one sweep would have two Tunes write the same trial folders. The driver holds
+    an exclusive lock on <experiment>/.sweep.lock for its life; the kernel releases it however the
+    driver ends. Local paths only (cloud storage has no locks). A folder holding nothing but the
+    lock afterwards (Ray failed to start) is removed."""
+    import fcntl
+
+    if "://" in experiment:
+        yield
+        return
+    path = os.path.join(experiment, LOCK_FILE)
+    try:
+        os.makedirs(experiment, exist_ok=True)
+        lock = open(path, "a+")  # close-on-exec: Ray's processes do not inherit it
+    except OSError as e:
+        raise ConfigError(f"--storage: cannot write in {experiment} ({e.strerror or e})") from None
+    mine = False  # the lock is this driver's: it may tidy up
+    try:
+        for attempt in range(20):  # a `running_driver` check holds a shared lock for a moment
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = True
+                break
+            except BlockingIOError:
+                if attempt == 19:
+                    lock.seek(0)
+                    raise ConfigError(
+                        running_text(name, experiment, lock.read().strip() or "another process")
+                    ) from None
+                time.sleep(0.05)
+            except OSError as e:  # a file system without locks
+                print(
+                    f"warning: cannot lock {path} ({e.strerror or e}): nothing stops a second driver of this "
+                    "sweep",
+                    file=sys.stderr,
+                )
+                mine = True
+                break
+        lock.seek(0)
+        lock.truncate()
+        lock.write(
+            f"driver pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        lock.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if mine and os.listdir(experiment) == [LOCK_FILE]:
+                os.remove(path)
+                os.rmdir(experiment)
+        lock.close()
 
 
 class SnapshotError(Exception):
@@ -10,19 +100,121 @@ class SnapshotError(Exception):
 
 
 def recover_snapshot(path: str) -> list[str]:
-    """Before a resume: set aside (rename to NAME.cut) every snapshot file newer than the newest
-    whole session, so that Tune restores from that one. Returns the names set aside. Raises
-    SnapshotError, renaming nothing, when no session is whole or tuner.pkl is cut."""
+    """Set aside (rename to NAME.cut) every snapshot file newer than the newest whole session, so
+    that Tune restores from that one; returns their names. SnapshotError, renaming nothing, when
+    no session is whole or tuner.pkl is cut short."""
     st = Storage(path)
     if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
         raise SnapshotError(f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it")
     session, newer = usable_session(st)
     if session is None:
-        raise SnapshotError(f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
-                            f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})")
+        raise SnapshotError(
+            f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
+            f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})"
+        )
     for name in newer:
         st.rename(name, name + ".cut")
-    for name, is_dir in st.listdir():  # copies a killed driver left unfinished (sweep.whole_file_snapshots)
-        if not is_dir and name.startswith(".") and name.endswith(".tmp") and SNAPSHOT_FILE.match(name[1:].rsplit(".", 2)[0]):
+    for (
+        name,
+        is_dir,
+    ) in st.listdir():  # copies a killed driver left unfinished (ray_fixes.whole_file_snapshots)
+        if (
+            not is_dir
+            and name.startswith(".")
+            and name.endswith(".tmp")
+            and SNAPSHOT_FILE.match(name[1:].rsplit(".", 2)[0])
+        ):
             st.fs.delete_file(st.join(name))
     return newer
+
+
+def resume_notes(args, space: Space, experiment: str, stored: dict) -> None:
+    """What a resume will not take from this command line: a changed space, changed flags."""
+    warn_if_space_changed(space, experiment, stored)
+    ignored = ignored_on_resume(args, stored)
+    if ignored:
+        print(f"note: a resumed sweep keeps the settings it started with; ignored: {'; '.join(ignored)}")
+
+
+def ignored_on_resume(args, stored: dict) -> list[str]:
+    """Flags given with --resume that differ from what the sweep started with (Tune restores
+    resources, retries, the concurrency limit and the loggers), each with the value it keeps."""
+    unknown = object()  # a sweep.json from before the key was recorded
+    res = stored.get("resources") or {}
+    flags = [
+        ("--cpus-per-trial", args.cpus_per_trial if res else None, res.get("cpu", unknown)),
+        ("--gpus-per-trial", args.gpus_per_trial if res else None, res.get("gpu", unknown)),
+        ("--max-failures", args.max_failures, stored.get("max_failures", unknown)),
+        ("--max-concurrent", args.max_concurrent, stored.get("max_concurrent", None)),
+    ]
+    out = []
+    for flag, given, kept in flags:
+        if given is None or (kept is not unknown and kept is not None and float(given) == float(kept)):
+            continue
+        was = "as it started" if kept is unknown else ("no limit" if kept is None else f"{kept:g}")
+        out.append(f"{flag} {given:g} (keeps {was})")
+    if args.tensorboard and stored.get("tensorboard") is not True:
+        out.append(
+            "--tensorboard (keeps "
+            + ("no TensorBoard files" if "tensorboard" in stored else "its loggers")
+            + ")"
+        )
+    return out
+
+
+def warn_if_space_changed(space: Space, experiment: str, stored: dict | None = None) -> None:
+    """Tune resumes the trials it stored with the configs they started with: say so when the space
+    (its file, or --set) now asks for other trials or values."""
+    from .report import count, stored_configs
+
+    name = os.path.basename(experiment.rstrip("/"))
+    way_out = f"--resume continues the stored trials as they started (a new sweep: --name {name}-2)"
+    created = (read_meta(experiment) if stored is None else stored).get("trials")
+    if created not in (None, len(space.trials)):
+        print(
+            f"note: the space now has {count(len(space.trials), 'trial')}, the stored sweep {created}: {way_out}"
+        )
+        return
+    # trial i runs point i; only the trials Tune has created so far compare
+    now = space.points()
+    pairs = [(c, now[i]) for i, c in sorted(stored_configs(experiment).items()) if i < len(now)]
+    changed = []
+    for key in TrialConfig.keys():
+        differ = [(old[key], new[key]) for old, new in pairs if repr(old[key]) != repr(new[key])]
+        if differ:
+            changed.append(f"{key} {_values([o for o, _ in differ])} -> {_values([n for _, n in differ])}")
+    if changed:
+        print(f"note: the space now differs from the stored sweep ({'; '.join(changed)}): {way_out}")
+
+
+def _values(values: list) -> str:
+    """One key's values across the trials: `8`, or `{0.05, 0.001}`."""
+    values = list(dict.fromkeys(values))
+    text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return text if len(values) == 1 else "{" + text + "}"
+
+
+def resume_command(argv: list[str], resume: bool = True) -> str:
+    """The exact command that continues this sweep."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == "sweep.py" else os.path.relpath(SWEEP_PY)
+    args = [a for a in argv if a not in ("--resume", "--dry-run", "--report-only")]
+    return shlex.join(["python", script, *args] + (["--resume"] if resume else []))
+
+
+def interrupted_text(args, argv: list[str]) -> str:
+    """What to do after Ctrl-C: resume a sweep Tune has stored, or start again one it has not."""
+    from .storage import experiment_exists
+
+    experiment = getattr(args, "experiment", None)
+    if args.report_only or args.dry_run:
+        return "\ninterrupted."
+    try:
+        stored = experiment is not None and (args.resume or experiment_exists(experiment))
+    except Exception:  # storage unreachable: the resume command is the safer advice
+        stored = True
+    if stored:
+        return f"\ninterrupted. Resume with:\n  {resume_command(argv)}"
+    return (
+        f"\ninterrupted before the sweep started (nothing to resume). Start it again with:\n  "
+        f"{resume_command(argv, resume=False)}"
+    )

@@ -19,8 +19,10 @@ from .files import atomic_write
 SWEEP_FILE = "sweep.json"
 # Tune's snapshot: one set of files per driver session (a timestamp), the experiment state as
 # JSON, the searcher's and the callbacks' states as pickles
-SNAPSHOT_FILE = re.compile(r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)"
-                           r"-(?P<session>.+)\.(json|pkl)$")
+SNAPSHOT_FILE = re.compile(
+    r"^(experiment_state|basic-variant-state|search_gen_state|searcher-state|callback-states)"
+    r"-(?P<session>.+)\.(json|pkl)$"
+)
 
 
 class Storage:
@@ -51,8 +53,10 @@ class Storage:
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as e:
-            raise ConfigError(f"{self.uri(*parts)}: cannot list it ({e.strerror or e}); allowed: a folder this user "
-                              "can read") from None
+            raise ConfigError(
+                f"{self.uri(*parts)}: cannot list it ({e.strerror or e}); allowed: a folder this user "
+                "can read"
+            ) from None
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
 
     def read_bytes(self, *parts: str) -> bytes | None:
@@ -65,8 +69,9 @@ class Storage:
         except (FileNotFoundError, NotADirectoryError):  # (a file where a folder of the path should be)
             return None
         except OSError as e:
-            raise ConfigError(f"{self.uri(*parts)}: cannot read it ({e.strerror or e}); allowed: a file this user "
-                              "can read") from None
+            raise ConfigError(
+                f"{self.uri(*parts)}: cannot read it ({e.strerror or e}); allowed: a file this user can read"
+            ) from None
 
     def read_text(self, *parts: str) -> str | None:
         data = self.read_bytes(*parts)
@@ -144,21 +149,14 @@ def _snapshot_sessions(st: Storage) -> dict[str, list[str]]:
     return sessions
 
 
-def usable_snapshot(path: str) -> tuple[str | None, list[str]]:
-    """(the session a resume restores, the files of newer sessions that must not be read). Tune
-    restores from the newest experiment_state-*.json and the newest searcher state, and fails on
-    a file cut short: a driver killed while one was copied to storage leaves it so. The session
-    used is the newest whose experiment state and every other snapshot file are whole."""
-    return _usable_session(Storage(path))
-
-
 def usable_session(st: Storage) -> tuple[str | None, list[str]]:
     sessions = _snapshot_sessions(st)
     newer: list[str] = []
     for session in sorted(sessions, reverse=True):
         files = sessions[session]
         if f"experiment_state-{session}.json" in files and all(
-                whole_snapshot_file(n, st.read_bytes(n)) for n in files):
+            whole_snapshot_file(n, st.read_bytes(n)) for n in files
+        ):
             return session, newer
         newer += sorted(files)
     return None, newer

@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lsq import cluster, ray_fixes, resume, tuner
+
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +153,7 @@ def test_one_driver_per_sweep(tmp_path, capsys):
     path = space(tmp_path, "busy", epochs=1, batch=256, bits=[W4])
     experiment = tmp_path / "runs" / "busy"
     flags = ["--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
-    with sweep.one_driver(str(experiment), "busy"):  # a driver of this sweep (here: this process)
+    with resume.one_driver(str(experiment), "busy"):  # a driver of this sweep (here: this process)
         assert (experiment / sweep.LOCK_FILE).read_text().startswith(f"driver pid {os.getpid()} on ")
         for again in ([], ["--resume"]):
             assert sweep.main([path, *flags, *again]) == 2
@@ -161,7 +163,7 @@ def test_one_driver_per_sweep(tmp_path, capsys):
         assert sweep.main([path, *flags, "--dry-run"]) == 0
         assert "note: sweep 'busy' is running now" in capsys.readouterr().out
     assert not experiment.exists()  # it held nothing but the lock: gone with it
-    assert sweep.running_driver(str(experiment)) is None
+    assert resume.running_driver(str(experiment)) is None
 
 
 def test_join_a_cluster_with_address(local_ray, tmp_path):
@@ -196,16 +198,16 @@ def test_resume_names_only_the_flags_it_ignores():
 
     stored = {"resources": {"cpu": 2, "gpu": 0}, "max_failures": 1, "max_concurrent": 1, "tensorboard": False}
     same = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2", "--max-failures", "1", "--max-concurrent", "1"])
-    assert sweep._ignored_on_resume(same, stored) == []
+    assert resume.ignored_on_resume(same, stored) == []
     changed = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "4", "--max-concurrent", "3", "--tensorboard"])
-    assert sweep._ignored_on_resume(changed, stored) == [
+    assert resume.ignored_on_resume(changed, stored) == [
         "--cpus-per-trial 4 (keeps 2)", "--max-concurrent 3 (keeps 1)", "--tensorboard (keeps no TensorBoard files)"]
     # a sweep.json from before the limit was recorded: Tune had applied none
     older = {"resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
-    assert sweep._ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older) == [
+    assert resume.ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older) == [
         "--max-concurrent 1 (keeps no limit)"]
     # no sweep.json at all: the resume runs with the flags' resources, so they are not 'ignored'
-    assert sweep._ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2"]), {}) == []
+    assert resume.ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2"]), {}) == []
 
 
 def test_without_file_locks_the_sweep_warns_and_runs(tmp_path, monkeypatch, capsys):
@@ -220,8 +222,8 @@ def test_without_file_locks_the_sweep_warns_and_runs(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     experiment = tmp_path / "runs" / "nolock"
-    with sweep.one_driver(str(experiment), "nolock"):
-        assert sweep.running_driver(str(experiment)) is None
+    with resume.one_driver(str(experiment), "nolock"):
+        assert resume.running_driver(str(experiment)) is None
     assert "warning: cannot lock" in capsys.readouterr().err and not experiment.exists()
 
 
@@ -249,10 +251,10 @@ def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, cap
     import sweep
 
     now = [1000.0]
-    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime,
+    monkeypatch.setattr(tuner, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime,
                                                              strftime=time.strftime))
-    monkeypatch.setattr(sweep, "HEARTBEAT_S", 90.0)
-    progress = sweep._progress_reporter(tune, [])
+    monkeypatch.setattr(tuner, "HEARTBEAT_S", 90.0)
+    progress = tuner.progress_reporter([])
     trials = [types.SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={}, config={"epochs": 90},
                                     __str__=lambda self: "x") for i in range(2)]
     assert progress.should_report(trials)
@@ -313,7 +315,7 @@ def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(cpus, gpus,
     import sweep
 
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
-    monkeypatch.setattr(sweep, "local_gpus", lambda: gpus)
+    monkeypatch.setattr(cluster, "local_gpus", lambda: gpus)
     path = space(tmp_path, "fit", epochs=1, batch=256, bits=[W4])
     assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--dry-run", *flags]) == 0
     out = capsys.readouterr().out
@@ -329,7 +331,7 @@ def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(cpus, gpus,
 def test_dry_run_refuses_what_the_run_on_this_machine_would_refuse(gpus, flags, error, tmp_path, monkeypatch, capsys):
     import sweep
 
-    monkeypatch.setattr(sweep, "local_gpus", lambda: gpus)
+    monkeypatch.setattr(cluster, "local_gpus", lambda: gpus)
     path = space(tmp_path, "refused", epochs=1, batch=256, bits=[W4])
     assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--dry-run", *flags]) == 2
     out, err = capsys.readouterr()
@@ -359,37 +361,11 @@ def test_local_gpus_counts_what_ray_would(monkeypatch):
     manager = accelerators.get_accelerator_manager_for_resource("GPU")
     monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 4))
     monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: ["0", "2"]))
-    assert sweep.local_gpus() == 2
+    assert cluster.local_gpus() == 2
     monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: None))
-    assert sweep.local_gpus() == 4
+    assert cluster.local_gpus() == 4
     monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 1 / 0))
-    assert sweep.local_gpus() is None  # Ray cannot say: the dry run shows the resources as asked
-
-
-@pytest.mark.parametrize("stored, key", [
-    ({"resources": "x"}, "resources"), ({"resources": {"gpu": 0}}, "resources"),
-    ({"resources": {"cpu": 1e-9, "gpu": 0}}, "resources"), ({"max_failures": "x"}, "max_failures"),
-    ({"max_concurrent": 0}, "max_concurrent"), ({"early_stopping": "x"}, "early_stopping"),
-    ({"early_stopping": {"metric": "top1", "reduction_factor": 1}}, "early_stopping"),
-])
-def test_resume_of_a_hand_edited_sweep_json_names_the_file_and_key(stored, key, tmp_path, capsys):
-    """A resume keeps the resources, retries, concurrency and early stopping in sweep.json: a
-    value the sweep could not have written is one error naming the file and the key (it was an
-    AttributeError, KeyError or TypeError), for the dry run and the real resume alike."""
-    import sweep
-
-    experiment = tmp_path / "runs" / "edited"
-    experiment.mkdir(parents=True)
-    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
-    (experiment / "sweep.json").write_text(json.dumps({"name": "edited", **stored}))
-    path = space(tmp_path, "edited", epochs=1, batch=256, bits=[W4])
-    before = sorted(p.name for p in experiment.iterdir())
-    for flags in (["--dry-run"], []):
-        assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", *flags]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: --resume: {experiment / 'sweep.json'}: key '{key}' = ") and err.count("\n") == 1, err
-        assert "allowed:" in err and "--name edited-2" in err
-    assert sorted(p.name for p in experiment.iterdir()) == before
+    assert cluster.local_gpus() is None  # Ray cannot say: the dry run shows the resources as asked
 
 
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
@@ -411,18 +387,18 @@ def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path
         (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
 
     stored(2, 0, 1)
-    sweep._warn_if_space_changed(load_space(path, []), str(exp))
+    resume.warn_if_space_changed(load_space(path, []), str(exp))
     assert capsys.readouterr().out == ""  # the space it started with: nothing to say
-    sweep._warn_if_space_changed(load_space(path, ["epochs=3", "lr=0.1"]), str(exp))
+    resume.warn_if_space_changed(load_space(path, ["epochs=3", "lr=0.1"]), str(exp))
     out = capsys.readouterr().out
     assert "(epochs 1 -> 3; lr 0.05 -> 0.1)" in out and "as they started" in out and "--name grown-2" in out
     # --max-concurrent 1, interrupted in trial 2: Tune has created two trials so far
     stored(1, 0)
-    sweep._warn_if_space_changed(load_space(path, []), str(exp))
+    resume.warn_if_space_changed(load_space(path, []), str(exp))
     assert capsys.readouterr().out == ""
-    sweep._warn_if_space_changed(load_space(path, ["w_bits=3"]), str(exp))  # trial 3, not created yet, not compared
+    resume.warn_if_space_changed(load_space(path, ["w_bits=3"]), str(exp))  # trial 3, not created yet, not compared
     assert "(w_bits {4, 2} -> 3)" in capsys.readouterr().out
-    sweep._warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2]), []), str(exp))
+    resume.warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2]), []), str(exp))
     assert "the space now has 2 trials, the stored sweep 3" in capsys.readouterr().out
 
 
@@ -447,19 +423,19 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
     try:
         started, ray = [], Ray()
         with pytest.raises(KeyboardInterrupt):
-            with sweep._ctrl_c_once_started(ray):
+            with ray_fixes.ctrl_c_once_started(ray):
                 ctrl_c()
                 started.append("the rest of ray.init")
         assert started == ["the rest of ray.init"] and ray.stopped
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
-            with sweep._ctrl_c_once_started(Ray()):
+            with ray_fixes.ctrl_c_once_started(Ray()):
                 ctrl_c()
                 ctrl_c()
                 started.append("not reached")
         assert started == ["the rest of ray.init"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
-        with sweep._ctrl_c_once_started(Ray()):
+        with ray_fixes.ctrl_c_once_started(Ray()):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, outer)
@@ -475,10 +451,10 @@ def test_tunes_stop_lines_give_way_to_the_sweeps_own(capsys):
     def record(msg):
         return logging.LogRecord("ray.tune.tune", logging.WARNING, "tune.py", 1, msg, None, None)
 
-    assert not sweep._tune_stop_lines(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
+    assert not tuner.tune_stop_lines(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
     assert capsys.readouterr().err == "\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)\n"
-    assert not sweep._tune_stop_lines(record("Experiment has been interrupted, but the most recent state was saved."))
-    assert sweep._tune_stop_lines(record("Trial failed for another reason"))  # every other warning stays
+    assert not tuner.tune_stop_lines(record("Experiment has been interrupted, but the most recent state was saved."))
+    assert tuner.tune_stop_lines(record("Trial failed for another reason"))  # every other warning stays
     assert capsys.readouterr().err == ""
 
 
@@ -487,16 +463,16 @@ def test_ctrl_c_before_anything_is_stored_does_not_advise_resume(tmp_path):
 
     argv = ["s.yaml", "--storage", str(tmp_path)]
     args = sweep.parse_args(argv)
-    again, resume = sweep.resume_command(argv, resume=False), sweep.resume_command(argv)  # test_faults runs a printed one
+    again, resume = resume.resume_command(argv, resume=False), resume.resume_command(argv)  # test_faults runs a printed one
     assert again.endswith(f"s.yaml --storage {tmp_path}") and resume == again + " --resume"
-    assert sweep._interrupted_text(args, argv).endswith(f"Start it again with:\n  {again}")
+    assert resume.interrupted_text(args, argv).endswith(f"Start it again with:\n  {again}")
     args.experiment = str(tmp_path / "s")  # named, but Tune had stored nothing yet
-    assert "nothing to resume" in sweep._interrupted_text(args, argv)
+    assert "nothing to resume" in resume.interrupted_text(args, argv)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
-    assert sweep._interrupted_text(args, argv).endswith(f"Resume with:\n  {resume}")
+    assert resume.interrupted_text(args, argv).endswith(f"Resume with:\n  {resume}")
     report_only = sweep.parse_args(argv + ["--report-only"])
-    assert sweep._interrupted_text(report_only, argv) == "\ninterrupted."
+    assert resume.interrupted_text(report_only, argv) == "\ninterrupted."
 
 
 def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
@@ -507,16 +483,17 @@ def test_the_driver_imports_no_torch_and_tune_still_logs_every_result():
 import sys
 sys.argv = ["sweep.py"]
 import sweep
-from lsq.trainable import NoTensorBoard, train_lsq
+from lsq.ray_fixes import no_tensorboard
+from lsq.trainable import train_lsq
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.utils.callback import _create_default_callbacks
 tune.with_resources(train_lsq, {"cpu": 1})
-callbacks = _create_default_callbacks([NoTensorBoard()])
+callbacks = _create_default_callbacks([no_tensorboard()])
 kinds = [type(c).__name__ for c in callbacks]
 assert any(isinstance(c, JsonLoggerCallback) for c in callbacks), kinds
 assert any(isinstance(c, CSVLoggerCallback) for c in callbacks), kinds
-assert [type(c) for c in callbacks if isinstance(c, TBXLoggerCallback)] == [NoTensorBoard], kinds
+assert [type(c).__name__ for c in callbacks if isinstance(c, TBXLoggerCallback)] == ['NoTensorBoard'], kinds
 print(sorted(m for m in ("torch", "tensorboardX") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -527,7 +504,7 @@ print(sorted(m for m in ("torch", "tensorboardX") if m in sys.modules))
 def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     """Tune copies its experiment snapshot to storage after every step by writing each file in
     place, so a driver killed mid-copy left it cut short (0 bytes) and the next --resume failed.
-    With sweep.whole_file_snapshots() the copy Tune launches writes each file beside its target
+    With ray_fixes.whole_file_snapshots() the copy Tune launches writes each file beside its target
     and renames it over: a copy stopped before the rename leaves the previous whole file, and a
     state Tune is rewriting at that moment is not copied."""
     import pickle
@@ -540,7 +517,7 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     import sweep
 
     monkeypatch.setattr(ray_storage, "_upload_to_fs_path", ray_storage._upload_to_fs_path)  # restored afterwards
-    assert sweep.whole_file_snapshots() and sweep.whole_file_snapshots()  # once, then already in place
+    assert ray_fixes.whole_file_snapshots() and ray_fixes.whole_file_snapshots()  # once, then already in place
     src, dst = tmp_path / "staging", tmp_path / "runs" / "exp"
     (src / "sub").mkdir(parents=True)
     state = {"trial_data": [["{}", "{}"]], "runner_data": {}}
@@ -581,7 +558,7 @@ def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
     """When a trial restarts, Tune's loggers copy its result.json back from storage over the
     driver's staging copy. If the background copy to storage had not caught up, that dropped the
     newest lines: a trial that crashed right after reporting epoch 1 came back with the history
-    [2, 3] (seen under load, in tests/test_trainable.py). With sweep.results_survive_a_restart()
+    [2, 3] (seen under load, in tests/test_trainable.py). With ray_fixes.results_survive_a_restart()
     this driver's staging file stays; a new driver (empty staging) still gets storage's copy."""
     from types import SimpleNamespace
 
@@ -609,7 +586,7 @@ def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
         return (staging / "result.json").read_text()
 
     assert restart() == ""  # Ray's own behaviour: epoch 1 is gone
-    assert sweep.results_survive_a_restart() and sweep.results_survive_a_restart()  # once, then already in place
+    assert ray_fixes.results_survive_a_restart() and ray_fixes.results_survive_a_restart()  # once, then already in place
     assert restart() == reported
 
     # a new driver (a resumed sweep) starts with an empty staging folder: it takes storage's copy
@@ -623,7 +600,7 @@ def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
     """Ray starts an idle worker per CPU with the node, and a worker serves only tasks whose
     runtime env matches its own empty one. Tune's default runtime env for every trainable
     ({"env_vars": {"PL_DISABLE_FORK": "1"}}) made each trial wait for a fresh process instead.
-    After sweep.trials_in_prestarted_workers() the trainable's runtime env is empty; variables
+    After ray_fixes.trials_in_prestarted_workers() the trainable's runtime env is empty; variables
     Tune forwards on purpose (here an AWS key) are still forwarded."""
     from ray.tune.execution import class_cache
 
@@ -644,7 +621,7 @@ def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
         pass
 
     assert class_cache._ActorClassCache().get(Before)._default_options["runtime_env"]  # Tune's own default
-    assert sweep.trials_in_prestarted_workers()
+    assert ray_fixes.trials_in_prestarted_workers()
     assert class_cache._ActorClassCache().get(After)._default_options["runtime_env"] in ({}, {"env_vars": {}})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     assert class_cache._ActorClassCache().get(WithKey)._default_options["runtime_env"] == {
@@ -659,9 +636,9 @@ def test_the_private_ray_starts_lean_and_trials_get_its_prestarted_workers():
     with Ray's default, idle workers were killed 1 s into such a gap and the trials waited for
     new processes."""
     code = """
-import argparse, os, sys, time
-import sweep
-ray = sweep.start_ray(argparse.Namespace(address=None, dashboard=False))
+import os, sys, time
+from lsq import cluster, ray_fixes
+ray = cluster.start_ray(None, dashboard=False)
 import psutil  # Ray's own copy, on the path once ray is imported
 from ray._private import node, ray_constants, worker
 from ray.util.placement_group import placement_group
@@ -697,7 +674,7 @@ ray.shutdown()
 # Ray's own methods are back, and --dashboard leaves them alone
 assert node.Node.start_api_server.__qualname__ == "Node.start_api_server"
 assert node.Node.start_monitor.__qualname__ == "Node.start_monitor"
-with sweep._lean_local_ray(dashboard=True):
+with ray_fixes.lean_local_ray(dashboard=True):
     assert node.Node.start_monitor.__qualname__ == "Node.start_monitor"
 print("ok")
 """

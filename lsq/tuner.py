@@ -1,0 +1,336 @@
+"""The sweep itself: a plan, the Tuner that runs it with a compact progress table, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import ray_fixes
+from .cli import FAILED, INTERRUPTED, OK
+from .config import ConfigError
+from .resume import resume_command
+from .space import Space, format_table, trial_name
+
+CHECKPOINTS_TO_KEEP = 2
+HEARTBEAT_S = 120.0
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a sweep run needs, validated before Ray starts."""
+
+    space: Space
+    name: str
+    storage: str  # an absolute local path or a URI
+    experiment: str  # storage/name
+    reports: str
+    resources: dict
+    max_failures: int
+    max_concurrent: int | None
+    argv: list[str]
+    resume: bool = False
+    stored: dict | None = None  # the resumed sweep's sweep.json
+    address: str | None = None
+    tensorboard: bool = False
+    debug: bool = False
+
+
+def run_sweep(plan: Plan) -> int:
+    """Run (or resume) the Tuner, write the report, and return the exit status."""
+    from ray import tune
+
+    from . import report, storage
+    from .trainable import train_lsq
+
+    ray_fixes.patch_tune()
+    tune_log = logging.getLogger("ray.tune.tune")
+    if tune_stop_lines not in tune_log.filters:
+        tune_log.addFilter(tune_stop_lines)
+    trainable = tune.with_resources(train_lsq, {"cpu": plan.resources["cpu"], "gpu": plan.resources["gpu"]})
+    if plan.resume:
+        tuner_pkl = join(plan.experiment, "tuner.pkl")
+        try:  # Tune unpickles tuner.pkl here: whole (see recover_snapshot) but maybe not a Tuner's state
+            tuner = tune.Tuner.restore(
+                plan.experiment, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+            )
+        except Exception as e:
+            if plan.debug:
+                raise
+            raise ConfigError(
+                f"--resume: cannot restore sweep '{plan.name}' from {tuner_pkl} ({one_line(e)}); "
+                f"allowed: the tuner.pkl Tune wrote for this sweep (restore it, or start again with "
+                f"--name {plan.name}-2)"
+            ) from None
+    else:
+        tuner = new_tuner(plan, trainable)
+        storage.write_meta(plan.experiment, record(plan))
+        print(
+            f"Sweep '{plan.name}': {report.count(len(plan.space.trials), 'trial')}, each "
+            f"{resources_text(plan.resources)}; storage {plan.experiment}"
+        )
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(
+        signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT)
+    )  # a batch scheduler's stop
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
+        pass
+    except ray_fixes.RestoreFailed as e:
+        if plan.debug:
+            raise e.__cause__ from None
+        session, _ = storage.usable_session(storage.Storage(plan.experiment))
+        state = f"experiment_state-{session}.json" if session else "experiment_state-*.json"
+        raise ConfigError(
+            f"--resume: Tune cannot restore sweep '{plan.name}' from {join(plan.experiment, state)} "
+            f"({one_line(e.__cause__)}); nothing was run again. Allowed: the experiment state Tune "
+            f"wrote for this sweep (restore it, or start again with --name {plan.name}-2)"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return finish(plan)
+
+
+def new_tuner(plan: Plan, trainable):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    space, points, varied = plan.space, plan.space.points(), plan.space.varied_keys()
+    # Tune needs every key of a preset point in its search space: constants, and a choice for the
+    # keys that vary. Each trial's config is then exactly one point: a plain TrialConfig dict.
+    param_space = {
+        k: tune.choice(list(dict.fromkeys(p[k] for p in points))) if k in varied else points[0][k]
+        for k in points[0]
+    }
+    scheduler = None
+    if space.early_stopping:
+        from ray.tune.schedulers import ASHAScheduler
+
+        es = space.early_stopping
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=es["metric"],
+            mode=es["mode"],
+            max_t=max(t.epochs for t in space.trials),
+            grace_period=es["grace_period"],
+            reduction_factor=es["reduction_factor"],
+        )
+
+    def name_trial(trial) -> str:  # the cell's number in the space and its label
+        return trial_name(trial.config, int(trial.trial_id.rsplit("_", 1)[-1]) + 1)
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            # Tune applies max_concurrent_trials only to a Searcher: the generator gets the limit itself
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=points, max_concurrent=plan.max_concurrent or 0
+            ),
+            num_samples=len(points),
+            scheduler=scheduler,
+            reuse_actors=True,
+            trial_name_creator=name_trial,
+            trial_dirname_creator=name_trial,
+        ),
+        run_config=tune.RunConfig(
+            callbacks=[] if plan.tensorboard else [ray_fixes.no_tensorboard()],
+            name=plan.name,
+            storage_path=plan.storage,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+            progress_reporter=progress_reporter(varied),
+        ),
+    )
+
+
+def record(plan: Plan) -> dict:
+    """sweep.json: what a resume keeps, and what the report says of the sweep."""
+    space = plan.space
+    return {
+        "name": plan.name,
+        "description": space.description,
+        "space": os.path.abspath(space.path),
+        "trials": len(space.trials),
+        "cells": space.cells,
+        "seeds": space.seeds,
+        "merged": [m.describe(space.trials[m.kept]) for m in space.merged],
+        "resources": plan.resources,
+        "max_failures": plan.max_failures,
+        "max_concurrent": plan.max_concurrent,
+        "tensorboard": plan.tensorboard,
+        "early_stopping": space.early_stopping,
+        "overrides": space.overrides,
+        "command": resume_command(plan.argv, resume=False),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def finish(plan: Plan) -> int:
+    """Write the report once Tune has returned; the exit status from the trials' statuses."""
+    from . import report
+
+    unreported = False
+    try:
+        result = report.build_report(plan.experiment, plan.reports, plan.name, live=False)
+        print_report(result)
+        statuses = result.results["status"]
+    except OSError as e:  # the disk is full, the storage went away
+        unreported = True
+        print(
+            f"error: cannot build the report in {os.path.join(plan.reports, plan.name)} ({e.strerror or e}). The "
+            f"sweep's results stay in {plan.experiment}: the same command with --report-only (and --reports DIR "
+            "for another folder) builds it again",
+            file=sys.stderr,
+        )
+        try:
+            statuses = report.collect(plan.experiment, live=False)[0]["status"]
+        except Exception:
+            return FAILED
+    if statuses.isin(["INTERRUPTED", "PENDING"]).any():
+        print(f"\nThe sweep was interrupted. Resume it with:\n  {resume_command(plan.argv)}")
+        return INTERRUPTED
+    return FAILED if unreported or (statuses == "ERROR").any() else OK
+
+
+def print_report(result) -> None:
+    print(f"\nReport: {result.folder}  ({', '.join(os.path.basename(f) for f in result.files)})\n")
+    print(result.table_md)
+
+
+def tune_stop_lines(record) -> bool:
+    """Tune's lines at Ctrl-C advise `Tuner.restore(...)` from Python; the sweep prints its own
+    resume command, so they become one short line."""
+    message = record.getMessage()
+    if message.startswith("Stop signal received"):
+        print(
+            "\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return not message.startswith("Experiment has been interrupted")
+
+
+def progress_reporter(varied: list[str]):
+    """A compact table (trial, status, epoch, top-1) when something changed; while nothing does (a
+    long epoch), one line every HEARTBEAT_S saying the sweep is at work."""
+    from ray import tune
+
+    params = [k for k in varied if k not in ("w_bits", "a_bits", "first", "last")]  # those are in the name
+
+    class Progress(tune.ProgressReporter):
+        def __init__(self):
+            self._last, self._last_time, self._changed, self._start = None, 0.0, 0.0, time.time()
+
+        def setup(self, start_time=None, *args, **kwargs):
+            self._start = start_time or self._start
+
+        def should_report(self, trials, done=False):
+            state = [(t.trial_id, t.status, t.last_result.get("epoch")) for t in trials]
+            now = time.time()
+            if (
+                done
+                or (state != self._last and now - self._last_time >= 5)
+                or now - self._last_time >= HEARTBEAT_S
+            ):
+                if state != self._last:
+                    self._changed = now
+                self._last, self._last_time = state, now
+                return True
+            return False
+
+        def report(self, trials, done, *sys_info):
+            counts = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self._start))
+            head = f"[{elapsed}] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            if not done and self._changed < self._last_time:  # the heartbeat: nothing new since the table
+                quiet = time.strftime("%H:%M:%S", time.gmtime(self._last_time - self._changed))
+                print(f"{head}: training, no epoch finished in the last {quiet}", flush=True)
+                return
+            rows = [["trial", "status", "epoch", "top-1", "best"] + params]
+            for t in sorted(trials, key=lambda t: t.trial_id):
+                r, c = t.last_result or {}, t.config
+                epoch = f"{r['epoch']}/{c.get('epochs')}" if "epoch" in r else ""
+                rows.append(
+                    [str(t), t.status, epoch, pct(r.get("top1")), pct(r.get("best_top1"))]
+                    + [str(c.get(k)) for k in params]
+                )
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            lines = [head] + [
+                "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+            ]
+            print("\n".join(lines) + "\n", flush=True)
+
+    return Progress()
+
+
+def pct(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def dry_run_text(plan: Plan, gpus: int | None) -> str:
+    """What a run would do: the trials, their resources on this machine, scheduler, storage, reports."""
+    from .cluster import fit_to
+    from .report import count
+
+    space, resources = plan.space, plan.resources
+    scheduler = "FIFO: every trial runs to its last epoch"
+    if space.early_stopping:
+        es = space.early_stopping
+        scheduler = (
+            f"ASHA on {es['metric']} ({es['mode']}), grace period {count(es['grace_period'], 'epoch')}, "
+            f"reduction factor {es['reduction_factor']}"
+        )
+    cpus = os.cpu_count() or 1
+    if gpus is not None:  # what the real run's private Ray will find: its notes and errors, here too
+        resources = fit_to(cpus, gpus, resources, space, local=True)
+    at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
+    if resources["gpu"] and gpus:
+        at_once = min(at_once, max(1, int(gpus // resources["gpu"])))
+    if plan.max_concurrent:
+        at_once = min(at_once, plan.max_concurrent)
+    machine = count(cpus, "CPU") + (f", {count(int(gpus), 'GPU')}" if gpus else "")
+    merged = space.cells - len(space.trials)
+    lines = [
+        f"Sweep '{plan.name}' from {space.path}: {count(len(space.trials), 'trial')}"
+        + (f" ({space.cells} cells, {merged} merged)" if merged else ""),
+        "",
+    ]
+    if space.description:
+        lines += [space.description, ""]
+    retries = {0: "never", 1: "once"}.get(plan.max_failures, f"up to {plan.max_failures} times")
+    lines += [
+        format_table(space),
+        "",
+        f"resources per trial: {resources_text(resources)}"
+        + ("" if plan.address else f"; on this machine ({machine}) up to {at_once} at once"),
+        f"scheduler: {scheduler}; a crashed trial is retried {retries} from its last checkpoint",
+        f"storage: {plan.experiment}",
+        f"reports: {os.path.join(plan.reports, plan.name)}",
+        "dry run: nothing was started or written",
+    ]
+    return "\n".join(lines)
+
+
+def resources_text(resources: dict) -> str:
+    def n(x, noun: str) -> str:  # 0.5 CPU, 1 CPU, 2 CPUs
+        return f"{x:g} {noun}{'s' if x > 1 else ''}"
+
+    return n(resources["cpu"], "CPU") + (f", {n(resources['gpu'], 'GPU')}" if resources["gpu"] else "")
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
