@@ -1,4 +1,4 @@
-"""A self-check of the quantizer's CUDA fast path (lsq/_triton.py: the paper's forward and
+"""A self-check of the quantizer's CUDA fast path (lsq/kernels_cuda.py: the paper's forward and
 backward, and the saved-tensor codes, as Triton kernels) against the paper's formulas.
 
     python bench/_triton_lsq.py      # on a GPU; on a CPU in Triton's interpreter (slow, small)
@@ -7,7 +7,7 @@ Forward and grad_v element for element against float64 formulas, the step gradie
 signed and unsigned ranges, float32 and bfloat16, channels_last, values on and around every
 clip bound and rounding tie, NaN and inf; the codes of k * s are exactly k, and decode gives
 back k * s bit for bit; LsqFunction as the project runs it (these kernels) against its eager
-path; and the first layer's step gradient (lsq.layers._ImageConv) against the formula.
+path; and the first layer's step gradient (lsq.layers.ImageConv) against the formula.
 tests/test_quantizer_fastpath.py runs it in the interpreter.
 """
 
@@ -89,8 +89,8 @@ def check_step(k: TritonKernels, device: str) -> int:
         s = step.clamp_min(Q.STEP_EPS)
         out = k.forward(v, step, qn, qp)
         grad_v, grad_step = k.backward(v, step, grad, qn, qp, g)
-        ref_out = Q._forward(v, s, qn, qp)
-        ref_gv, ref_gs = Q._backward(v, s, grad, qn, qp)
+        ref_out = Q.eager_forward(v, s, qn, qp)
+        ref_gv, ref_gs = Q.eager_backward(v, s, grad, qn, qp)
         ref_gs = float(ref_gs) * g
         same = torch.equal(out, ref_out) and torch.equal(grad_v, ref_gv)
         if value != value:  # NaN
@@ -121,7 +121,7 @@ def check_codes(k: TritonKernels, device: str) -> int:
             st = torch.tensor(s, device=device)
             v_hat = (ints.to(device) * st).to(dtype)  # the forward's output: k * s, cast
             codes = k.encode(v_hat, st, signed)
-            back = k.decode(codes, st).to(dtype)  # what lsq.quantizer._decode does with it
+            back = k.decode(codes, st).to(dtype)  # what lsq.layers.from_codes does with it
             bad += int((codes.cpu().float() != ints).sum()) + int((~torch.eq(back, v_hat)).sum())
             bad += codes.dtype != (torch.int8 if signed else torch.uint8)
         ok = bad == 0
@@ -135,7 +135,7 @@ def check_lsq_function(k: TritonKernels, device: str) -> int:
     """LsqFunction with these kernels as its fast path against its eager path: the forward and
     grad_v bit for bit, the step gradient to 1e-5 (a sum in another order)."""
     failures = 0
-    saved = dict(Q._kernels)
+    saved = dict(Q.KERNELS)
     try:
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -149,7 +149,7 @@ def check_lsq_function(k: TritonKernels, device: str) -> int:
             up = torch.randn(v.shape, generator=gen).to(dtype).to(device)
             results = []
             for fast in (True, False):
-                Q._kernels[v.device.type] = k  # the kernels under test as the fast path
+                Q.KERNELS[v.device.type] = k  # the kernels under test as the fast path
                 Q.FAST_PATH = fast
                 vv = v.clone().requires_grad_(True)
                 step = torch.tensor(0.137, device=device, requires_grad=True)
@@ -165,8 +165,8 @@ def check_lsq_function(k: TritonKernels, device: str) -> int:
                   f"-> {'ok' if ok else 'FAILED'}", flush=True)
     finally:
         Q.FAST_PATH = True
-        Q._kernels.clear()
-        Q._kernels.update(saved)
+        Q.KERNELS.clear()
+        Q.KERNELS.update(saved)
     return failures
 
 
@@ -184,11 +184,11 @@ def check_model(k: TritonKernels, device: str) -> int:
     x = torch.randn(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,), device=device)
     model(x)  # initializes the step sizes
-    saved = dict(Q._kernels)
+    saved = dict(Q.KERNELS)
     results = []
     try:
         for fast in (True, False):
-            Q._kernels[device], Q.FAST_PATH = k, fast
+            Q.KERNELS[device], Q.FAST_PATH = k, fast
             model.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=torch.bfloat16):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)
@@ -196,8 +196,8 @@ def check_model(k: TritonKernels, device: str) -> int:
             results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     finally:
         Q.FAST_PATH = True
-        Q._kernels.clear()
-        Q._kernels.update(saved)
+        Q.KERNELS.clear()
+        Q.KERNELS.update(saved)
     (l1, g1), (l2, g2) = results
     weights = [n for n in g2 if not n.endswith(".step")]
     differ = [n for n in weights if not torch.equal(g1[n], g2[n])]
@@ -213,7 +213,7 @@ def check_model(k: TritonKernels, device: str) -> int:
 def check_image_conv(device: str) -> int:
     """resnet18's first layer (7x7, stride 2, 8-bit image and weights) on `device`, in float32
     (TF32 off, as amp=false) and under bf16 autocast (as amp): its step gradient, which
-    lsq.layers._ImageConv takes through the weight gradient, against eq. 3 summed over the input
+    lsq.layers.ImageConv takes through the weight gradient, against eq. 3 summed over the input
     gradient of a float64 conv on the same x_hat and w_hat, to 1e-4 of the sum or 1e-6 of its
     terms' absolute sum (it cancels: the old path through the input gradient is 3e-5 of that
     under bf16 on the CPU); the weight gradient to the conv's own precision."""

@@ -18,7 +18,7 @@ Rows (all measured side by side, interleaved, in one process):
              costs before it computes anything (on CUDA, before its kernel launches)
 With --options, also the implementation options explored (see RESULTS.md): the eager path,
 eager + a saved mask, torch.compile of the quantizer's functions and the C loop (CPU). On CUDA
-"ours" is the Triton kernels of lsq/_triton.py.
+"ours" is the Triton kernels of lsq/kernels_cuda.py.
 
 Correctness columns: ours against the paper's formulas in float64 (the step is a power of two,
 so v/s is exact and every element must match exactly; the step gradient to 1e-5).
@@ -36,6 +36,7 @@ import torch
 
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, sync, table  # noqa: I001
 from lsq import quantizer as Q
+from lsq.kernels_cpu import CpuKernels
 
 # (name, shape, kind, bits, signed): resnet20 / CIFAR activations and weights, resnet18 at 224
 SHAPES = [
@@ -153,7 +154,7 @@ class _CompiledKernels:
         options = ({"eager_numerics.division_rounding": True} if hasattr(config, "eager_numerics")
                    else {"emulate_divison_rounding": True} if hasattr(config, "emulate_divison_rounding")
                    else {})
-        self.compiled = {f: torch.compile(f, dynamic=True, options=options) for f in (Q._forward, Q._backward)}
+        self.compiled = {f: torch.compile(f, dynamic=True, options=options) for f in (Q.eager_forward, Q.eager_backward)}
 
     def accepts(self, v: torch.Tensor) -> bool:
         return v.device.type == "cuda" and v.is_floating_point()
@@ -166,10 +167,10 @@ class _CompiledKernels:
             return f(*args)
 
     def forward(self, v, step, qn, qp):
-        return self._call(Q._forward, v, step.clamp_min(Q.STEP_EPS), qn, qp)
+        return self._call(Q.eager_forward, v, step.clamp_min(Q.STEP_EPS), qn, qp)
 
     def backward(self, v, step, grad, qn, qp, g):
-        grad_v, grad_s = self._call(Q._backward, v, step.clamp_min(Q.STEP_EPS), grad, qn, qp)
+        grad_v, grad_s = self._call(Q.eager_backward, v, step.clamp_min(Q.STEP_EPS), grad, qn, qp)
         return grad_v, (grad_s * g).reshape(step.shape)
 
 
@@ -198,8 +199,8 @@ def main():
         kernels = _CompiledKernels()
         impls["torch.compile"] = kernel_function(kernels)
         if device.type == "cpu":
-            impls["C loop"] = kernel_function(Q._CpuKernels())
-    fast = Q._fast_path(torch.empty(1, device=device))
+            impls["C loop"] = kernel_function(CpuKernels())
+    fast = Q.fast_path(torch.empty(1, device=device))
     path = {None: "eager (no fast path here)"}.get(fast, type(fast).__name__)
 
     rows, ratio_rows = [], []

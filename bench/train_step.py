@@ -194,7 +194,7 @@ def main():
                    help="comma-separated model:batch:image_size")
     p.add_argument("--configs", default="fp32,w8a8,w4a4,w2a2",
                    help=f"from {', '.join(BITS)}; a quantized one with {DGRAD} (e.g. w4a4{DGRAD}) takes the image's "
-                        "step gradient through the first conv's input gradient (on CUDA the path lsq.layers._ImageConv "
+                        "step gradient through the first conv's input gradient (on CUDA the path lsq.layers.ImageConv "
                         "replaced; on the CPU the trainer's own)")
     p.add_argument("--compile", default="", help="configs to also time under torch.compile(model), e.g. fp32,w4a4")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
@@ -260,7 +260,7 @@ def main():
     cols += sorted({c for r in rows for c in r if c.startswith("time / ")})
     cols += ["peak MB", "peak ratio", "saved MB", "saved ratio"]
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
-    fast = Q._fast_path(torch.empty(1, device=device))
+    fast = Q.fast_path(torch.empty(1, device=device))
     amp = "bf16 autocast" if device.type == "cuda" or args.bf16 else "float32"
     body = (f"Quantizer: {'eager path' if fast is None else type(fast).__name__}; {amp}. Medians of {rounds} "
             "interleaved rounds; time ratios are medians of per-round ratios against FP32 (compiled configs against "

@@ -1,29 +1,12 @@
-"""The quantizer's CUDA fast path: lsq/quantizer.py's `_forward`, `_backward`, `_codes` and
-`_decode` as hand-written Triton kernels, one pass over the tensor each.
-
-Why: on a GPU an eager quantizer call is bound by the host, not the device: about 7 kernel
-launches in the forward and 16 in the backward, 0.3-0.5 ms per call on an H100 whatever its
-size. Here the forward is one launch and the backward two (the elementwise pass writes per-block
-sums of the step gradient; one small program adds those up in a fixed order, deterministic
-unlike atomics, and scales the sum by g). The step size is clamped and read on the device, so
-nothing syncs and no other op runs.
-
-Exactness: every element gets the same float32 operations as the eager path: s = max(step,
-STEP_EPS) as step.clamp_min (NaN passes), x = v / s with IEEE division (`div_rn`; Triton's `/`
-is approximate), clip by comparisons (NaN passes through, as in torch.clamp), round half to even
-written with floor (exact for |x| < 2^23), grad_v = grad * inside, outputs cast to the input's
-dtype. Only the step gradient's sum runs in another order. `python bench/_triton_lsq.py` checks
-all of it against the paper's formulas (on a CPU in Triton's interpreter;
-tests/test_quantizer_fastpath.py runs it).
-"""
-
-from __future__ import annotations
+"""The quantizer's CUDA fast path: the eager path's float32 operations as Triton kernels, one launch
+each (the backward two: per-block sums, then one program adds them in a fixed order). Division is
+IEEE (`div_rn`; Triton's `/` is approximate). bench/_triton_lsq.py checks them against the paper."""
 
 import torch
 import triton
 import triton.language as tl
 
-from .quantizer import STEP_EPS, _dense
+from .quantizer import STEP_EPS, codes, dense, eager_backward, eager_forward
 
 BLOCK = 1024  # elements per program of the elementwise kernels
 SUM_BLOCK = 1024  # partial sums per iteration of the step gradient's final sum
@@ -64,8 +47,7 @@ def _lsq_backward(v_ptr, grad_ptr, grad_v_ptr, partial_ptr, step_ptr, eps, n, qn
     s = _step(step_ptr, eps)
     x = tl.math.div_rn(tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), s)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    below = x <= -qn
-    above = x >= qp
+    below, above = x <= -qn, x >= qp
     inside = (below | above) == 0
     tl.store(grad_v_ptr + offs, (g * inside.to(tl.float32)).to(grad_v_ptr.dtype.element_ty), mask=mask)
     ds = tl.where(inside, _round_half_even(x) - x, tl.where(below, -qn, qp))
@@ -101,42 +83,58 @@ def _lsq_decode(codes_ptr, out_ptr, s_ptr, n, BLOCK: tl.constexpr):
 
 
 class TritonKernels:
-    """The kernels behind the interface of lsq.quantizer's fast paths. Tensors must be dense
-    (contiguous or channels_last: the kernels walk the storage in order), below 2^31 elements
-    (int32 offsets) and on the current device (where Triton launches); `step` is the float32
-    step-size parameter (clamped here), `s` an already clamped float32 scalar, both on the
-    tensor's device."""
+    """The fast path's interface (as kernels_cpu.CpuKernels) for dense tensors below 2^31 elements
+    on the current device; `step` the step parameter (clamped here), `s` an already clamped one."""
 
     def accepts(self, v: torch.Tensor) -> bool:
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
         current = v.device.type != "cuda" or v.device.index == torch.cuda.current_device()
-        return v.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense(v) and v.numel() < 2**31 and current
+        return v.dtype in dtypes and dense(v) and v.numel() < 2**31 and current
 
     def forward(self, v, step, qn, qp):
-        out = torch.empty_like(v)  # v's strides
-        n = v.numel()
+        out, n = torch.empty_like(v), v.numel()  # v's strides
         _lsq_forward[(triton.cdiv(n, BLOCK),)](v, out, step, STEP_EPS, n, float(qn), float(qp), BLOCK=BLOCK)
         return out
 
     def backward(self, v, step, grad, qn, qp, g):
         if grad.stride() != v.stride():
             grad = torch.empty_like(v, dtype=grad.dtype).copy_(grad)  # v's layout
-        n = v.numel()
-        blocks = triton.cdiv(n, BLOCK)
-        grad_v = torch.empty_like(v)
-        partial = torch.empty(blocks, device=v.device, dtype=torch.float32)
-        grad_step = torch.empty_like(step)
-        _lsq_backward[(blocks,)](v, grad, grad_v, partial, step, STEP_EPS, n, float(qn), float(qp), BLOCK=BLOCK)
-        _lsq_step_grad[(1,)](partial, grad_step, blocks, float(g), SUM_BLOCK=SUM_BLOCK)
+        n, blocks = v.numel(), triton.cdiv(v.numel(), BLOCK)
+        grad_v, grad_step = torch.empty_like(v), torch.empty_like(step)
+        sums = torch.empty(blocks, device=v.device, dtype=torch.float32)
+        _lsq_backward[(blocks,)](v, grad, grad_v, sums, step, STEP_EPS, n, float(qn), float(qp), BLOCK=BLOCK)
+        _lsq_step_grad[(1,)](sums, grad_step, blocks, float(g), SUM_BLOCK=SUM_BLOCK)
         return grad_v, grad_step
 
     def encode(self, v, s, signed):
-        codes = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8)  # v's strides
-        n = v.numel()
-        _lsq_encode[(triton.cdiv(n, BLOCK),)](v, codes, s, n, BLOCK=BLOCK)
-        return codes
+        k, n = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8), v.numel()  # v's strides
+        _lsq_encode[(triton.cdiv(n, BLOCK),)](v, k, s, n, BLOCK=BLOCK)
+        return k
 
-    def decode(self, codes, s):
-        out = torch.empty_like(codes, dtype=torch.float32)
-        n = codes.numel()
-        _lsq_decode[(triton.cdiv(n, BLOCK),)](codes, out, s, n, BLOCK=BLOCK)
+    def decode(self, k, s):
+        out, n = torch.empty_like(k, dtype=torch.float32), k.numel()
+        _lsq_decode[(triton.cdiv(n, BLOCK),)](k, out, s, n, BLOCK=BLOCK)
         return out
+
+
+def check_kernels(fast, device: torch.device):
+    """`fast` if it gives the eager path's forward, grad_v and codes bit for bit and g times the step
+    gradient to 1e-4 (a sum in another order) on `device`; else RuntimeError (then eager runs)."""
+    gen = torch.Generator().manual_seed(0)
+    x, s = torch.randn(3000, generator=gen) * 4, torch.tensor(0.3, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        v, grad = x.to(device, dtype), torch.randn(3000, generator=gen).to(device, dtype)
+        v_hat, tiny = eager_forward(v, s, 8, 7), v * 1e-7  # tiny: v/s on both sides of the range at STEP_EPS
+        k = fast.encode(v_hat, s, True)
+        grad_v, grad_step = fast.backward(v, s, grad, 8, 7, 0.5)
+        eager_v, eager_s = eager_backward(v, s, grad, 8, 7)
+        agree = [
+            torch.equal(fast.forward(v, s, 8, 7), v_hat),
+            torch.equal(fast.forward(tiny, -s, 8, 7), eager_forward(tiny, (-s).clamp_min(STEP_EPS), 8, 7)),
+            torch.equal(grad_v, eager_v) and grad_step.shape == s.shape,
+            bool(torch.isclose(grad_step, eager_s * 0.5, rtol=1e-4, atol=1e-6)),
+            torch.equal(k.float(), codes(v, s, 8, 7)) and torch.equal(fast.decode(k, s), k.float() * s),
+        ]
+        if not all(agree):
+            raise RuntimeError(f"{type(fast).__name__} disagrees with the eager path on {dtype}")
+    return fast

@@ -1,62 +1,87 @@
 """QConv2d and QLinear: a conv / linear layer that quantizes its weight and its input activation.
-
-They keep the FP32 layer's parameter names (`weight`, `bias`), so an FP32 state dict maps onto
-them one to one; the quantizers add `w_quant.step` and `a_quant.step` (plus their init flags).
-What the conv / linear op saves for backward (its quantized input and weight) is kept as 1-byte
-integer codes, not float copies (`save_as_codes` in quantizer.py).
-"""
+They keep the FP32 layer's `weight` and `bias`, and add `w_quant.step` and `a_quant.step`."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import STEP_EPS, LsqQuantizer, _eq3, quantize, save_as_codes
+from .quantizer import STEP_EPS, LsqQuantizer, dense, derivatives, fast_path, quantize
 
 
-def _quantizers(layer, w_bits, a_bits, a_signed, **opts):
-    layer.w_quant = LsqQuantizer(w_bits, signed=True, kind="weight", **opts)
-    layer.a_quant = LsqQuantizer(a_bits, signed=a_signed, kind="activation", **opts)
+# The op saves its quantized input and weight for backward: in QAT a float copy of every activation
+# more than FP32 keeps. As v_hat = k * s with an integer k, the copy is kept as k (1 byte) and
+# rebuilt for backward as the same k * s (and the same bf16 cast under autocast), bit for bit.
+def to_codes(v_hat: torch.Tensor, s: torch.Tensor, signed: bool) -> torch.Tensor:
+    """k = round(v_hat / s) as int8 (uint8 for unsigned ranges), exact for a float32 v_hat = k * s
+    and for a bfloat16 one with |k| <= 127 (`compactable` allows no more)."""
+    fast = fast_path(v_hat)
+    if fast is not None:
+        return fast.encode(v_hat, s, signed)
+    x = v_hat / s if v_hat.dtype == torch.float32 else v_hat.float().div_(s)
+    return x.round_().to(torch.int8 if signed else torch.uint8)
+
+
+def from_codes(k: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """k * s in float32, then in `dtype`: the forward's very product, and its very cast."""
+    fast = fast_path(s)  # s: a float32 scalar on the codes' device
+    v_hat = fast.decode(k, s) if fast is not None and dense(k) else k.float().mul_(s)
+    return v_hat if dtype == torch.float32 else v_hat.to(dtype)
+
+
+def compactable(q: LsqQuantizer, out: torch.Tensor) -> bool:
+    """Whether q's output can be saved as codes: float32, or bfloat16 (8 bits) for ranges up to 7 bits."""
+    if q.bits is None or not out.requires_grad:
+        return False
+    return out.dtype == torch.float32 or (out.dtype == torch.bfloat16 and max(q.qn, q.qp) <= 127)
+
+
+def save_as_codes(*pairs):
+    """Context for one layer's op, `pairs` being (quantizer, its output): an output (or a view of it)
+    that autograd saves is kept as codes. A no-op without autograd and under torch.compile."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: nothing below is traceable
+        return contextlib.nullcontext()
+    # the hooks live with every saved tensor until backward, so they hold no tensor: only addresses
+    targets = [(q, out.dtype, out.untyped_storage().data_ptr()) for q, out in pairs if compactable(q, out)]
+    if not targets:
+        return contextlib.nullcontext()
+    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (None, None)
+
+    def pack(t):
+        s = None  # None: t as autograd gave it (e.g. autocast's bf16 copy of a float32 weight)
+        ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
+        for q, out_dtype, out_ptr in targets:
+            if ptr == out_ptr and dtype == out_dtype:
+                s = q.step.detach().clamp_min(STEP_EPS)  # the forward's s
+                t = to_codes(t.detach(), s, q.signed)  # in t's layout: elementwise ops keep strides
+                break
+        return s, dtype, (outer_pack(t) if outer_pack else t)
+
+    def unpack(packed):
+        s, dtype, t = packed
+        t = outer_unpack(t) if outer_unpack else t
+        return t if s is None else from_codes(t, s, dtype)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _weight_grad(grad_y, inp, kernel: tuple, geometry: tuple, bias: bool):
-    """(dL/dw, dL/db or None) of conv2d(inp, w, b, *geometry) for the output gradient grad_y:
-    the conv's weight gradient alone (no input gradient), in grad_y's and inp's dtype."""
+    """(dL/dw, dL/db or None) of conv2d(inp, w, b, *geometry): the conv's weight gradient alone."""
     w = inp.new_empty((grad_y.shape[1], inp.shape[1], *kernel))  # read for its shape only
     _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_y, inp, w, [w.shape[0]] if bias else None, *geometry, False, [0, 0], 1, [False, True, bias])
+        grad_y, inp, w, [w.shape[0]] if bias else None, *geometry, False, [0, 0], 1, [False, True, bias]
+    )
     return grad_w, grad_b
 
 
-class _ImageConv(torch.autograd.Function):
-    """conv2d(x_hat, w_hat, bias) with x_hat = round(clip(x/s, -Qn, Qp)) * s, for an input x that
-    needs no gradient: the image, at the first layer. Then dL/dx_hat is wanted only for the
-    step size's gradient (eq. 3, times g):
-
-        dL/ds = g * sum(dL/dx_hat * dx_hat/ds),   dL/dx_hat = the conv's input gradient.
-
-    An FP32 model never computes that input gradient (nothing upstream needs it), and for a conv
-    with 3 input channels it is the slowest conv of the step: 1.57 ms of resnet18's 11.5 on an
-    H200. But the sum is a scalar product, and the input gradient is the adjoint of the conv,
-    which is linear in its input; so is the conv's weight gradient wgrad(input, dL/dy). So
-
-        sum(dL/dx_hat * ds) = sum(dL/dy * conv(ds, w_hat)) = sum(w_hat * wgrad(ds, dL/dy)),
-
-    and the weight gradient is computed anyway: backward computes it for [x_hat, ds] stacked as
-    2C input channels, one call, and reads dL/dw_hat from the first C and the step's sum from the
-    other C, dotted with w_hat. The same sum in another order; tests/test_layers.py checks it
-    against the paper's formula.
-
-    Under bf16 autocast the conv and its weight gradient run in bf16, and a bf16 weight gradient
-    rounds each of its entries to 8 significant bits before they are dotted with w_hat: with the
-    sum's cancellations, 1-4 % off on random data. So there the ds half is its own call in
-    float32: TF32 on CUDA with amp, whose 10 mantissa bits hold a bf16 gradient exactly and round
-    ds, element by element, where the errors average out over the image. The result is closer
-    to the formula than the old path through the bf16 input gradient (bench/_triton_lsq.py
-    measures the error against the sum of the terms' absolute values: 6e-7 on an H200; the old
-    path, on the CPU's bf16, 3e-5).
-    """
+class ImageConv(torch.autograd.Function):
+    """conv2d(x_hat, w_hat, bias) for an input x that needs no gradient (the image). By the conv's
+    linearity the step's gradient (eq. 3) sum(dL/dx_hat * dx_hat/ds) = sum(w_hat * wgrad(ds, dL/dy)),
+    so backward takes it from the weight gradient of [x_hat, ds] stacked, not the costly input
+    gradient. Under bf16 autocast the ds half runs in float32: bf16 would lose 1-4 % in cancellations."""
 
     @staticmethod
     def forward(ctx, x, step, w_hat, bias, geometry: tuple, qn: int, qp: int, g: float):
@@ -71,14 +96,14 @@ class _ImageConv(torch.autograd.Function):
         x, step, w_hat = ctx.saved_tensors
         c, kernel, dtype = x.shape[1], w_hat.shape[2:], ctx.dtype
         x_hat = quantize(x, step, ctx.qn, ctx.qp).to(dtype)  # the forward's, recomputed
-        ds = _eq3(x, step.clamp_min(STEP_EPS), ctx.qn, ctx.qp)[1]  # float32
+        ds = derivatives(x, step.clamp_min(STEP_EPS), ctx.qn, ctx.qp)[1]  # float32
         grad_y = grad_y.to(dtype)
         wide = dtype in (torch.float32, torch.float64)  # else bf16 / fp16: the ds half in float32
         want_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]  # not for a frozen weight and bias
         grad_w = grad_b = None
         if want_w and wide:  # one call for x_hat and ds, stacked
-            both, grad_b = _weight_grad(grad_y, torch.cat([x_hat, ds.to(dtype)], 1), kernel, ctx.geometry,
-                                        ctx.has_bias)
+            stacked = torch.cat([x_hat, ds.to(dtype)], 1)
+            both, grad_b = _weight_grad(grad_y, stacked, kernel, ctx.geometry, ctx.has_bias)
             grad_w, grad_ds = both[:, :c].to(w_hat.dtype), both[:, c:]
         else:
             if want_w:
@@ -90,65 +115,54 @@ class _ImageConv(torch.autograd.Function):
         return None, grad_step.to(step.dtype).reshape(step.shape), grad_w, grad_b, None, None, None, None
 
 
-class QConv2d(nn.Conv2d):
-    # On these device types an input that needs no gradient (the image) is quantized inside the
-    # conv's own autograd Function, _ImageConv, whose backward gets the step size's gradient
-    # without the input gradient (a_quant is not called as a module there: no save_as_codes, no
-    # opaque_backward, which that layer does not need). Elsewhere the quantizer and the conv run
-    # each on their own, as for any other input. Not on the CPU: there the weight gradient of
-    # 6 input channels costs what the input gradient of 3 does (mkldnn, resnet20's first layer:
-    # 31 against 8 ms for 3 channels, input gradient 22 ms), and its float32 sums give the step
-    # gradient to 1e-5, where the C loop's double sum over the input gradient gives 1e-6.
-    image_conv_devices = ("cuda",)
+class _Quantized:
+    """What QConv2d and QLinear share: the weight and input quantizers, and from_float."""
 
     def __init__(self, *args, w_bits=None, a_bits=None, a_signed=False, quant_opts=None, **kwargs):
         super().__init__(*args, **kwargs)
-        _quantizers(self, w_bits, a_bits, a_signed, **(quant_opts or {}))
+        self.w_quant = LsqQuantizer(w_bits, signed=True, kind="weight", **(quant_opts or {}))
+        self.a_quant = LsqQuantizer(a_bits, signed=a_signed, kind="activation", **(quant_opts or {}))
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **qkw) -> "QConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype, **qkw)
-        q.load_state_dict(conv.state_dict(), strict=False)
+    def from_float(cls, layer: nn.Module, **qkw):
+        """The quantized twin of an FP32 layer, with its weights."""
+        like = {"bias": layer.bias is not None, "device": layer.weight.device, "dtype": layer.weight.dtype}
+        q = cls(**{k: getattr(layer, k) for k in cls.COPIED}, **like, **qkw)
+        q.load_state_dict(layer.state_dict(), strict=False)
         return q
+
+
+class QConv2d(_Quantized, nn.Conv2d):
+    COPIED = "in_channels out_channels kernel_size stride padding dilation groups padding_mode".split()
+    # ImageConv on these devices only: on the CPU the weight gradient of 2C channels costs what
+    # the input gradient does, and the C loop's double sum is more accurate
+    image_conv_devices = ("cuda",)
 
     def forward(self, x):
         if x.dim() == 3:  # one unbatched (C, H, W) image: a batch of one, so that N is its C*H*W features
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if self._takes_image(x):
-            aq = self.a_quant
+        aq = self.a_quant
+        if self.takes_image(x):
             aq.prepare(x)
+            w_hat, g = self.w_quant(self.weight), aq.grad_scale_factor(x)
             geometry = (self.stride, self.padding, self.dilation)
-            return _ImageConv.apply(x, aq.step, self.w_quant(self.weight), self.bias, geometry, aq.qn, aq.qp,
-                                    aq.grad_scale_factor(x))
-        xq, wq = self.a_quant(x), self.w_quant(self.weight)
-        with save_as_codes((self.a_quant, xq), (self.w_quant, wq)):  # what backward keeps: 1-byte codes
+            return ImageConv.apply(x, aq.step, w_hat, self.bias, geometry, aq.qn, aq.qp, g)
+        xq, wq = aq(x), self.w_quant(self.weight)
+        with save_as_codes((aq, xq), (self.w_quant, wq)):
             return self._conv_forward(xq, wq, self.bias)
 
-    def _takes_image(self, x) -> bool:
-        """Whether _ImageConv applies: an input that needs no gradient, where the step size does,
-        a plain conv (zero padding given in numbers, one group), and an input quantizer that
-        nobody watches (_ImageConv does its work without calling it, so its hooks would not run)."""
-        aq = self.a_quant
-        return (x.device.type in self.image_conv_devices and aq.bits is not None and torch.is_grad_enabled()
-                and aq.step.requires_grad and not x.requires_grad and self.groups == 1
-                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and not (aq._forward_hooks or aq._forward_pre_hooks))
+    def takes_image(self, x) -> bool:
+        """Whether ImageConv applies: an input that needs no gradient where the step does, a plain
+        conv, and an input quantizer without hooks (ImageConv does not call it)."""
+        q = self.a_quant
+        here = torch.is_grad_enabled() and x.device.type in self.image_conv_devices
+        wanted = q.bits is not None and q.step.requires_grad and not x.requires_grad
+        plain = self.groups == 1 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+        return here and wanted and plain and not (q._forward_hooks or q._forward_pre_hooks)
 
 
-class QLinear(nn.Linear):
-    def __init__(self, *args, w_bits=None, a_bits=None, a_signed=False, quant_opts=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        _quantizers(self, w_bits, a_bits, a_signed, **(quant_opts or {}))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, **qkw) -> "QLinear":
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype, **qkw)
-        q.load_state_dict(linear.state_dict(), strict=False)
-        return q
+class QLinear(_Quantized, nn.Linear):
+    COPIED = "in_features out_features".split()
 
     def forward(self, x):
         xq, wq = self.a_quant(x), self.w_quant(self.weight)

@@ -1,20 +1,9 @@
 """Bit policies: which bits go where, and `quantize_model` that applies one to an FP32 model.
 
-The body (every conv and linear layer in between) gets `w_bits` / `a_bits`. The two ends get a
-preset or explicit bits:
-
-    preset          weights      input activation
-    body            body bits    body bits
-    fp32            FP32         FP32
-    w_body_a_fp32   body bits    FP32
-    w8_a_fp32       8-bit        FP32
-    w8a8            8-bit        8-bit        (the paper's choice, the default)
-
-`first` is the first Conv2d in module order, `last` the last Linear. An FP32 body
-(w_bits = a_bits = None) is the FP32 baseline: the whole model stays FP32.
-
-Signedness: the first layer sees a normalized image (negative values), so its activation
-quantizer is signed; every other conv/linear input follows a ReLU in a ResNet and is unsigned.
+The body (every conv and linear layer in between) gets `w_bits` / `a_bits`; the first Conv2d and
+the last Linear get a preset of lsq.config (w8a8, the paper's choice, by default) or explicit
+bits. An FP32 body is the FP32 baseline: the whole model stays FP32. The first layer's input, a
+normalized image, is signed; every other follows a ReLU and is unsigned.
 """
 
 from __future__ import annotations
@@ -26,8 +15,7 @@ from torch import nn
 
 from .config import resolve_end
 from .layers import QConv2d, QLinear
-from .quantizer import LsqQuantizer
-
+from .quantizer import STEP_EPS, LsqQuantizer, eager_forward
 
 
 @dataclass(frozen=True)
@@ -48,13 +36,9 @@ class BitPolicy:
         return resolve_end(spec, self.w_bits, self.a_bits, which)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def quantize_model(model: nn.Module, policy: BitPolicy, grad_scale_n: str = "per_sample",
-                   grad_scale: bool = True) -> nn.Module:
+def quantize_model(
+    model: nn.Module, policy: BitPolicy, grad_scale_n: str = "per_sample", grad_scale: bool = True
+) -> nn.Module:
     """Swap every Conv2d/Linear for its quantized twin (keeping FP32 weights), in place."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
@@ -71,7 +55,9 @@ def quantize_model(model: nn.Module, policy: BitPolicy, grad_scale_n: str = "per
         else:
             w, a = policy.w_bits, policy.a_bits
         cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        _replace(model, name, cls.from_float(layer, w_bits=w, a_bits=a, a_signed=(name == first), quant_opts=opts))
+        parent, _, child = name.rpartition(".")
+        q = cls.from_float(layer, w_bits=w, a_bits=a, a_signed=(name == first), quant_opts=opts)
+        setattr(model.get_submodule(parent), child, q)
     return model
 
 
@@ -93,36 +79,30 @@ def init_steps(model: nn.Module, images: torch.Tensor) -> None:
 
 @torch.no_grad()
 def describe(model: nn.Module):
-    """One row per conv/linear layer, in model order: what the policy did and what was learned.
-
-    w_rel_mse is the weight quantization error ||w_hat - w||^2 / ||w||^2 (0 for FP32 weights).
-    """
+    """One row per conv/linear layer, in model order: bits and learned step sizes, and the weight
+    quantization error w_rel_mse = ||w_hat - w||^2 / ||w||^2 (0 for FP32 weights)."""
     import pandas as pd
 
+    fp32 = LsqQuantizer(None, False, "weight")  # stands in for the quantizers an FP32 layer lacks
     rows = []
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        wq, aq = getattr(m, "w_quant", None), getattr(m, "a_quant", None)
-        w_bits = wq.bits if wq is not None else None
-        a_bits = aq.bits if aq is not None else None
-        rel_mse = 0.0
-        if w_bits is not None:
-            w = m.weight.float()
-            s = wq.step.clamp_min(1e-8)
-            w_hat = (w / s).clamp(-wq.qn, wq.qp).round() * s
-            rel_mse = float(((w_hat - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
-        rows.append({
-            "layer": name,
-            "kind": "conv" if isinstance(m, nn.Conv2d) else "linear",
-            "w_bits": w_bits,
-            "a_bits": a_bits,
-            "a_signed": bool(aq.signed) if aq is not None and a_bits is not None else None,
-            "w_step": float(wq.step) if w_bits is not None else None,
-            "a_step": float(aq.step) if a_bits is not None else None,
-            "w_rel_mse": rel_mse,
-        })
-    cols = ["layer", "kind", "w_bits", "a_bits", "a_signed", "w_step", "a_step", "w_rel_mse"]
-    # object columns keep None (FP32) as None instead of pandas turning it into NaN
-    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in cols}).astype(
-        {"layer": str, "kind": str, "w_rel_mse": float})
+        wq, aq = getattr(m, "w_quant", fp32), getattr(m, "a_quant", fp32)
+        w = w_hat = m.weight.float()
+        if wq.bits is not None:
+            w_hat = eager_forward(w, wq.step.clamp_min(STEP_EPS), wq.qn, wq.qp)
+        rows.append(
+            {
+                "layer": name,
+                "kind": "conv" if isinstance(m, nn.Conv2d) else "linear",
+                "w_bits": wq.bits,
+                "a_bits": aq.bits,
+                "a_signed": aq.signed if aq.bits is not None else None,
+                "w_step": float(wq.step) if wq.bits is not None else None,
+                "a_step": float(aq.step) if aq.bits is not None else None,
+                "w_rel_mse": float(((w_hat - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30)),
+            }
+        )
+    table = pd.DataFrame(rows, dtype=object)  # object columns keep None (FP32) as None, not NaN
+    return table.astype({"layer": str, "kind": str, "w_rel_mse": float})

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lsq.layers import QConv2d, QLinear, _ImageConv
-from lsq import quantizer as Q
-from lsq.quantizer import _codes, _decode
 from paper_formulas import paper_range
+
+from lsq import layers as L
+from lsq import quantizer as Q
+from lsq.layers import ImageConv, QConv2d, QLinear, from_codes, to_codes
 
 S_ACT, S_W = 0.125, 0.0625  # powers of two: v / s and k * s are exact in float32
 
@@ -115,10 +115,10 @@ def test_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits, signed, 
         s_t = torch.tensor(s, dtype=torch.float32)
         v_hat = k.float() * s_t  # as the quantizer's forward makes it: k * s in float32
         for v, kk in ((v_hat, k), (v_hat.t(), k.t())):  # and a transposed view (linear saves w_hat.t())
-            codes = _codes(v, s_t, signed)
+            codes = to_codes(v, s_t, signed)
             assert codes.dtype == (torch.int8 if signed else torch.uint8)
             assert np.array_equal(codes.long().numpy(), kk.numpy())
-            assert torch.equal(_decode(codes, s_t), v)
+            assert torch.equal(from_codes(codes, s_t), v)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
@@ -133,9 +133,9 @@ def test_bfloat16_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits,
                        torch.exp(torch.empty(300).uniform_(-18.0, 8.0, generator=gen))])
     for s_t in steps.float():
         v_hat = (k.float() * s_t).to(torch.bfloat16)  # the forward's float32 product, cast as it casts
-        codes = _codes(v_hat, s_t, signed)
+        codes = to_codes(v_hat, s_t, signed)
         assert np.array_equal(codes.long().numpy(), k.numpy()), f"s = {float(s_t)!r}"
-        rebuilt = _decode(codes, s_t, torch.bfloat16)
+        rebuilt = from_codes(codes, s_t, torch.bfloat16)
         assert rebuilt.dtype == torch.bfloat16 and torch.equal(rebuilt.view(torch.int16), v_hat.view(torch.int16))
 
 
@@ -161,7 +161,7 @@ def test_bfloat16_activations_are_saved_as_codes_with_the_same_gradients(kind, m
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
 
     ours = grads_of(layer, x, up)
-    monkeypatch.setattr(Q, "_compact", lambda q, out: False)  # keep the bf16 copy, as before
+    monkeypatch.setattr(L, "compactable", lambda q, out: False)  # keep the bf16 copy, as before
     plain = grads_of(layer, x, up)
     for g, p in zip(ours, plain):
         assert g is not None and g.dtype == p.dtype and torch.equal(g, p)
@@ -202,7 +202,7 @@ def test_float_quantized_input_is_freed_before_backward(kind):
 
 
 # ----------------------------------------------------------------------------- the image's conv
-# _ImageConv runs on CUDA by default; these tests check it on the CPU (same code, other device).
+# ImageConv runs on CUDA by default; these tests check it on the CPU (same code, other device).
 @pytest.fixture
 def image_conv_on_cpu(monkeypatch):
     monkeypatch.setattr(QConv2d, "image_conv_devices", ("cpu", "cuda"))
@@ -250,7 +250,7 @@ def paper_image_grads(layer, x, up, bits, signed, dtype=torch.float32):
 def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
         bits, signed, stride, padding, bias, channels_last, monkeypatch):
     """A first layer's input needs no gradient, so its quantizer's step gradient is taken through
-    the conv's weight gradient (lsq.layers._ImageConv), never its input gradient. It must still
+    the conv's weight gradient (lsq.layers.ImageConv), never its input gradient. It must still
     equal eq. 3 summed against dL/dx_hat; the weight and bias gradients are the conv's own."""
     layer, x = image_layer(bits, signed, stride, padding, bias, seed=bits + stride)
     if channels_last:
@@ -328,7 +328,7 @@ def test_image_conv_initializes_the_input_step_on_the_first_training_batch():
 @pytest.mark.parametrize("options", [dict(groups=3), dict(padding="same"), dict(padding_mode="reflect"),
                                      dict(dilation=2), dict()], ids=["groups", "same", "reflect", "dilation", "plain"])
 def test_every_conv_gives_the_same_outputs_and_gradients_with_or_without_the_image_conv(options):
-    """Where _ImageConv cannot run the conv as it is (groups, padding given as a word, another
+    """Where ImageConv cannot run the conv as it is (groups, padding given as a word, another
     padding mode) the layer keeps the quantizer-then-conv path; a dilated conv runs it. Either
     way, the outputs and gradients are those of the plain path."""
     results = []
@@ -349,8 +349,8 @@ def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatc
     not in `image_conv_devices` (by default the CPU), or with a hook on its input quantizer
     (which must run), runs its quantizer and conv on their own, and gives the same gradients."""
     used = []
-    real = _ImageConv.forward
-    monkeypatch.setattr(_ImageConv, "forward", staticmethod(lambda *a: used.append(1) or real(*a)))
+    real = ImageConv.forward
+    monkeypatch.setattr(ImageConv, "forward", staticmethod(lambda *a: used.append(1) or real(*a)))
     results = []
     for image_conv, x_grad, hook in ((True, False, False), (False, False, False), (None, False, False),
                                      (True, True, False), (True, False, True)):
@@ -381,11 +381,11 @@ def test_compiled_image_conv_follows_the_paper(monkeypatch):
     for q in (layer.w_quant, layer.a_quant):
         q.is_initialized()  # reads the flag outside the compiled code, as the trainer's first eager step does
     traced = []
-    real = _ImageConv.forward
-    monkeypatch.setattr(_ImageConv, "forward", staticmethod(lambda *a: traced.append(1) or real(*a)))
+    real = ImageConv.forward
+    monkeypatch.setattr(ImageConv, "forward", staticmethod(lambda *a: traced.append(1) or real(*a)))
     compiled = torch.compile(layer, backend="aot_eager", dynamic=False, fullgraph=True)
     out = compiled(x)
-    assert traced, "the compiled layer did not go through _ImageConv"
+    assert traced, "the compiled layer did not go through ImageConv"
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     out.backward(up)
     step_grad, w_grad, b_grad = paper_image_grads(layer, x, up, 8, True)

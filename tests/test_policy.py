@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from paper_formulas import paper_range
 from torch import nn
 
 from lsq.config import ConfigError
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
 from lsq.policy import BitPolicy, describe, init_steps, quantize_model
-from paper_formulas import paper_range
 
 W, A = 4, 3  # body bits, chosen different from each other and from 8
 

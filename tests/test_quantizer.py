@@ -18,10 +18,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from paper_formulas import paper_range
 
 from lsq import quantizer as quantizer_module
 from lsq.quantizer import LsqQuantizer
-from paper_formulas import paper_range
 
 S = 0.25  # a power of two: v = x * S and v / S are exact in float32
 
@@ -451,7 +451,7 @@ def test_forward_equations_mutate_nothing_and_return_a_new_tensor():
         v, s = torch.randn(4, 6, 3, 3).to(dtype), torch.tensor(S)
         calls.clear()
         with Record():
-            out = quantizer_module._forward(v, s, qn, qp)
+            out = quantizer_module.eager_forward(v, s, qn, qp)
         in_place = [n for n, _, _ in calls if (n.endswith("_") and not n.startswith("__")) or n.startswith("__i")]
         assert not in_place, in_place
         # an op's result may be its own argument only where that argument is the input v
@@ -484,7 +484,7 @@ def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, s
     assert np.array_equal(out.detach().double().numpy(), fwd)
     assert np.array_equal(vv.grad.double().numpy(), ref_gv)
     assert float(q.step.grad) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
-    fast = quantizer_module._fast_path(v)  # (outside the compiled code: the CPU kernels)
+    fast = quantizer_module.fast_path(v)  # (outside the compiled code: the CPU kernels)
     if fast is not None:  # the compiled backward runs the op, whose body calls them, or traced code that does not
         calls = []
         real = fast.backward

@@ -16,9 +16,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from lsq import quantizer as Q
 from paper_formulas import paper_range
+
+from lsq import kernels_cpu
+from lsq import quantizer as Q
 
 # the CUDA cases show as skipped where there is no GPU, not as absent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -27,7 +28,7 @@ SHAPES = [(128, 16, 8, 8), (16, 16, 3, 3), (4, 7, 5, 3), (33, 10), (257,)]  # th
 
 
 def needs_fast_path(device: str, v: torch.Tensor):
-    if Q._fast_path(v) is None:
+    if Q.fast_path(v) is None:
         pytest.skip(f"no fast path on {device} here (no C compiler / torch.compile): eager only")
 
 
@@ -156,24 +157,24 @@ def test_cpu_fast_path_is_in_use_where_a_compiler_exists():
 
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
-    assert Q._fast_path(torch.ones(4)) is not None
-    assert Q._fast_path(torch.ones(4, dtype=torch.bfloat16)) is None  # bf16: eager path
+    assert Q.fast_path(torch.ones(4)) is not None
+    assert Q.fast_path(torch.ones(4, dtype=torch.bfloat16)) is None  # bf16: eager path
 
 
 def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, seed):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("LSQ_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(Q.shutil, "which", lambda name: "/bin/false")
-    monkeypatch.setattr(Q, "_kernels", {})
+    monkeypatch.setattr(kernels_cpu.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setattr(Q, "KERNELS", {})
     v = torch.randn(4, 5, generator=seed)
     with pytest.warns(UserWarning, match="fast path unavailable"):
-        assert Q._fast_path(v) is None
+        assert Q.fast_path(v) is None
     out, gv, _ = run(v, torch.ones_like(v), 4, True, S, fast=True)
     assert torch.equal(out, run(v, torch.ones_like(v), 4, True, S, fast=False)[0])
 
 
 def test_the_cuda_triton_kernels_follow_the_paper():
-    """lsq/_triton.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
+    """lsq/kernels_cuda.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
     Triton's interpreter on the CPU): forward and grad_v against the paper's formulas at every
     clip bound, rounding tie, NaN and inf, bf16 and channels_last; the step clamped on the device
     (zero, negative, tiny and NaN steps) and scaled by g; the saved-tensor codes; and
@@ -201,10 +202,10 @@ class _EagerKernels:
         return step if self.no_clamp else step.clamp_min(Q.STEP_EPS)
 
     def forward(self, v, step, qn, qp):
-        return Q._forward(v, self._s(step), qn, qp)
+        return Q.eager_forward(v, self._s(step), qn, qp)
 
     def backward(self, v, step, grad, qn, qp, g):
-        grad_v, grad_s = Q._backward(v, self._s(step), grad, qn, qp)
+        grad_v, grad_s = Q.eager_backward(v, self._s(step), grad, qn, qp)
         return grad_v, (grad_s * (1.0 if self.no_g else g)).reshape(step.shape)
 
     def encode(self, v, s, signed):
@@ -218,13 +219,14 @@ class _EagerKernels:
 
 def test_a_gpu_fast_path_is_checked_against_the_eager_path_before_use():
     """Kernels that build but compute something else (another GPU, another Triton) must not
-    train: `_checked` passes the eager path itself and refuses one wrong code, which
-    `_fast_path` then turns into a warning and the eager path."""
+    train: `check_kernels` passes the eager path itself and refuses one wrong code, which
+    `fast_path` then turns into a warning and the eager path."""
+    check_kernels = pytest.importorskip("lsq.kernels_cuda").check_kernels  # (it needs triton)
     good = _EagerKernels()
-    assert Q._checked(good, torch.device("cpu")) is good
+    assert check_kernels(good, torch.device("cpu")) is good
     for fault in ({"off": 1}, {"no_g": True}, {"no_clamp": True}):
         with pytest.raises(RuntimeError, match="disagrees with the eager path"):
-            Q._checked(_EagerKernels(**fault), torch.device("cpu"))
+            check_kernels(_EagerKernels(**fault), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("No", False), ("OFF", False), ("1", True),
