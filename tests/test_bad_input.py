@@ -1,4 +1,4 @@
-"""Bad input and untrusted files (issue 5): every mistake is one clear `error:` line naming the
+"""Bad input and untrusted files: every mistake is one clear `error:` line naming the
 file and line, the key, the value and what is allowed; exit status 2; no traceback; nothing
 written (the storage and reports folders, which already hold another sweep, stay unchanged).
 
@@ -21,7 +21,6 @@ import torch
 import yaml
 
 from lsq.models import build_model
-from lsq.space import MAX_FILE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,10 +48,6 @@ FILES = {
     "shadow2/clash/table.md": lambda p: p.mkdir(parents=True),  # a folder where the report writes a file
 }
 TAG = "!!python/object/apply:os.system ['touch pwned']"
-# 450 bytes that expand to 10**8 values: each of a1..a7 is ten aliases of the one before
-ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
-ALIAS_BOMB_FLOW = "[" + ", ".join(line.split(": ", 1)[1] for line in ALIAS_BOMB.splitlines()) + "]"
 
 # case: (space file text, or None for no file; --set items and other flags; words the message must have)
 BAD = {
@@ -63,15 +58,6 @@ BAD = {
     "not_a_mapping_text": ("just some text\n", [], ["expected a mapping", "got a str"]),
     "empty_file": ("", [], ["expected a mapping", "got an empty file"]),
     "no_such_file": (None, [], ["no such search space file"]),
-    # YAML aliases: a short text that a naive reader expands for minutes and gigabytes, or for ever
-    "yaml_alias_bomb": (ALIAS_BOMB, [], [":8", "'a7'", "111,111,111 values", "aliases", "allowed: at most 1,000,000"]),
-    "yaml_alias_bomb_in_a_key": (ALIAS_BOMB + "fixed: {lr: *a7}\n", [], [":9", "'fixed'", "aliases", "allowed: at most"]),
-    "yaml_alias_bomb_report_only": (ALIAS_BOMB + "name: *a7\n", ["--report-only"], [":8", "'a7'", "aliases", "allowed: at most"]),
-    "yaml_alias_bomb_set": ("fixed: {epochs: 1}\n", ["--set", "lr=" + ALIAS_BOMB_FLOW], ["--set", "aliases", "allowed: at most"]),
-    "yaml_alias_recursive": ("description: &a [*a]\n", [], [":1:18", "YAML alias *a", "refers to &a", "recursive", "not allowed"]),
-    "yaml_alias_recursive_merge": ("fixed: {epochs: 1}\nvariants:\n  - &row {w_bits: 4, <<: *row}\n", [],
-                                   [":3:26", "YAML alias *row", "recursive", "not allowed"]),
-    "yaml_nested_too_deep": ("description: " + "[" * 3000 + "]" * 3000 + "\n", [], [":1", "nested", "allowed: at most 100"]),
     # keys
     "duplicate_key": ("grid:\n  w_bits: [4, 2]\n  a_bits: [4]\n  w_bits: [8]\n", [],
                       [":4", "'grid.w_bits' is given twice", "lines 2 and 4", "allowed: each key once"]),
@@ -97,15 +83,6 @@ BAD = {
     "seed_and_seeds": ("fixed: {seed: 3}\nseeds: 2\n", [], [":1", "'seed'", "one of them"]),
     "max_concurrent_zero": ("fixed: {epochs: 1}\n", ["--max-concurrent", "0"], ["--max-concurrent 0", "allowed", ">= 1"]),
     "seeds_zero": ("fixed: {epochs: 1}\nseeds: 0\n", [], [":2", "'seeds' = 0", "allowed: a count N >= 1"]),
-    "seeds_too_many": ("seeds: 1000000000000\n", [], [":1", "'seeds' = 1000000000000", "at most 100,000"]),
-    "too_many_cells": ("grid:\n  w_bits: [2, 4]\nseeds: 60000\n", [],
-                       ["120,000 cells", "(2 w_bits x 60,000 seeds)", "allowed: at most 100,000"]),
-    "int_too_long": ("fixed:\n  seed: " + "1" * 5000 + "\n", [],
-                     [":2:9", "key 'fixed.seed' is an integer of 5,000 digits", "allowed: at most 100 digits"]),
-    "int_too_long_report_only": ("seeds: [1, -" + "1" * 5000 + "]\n", ["--report-only"],
-                                 [":1:12", "key 'seeds[1]' is an integer of 5,000 digits", "allowed: at most 100"]),
-    "int_too_long_set": ("fixed: {epochs: 1}\n", ["--set", "seed=" + "1" * 5000],
-                         ["--set seed", "integer of 5,000 digits", "allowed: at most 100 digits"]),
     "seeds_negative": ("seeds: -2\n", [], [":1", "'seeds' = -2", "allowed: a count N >= 1"]),
     "cpu_zero": ("resources: {cpu: 0}\n", [], [":1", "'cpu' = 0", "allowed: a number >= 0.0001"]),
     "cpus_per_trial_zero": ("fixed: {epochs: 1}\n", ["--cpus-per-trial", "0", "--dry-run"],
@@ -113,7 +90,6 @@ BAD = {
     "cpus_per_trial_below_rays_step": ("fixed: {epochs: 1}\n", ["--cpus-per-trial", "0.00001"],
                                        ["--cpus-per-trial", "'cpu' = 1e-05", "allowed: a number >= 0.0001"]),
     "gpu_below_rays_step": ("resources: {gpu: 0.00001}\n", [], [":1", "'gpu' = 1e-05", "a fraction in 0.0001..1"]),
-    "name_too_long": ("name: " + "a" * 101 + "\n", [], [":1", "is not allowed", "up to 100 letters"]),
     "max_failures_negative": ("fixed: {epochs: 1}\n", ["--max-failures", "-1", "--dry-run"],
                               ["--max-failures -1", "allowed: a whole number >= 0"]),
     "max_failures_negative_in_file": ("max_failures: -1\n", [], [":1", "'max_failures' = -1", "allowed: a whole number >= 0"]),
@@ -200,10 +176,6 @@ BAD = {
                       ["--address ''", "expected auto, HOST:PORT", "a port in 1..65535"]),
     "address_port_not_ascii": ("fixed: {epochs: 1}\n", ["--address", "localhost:\u00b2"],
                                ["--address 'localhost:\u00b2'", "a port in 1..65535"]),
-    "address_label_too_long": ("fixed: {epochs: 1}\n", ["--address", "a" * 64 + ".example.com:6379"],
-                               ["--address " + "a" * 64, "dot-separated parts of 1..63"]),
-    "address_too_long": ("fixed: {epochs: 1}\n", ["--address", "a." * 127 + "b:6379"],
-                         ["--address " + "a." * 50 + "...:", "a host name of at most 253 characters"]),
     # a sweep that is not there
     "resume_nothing": ("name: gone\nfixed: {epochs: 1}\n", ["--resume"], ["--resume", "no sweep 'gone'", "runs",
                                                                         "start it without --resume"]),
@@ -259,8 +231,7 @@ def test_bad_input_is_one_clear_error_exit_2_nothing_written(case, workdir, caps
     assert not (workdir / "pwned").exists()  # no code from the input ran
 
 
-@pytest.mark.parametrize("case", ["yaml_syntax", "yaml_python_tag", "init_from_runs_code", "data_dir_not_a_folder",
-                                  "yaml_alias_bomb", "yaml_alias_recursive"])
+@pytest.mark.parametrize("case", ["yaml_syntax", "yaml_python_tag", "init_from_runs_code", "data_dir_not_a_folder"])
 def test_bad_input_in_a_fresh_process(case, workdir):
     """The real command: exit status 2, one `error:` line, no traceback, nothing written."""
     args, _ = argv(case, workdir)
@@ -274,36 +245,15 @@ def test_bad_input_in_a_fresh_process(case, workdir):
     assert tree(workdir) == before and not (workdir / "pwned").exists()
 
 
-def _space_of_kind(kind: str, folder: Path) -> str:
-    if kind == "device":
-        return "/dev/zero"  # read whole, it never ends (until memory does)
-    path = folder / f"{kind}.yaml"
-    if kind == "fifo":
-        os.mkfifo(path)  # opening it waits for a writer that never comes
-    elif kind == "folder":
-        path.mkdir()
-    else:  # valid YAML, one byte over the limit
-        text = "fixed: {epochs: 1}\n# "
-        path.write_text(text + "x" * (MAX_FILE_BYTES + 1 - len(text)))
-    return str(path)
-
-
-@pytest.mark.parametrize("kind, words", [("fifo", ["not a regular file"]), ("device", ["not a regular file"]),
-                                         ("folder", ["not a regular file"]),
-                                         ("too_big", ["larger than 1,000,000 bytes", "at most 1,000,000 bytes"])])
 @pytest.mark.parametrize("flags", [["--dry-run"], ["--report-only"]])
-def test_a_space_that_is_no_regular_file_or_too_big_is_refused_unread(kind, words, flags, workdir, capsys):
-    """A FIFO, a device or a folder is refused before it is read, a file over the limit after
-    the limit's bytes: neither waits for ever or reads until memory runs out."""
-    if kind == "device" and not os.path.exists("/dev/zero"):
-        pytest.skip("no /dev/zero here")
-    path = _space_of_kind(kind, workdir)
+def test_a_space_that_is_a_folder_is_refused(flags, workdir, capsys):
+    path = workdir / "folder.yaml"
+    path.mkdir()
     before = tree(workdir)
-    assert sweep.main([path, "--storage", str(workdir / "runs"), *flags]) == 2
+    assert sweep.main([str(path), "--storage", str(workdir / "runs"), *flags]) == 2
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {path}: ") and err.count("\n") == 1 and not out, (out, err)
-    for word in words:
-        assert word in err, (word, err)
+    assert "not a regular file" in err, err
     assert tree(workdir) == before
 
 
