@@ -1,26 +1,13 @@
 """FP32 models by name, and loading FP32 weights into them (`init_from`).
 
-CIFAR ResNets (resnet20/32/44/56) follow He et al. 2016, section 4.2: a 3x3 conv with 16
-filters, three stages of n basic blocks with 16, 32 and 64 filters (6n+2 layers), global
-average pooling and a linear classifier. Shortcuts use **option A**: identity, and where the
-shape changes, a stride-2 subsample padded with zero channels. So every shortcut is
-parameter-free (resnet20 has 0.27M parameters) and no conv hides in the shortcut path.
-resnet8 is the same design with n = 1 (not one of the paper's depths): a quick model for smoke
-runs and tests, which torch.compile builds in about half the time resnet20 takes.
-
-resnet18/34/50 are torchvision's ImageNet models, unchanged but for the first conv where the
-input has other than 3 channels (the 1-channel digits set).
-"""
-
-from __future__ import annotations
-
-import os
+CIFAR ResNets: He et al. 2016, section 4.2 (6n+2 layers) with option-A shortcuts: identity, or a
+stride-2 subsample padded with zero channels. resnet8 (n = 1) is for smoke runs."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, not_a_file
+from .config import MODELS, ConfigError
 
 CIFAR_DEPTHS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 TORCHVISION = ("resnet18", "resnet34", "resnet50")
@@ -44,8 +31,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -55,11 +41,11 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         stages, cin = [], 16
         for i, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
-                cin = width
+            blocks = [BasicBlock(cin, width, 2 if i else 1)] + [
+                BasicBlock(width, width, 1) for _ in range(n - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
+            cin = width
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
@@ -77,18 +63,17 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if name in CIFAR_DEPTHS:
         return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
     if name in TORCHVISION:
-        import torchvision  # only for these models: its import costs a trial worker about a second
+        import torchvision  # only here: its import costs a trial worker about a second
 
         model = getattr(torchvision.models, name)(num_classes=num_classes)
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         return model
-    raise ConfigError(f"key 'model' = {name!r}: unknown model; allowed: {', '.join([*CIFAR_DEPTHS, *TORCHVISION])}")
+    raise ConfigError(f"key 'model' = {name!r}: unknown model; allowed: {', '.join(MODELS)}")
 
 
 def load_error(e: Exception) -> str:
-    """torch.load's failure in one line. weights_only refusals name what the file would import
-    (e.g. posix.system), not torch's generic advice to retry with weights_only=False."""
+    """torch.load's failure in one line; a weights_only refusal names what the file would import."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         detail = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), None)
@@ -99,78 +84,67 @@ def load_error(e: Exception) -> str:
 
 
 def read_state_dict(path: str) -> dict:
-    """An FP32 state dict from a checkpoint file: plain, or under 'model' / 'state_dict'.
-
-    Loaded with weights_only=True: a file whose unpickling would run code is refused.
-    """
-    if not os.path.isfile(path):
-        raise ConfigError(f"key 'init_from' = {path!r}: {not_a_file(path)}")
+    """An FP32 state dict (plain, or under 'model'/'state_dict'), loaded with weights_only=True."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+    except Exception as e:  # noqa: BLE001 (a missing file, not a pickle, a refused one, truncated, ...)
         raise ConfigError(
             f"key 'init_from' = {path!r}: not a loadable checkpoint (loaded with weights_only=True; "
             f"files that would run code when unpickled are refused): {load_error(e)}"
         ) from None
     if isinstance(obj, dict):
-        for k in ("model", "state_dict"):
-            if isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
+        obj = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(
             f"key 'init_from' = {path!r}: expected a state dict of tensors, or a dict holding one "
             "under 'model' or 'state_dict'"
         )
-    # checkpoints saved from a DataParallel / DDP model prefix every key with 'module.'
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
+
+
+def few(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def state_mismatch(own: dict, stored: dict) -> str | None:
     """Why a stored state dict does not fit a model's own: missing, unexpected and misshapen keys."""
-    missing = sorted(set(own) - set(stored))
-    unexpected = sorted(set(stored) - set(own))
-    shapes = sorted(k for k in set(own) & set(stored) if own[k].shape != stored[k].shape)
-    if not (missing or unexpected or shapes):
-        return None
-
-    def few(keys):
-        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-    parts = [f"missing keys: {few(missing)}" if missing else "",
-             f"unexpected keys: {few(unexpected)}" if unexpected else "",
-             "shape mismatch: " + few([f"{k} {tuple(stored[k].shape)} vs {tuple(own[k].shape)}" for k in shapes])
-             if shapes else ""]
-    return "; ".join(p for p in parts if p)
+    missing, unexpected = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
+    resized = [k for k in sorted(set(own) & set(stored)) if own[k].shape != stored[k].shape]
+    shapes = [f"{k} {tuple(stored[k].shape)} vs {tuple(own[k].shape)}" for k in resized]
+    parts = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatch": shapes}
+    return "; ".join(f"{what}: {few(keys)}" for what, keys in parts.items() if keys) or None
 
 
 def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
-    """Load FP32 weights into an FP32 model before it is quantized."""
+    """Load FP32 weights (a file, or 'torchvision' for its pretrained ones) into an FP32 model."""
+    where = f"key 'init_from' = {init_from!r}"
     if init_from == "torchvision":
-        if name not in TORCHVISION:
-            raise ConfigError(f"key 'init_from' = 'torchvision' needs one of {', '.join(TORCHVISION)}, not {name!r}")
         import torchvision
 
         try:
-            weights = torchvision.models.get_model_weights(name).DEFAULT
-            state = weights.get_state_dict(progress=False)
-        except Exception as e:
+            state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
+        except Exception as e:  # noqa: BLE001 (no network, a proxy, a bad cache: all one message)
             raise ConfigError(
-                f"key 'init_from' = 'torchvision': could not fetch {name} weights ({type(e).__name__}: {e}); "
+                f"{where}: could not fetch {name} weights ({type(e).__name__}: {e}); "
                 "with no network, download them elsewhere and pass the file's path"
             ) from None
     else:
         state = read_state_dict(init_from)
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise ConfigError(f"key 'init_from' = {init_from!r} holds NaN or infinite values ({', '.join(bad[:3])}"
-                          f"{', ...' if len(bad) > 3 else ''}); allowed: a checkpoint of finite FP32 weights")
+    nan = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if nan:
+        nan_keys = ", ".join(nan[:3]) + (", ..." if len(nan) > 3 else "")
+        raise ConfigError(
+            f"{where} holds NaN or infinite values ({nan_keys}); allowed: a checkpoint of finite FP32 weights"
+        )
     if any(k.endswith(("w_quant.step", "a_quant.step")) for k in state):
-        raise ConfigError(f"key 'init_from' = {init_from!r} is a quantized model (it holds LSQ step sizes); "
-                          "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32")
+        raise ConfigError(
+            f"{where} is a quantized model (it holds LSQ step sizes); "
+            "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32"
+        )
     problem = state_mismatch(model.state_dict(), state)
     if problem:
-        raise ConfigError(f"key 'init_from' = {init_from!r} does not fit model {name or type(model).__name__}: {problem}")
+        raise ConfigError(f"{where} does not fit model {name or type(model).__name__}: {problem}")
     model.load_state_dict(state)
     return model
