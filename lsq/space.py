@@ -24,8 +24,7 @@ import yaml
 
 from .config import PATH_KEYS, ConfigError, TrialConfig, coerce, did_you_mean
 
-TOP_KEYS = ("name", "description", "fixed", "grid", "variants", "seeds", "resources", "early_stopping")
-TOP_KEYS += ("max_failures",)
+TOP_KEYS = tuple("name description fixed grid variants seeds resources early_stopping max_failures".split())
 RESOURCE_KEYS = ("cpu", "gpu")
 RESOURCE_STEP = 0.0001  # Ray's smallest share: a smaller one fails inside Tune, after Ray has started
 EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction_factor": 3}
@@ -106,7 +105,7 @@ def read_name(path: str) -> str:
     """Just the sweep name of a space file (for --report-only, which trains nothing)."""
     doc = _yaml(path, _read(path))
     name = doc.get("name") if isinstance(doc, dict) else None
-    return check_name(name or _stem(path), f"{path} (name)")
+    return check_name(name or os.path.splitext(os.path.basename(path))[0], f"{path} (name)")
 
 
 def load_space(path: str, overrides: list[str] | None = None) -> Space:
@@ -123,7 +122,7 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
             raise ConfigError(
                 f"{where(key)}: unknown top-level key '{key}'{hint}; allowed: {', '.join(TOP_KEYS)}"
             )
-    name = check_name(doc.get("name", _stem(path)), where("name"))
+    name = check_name(doc.get("name", os.path.splitext(os.path.basename(path))[0]), where("name"))
     if not isinstance(description := doc.get("description") or "", str):
         raise ConfigError(f"{where('description')}: key 'description' must be text")
     fixed = _partial(doc.get("fixed"), where, "fixed")
@@ -206,10 +205,6 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: cannot read the value as YAML ({_yaml_problem(e)})") from None
         out[key] = coerce(key, value, where=f"--set {item}")
     return out
-
-
-def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
 
 
 def _read(path: str) -> str:
