@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -21,7 +22,7 @@ def check_address(address: str) -> tuple[str, int] | None:
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not (host.strip("[]") and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(
-            f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT, with a port in 1..65535"
+            f"--address {shlex.quote(address)}: expected auto, HOST:PORT or ray://HOST:PORT, with a port in 1..65535"
         )
     return host, int(port)
 
@@ -94,16 +95,16 @@ def check_storage(storage: str, write: bool = True) -> None:
             check_folder("--storage", local or storage, " or a URI such as s3://bucket/runs", given=storage)
         return
     outcome = []
-    probe = threading.Thread(target=lambda: outcome.append(_probe(storage)), daemon=True)
+    probe = threading.Thread(target=lambda: outcome.append(probe_storage(storage)), daemon=True)
     probe.start()
-    probe.join(3.0)
+    probe.join(min(3.0, STORAGE_TIMEOUT_S))
     if probe.is_alive():
         print(
             f"waiting for --storage {storage} to answer (at most {STORAGE_TIMEOUT_S:g} s)",
             file=sys.stderr,
             flush=True,
         )
-        probe.join(STORAGE_TIMEOUT_S - 3.0)
+        probe.join(max(0.0, STORAGE_TIMEOUT_S - 3.0))
     if not outcome:
         raise ConfigError(
             f"--storage {storage}: no answer in {STORAGE_TIMEOUT_S:g} s. Is the network up, and are "
@@ -113,7 +114,7 @@ def check_storage(storage: str, write: bool = True) -> None:
         raise ConfigError(f"--storage {storage}: cannot use it ({outcome[0]})")
 
 
-def _probe(uri: str) -> str | None:
+def probe_storage(uri: str) -> str | None:
     import pyarrow.fs as pafs
 
     try:
