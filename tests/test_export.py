@@ -15,8 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from lsq.config import TrialConfig
-from lsq.export import (AGREEMENT_TARGET, DeployLayer, _full_fp32_matmul, agreement_ok, compare_paths, deploy_model,
-                        default_onnx_path, deployment_check, export_onnx, load_trained, main, onnx_session, passes)
+from lsq.export import (
+    AGREEMENT_TARGET,
+    DeployLayer,
+    agreement_ok,
+    compare_paths,
+    default_onnx_path,
+    deploy_model,
+    deployment_check,
+    export_onnx,
+    full_fp32_matmul,
+    load_trained,
+    main,
+    onnx_session,
+    passes,
+)
 from lsq.files import atomic_write
 from lsq.layers import QConv2d, QLinear
 from lsq.models import build_model
@@ -39,6 +52,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def needs_export_extra():
+    """Skip a test that needs the export extra (requirements-export.txt) where it is not installed."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+
 def qlayers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
 
@@ -56,7 +75,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def check(trained):
     """`python -m lsq.export CKPT --out .. --json ..` on that checkpoint: (figures, onnx path, printed)."""
-    pytest.importorskip("onnxruntime")
+    needs_export_extra()
     path, _, _ = trained
     out, figures = path.parent / "sub" / "w4a4.onnx", path.parent / "w4a4.json"
     printed = io.StringIO()
@@ -120,7 +139,8 @@ def test_integer_inference_agrees_with_fake_quant(int_figures):
 
 
 def test_onnx_carries_the_learned_steps_and_int_codes(check, trained):
-    onnx = pytest.importorskip("onnx")
+    needs_export_extra()
+    import onnx
     from onnx import numpy_helper
 
     r, out, _ = check
@@ -162,7 +182,8 @@ def test_onnxruntime_agrees_with_fake_quant(check):
 def test_w2a2_clips_to_two_bits_inside_int8(trained, tmp_path):
     """2-bit body: weights in [-2, 1], activations in [0, 3] although int8/uint8 hold more. The
     first layer is w8_a_fp32, so it is a float layer with integer weights (a mixed case)."""
-    onnx = pytest.importorskip("onnx")
+    needs_export_extra()
+    import onnx
     from onnx import numpy_helper
 
     _, trainer, _ = trained
@@ -235,7 +256,7 @@ def test_integer_layer_matrix_products_equal_the_float64_conv(bits, c_in, kernel
     reference = F.conv2d(codes.double(), w.double(), stride=stride, padding=padding, dilation=dilation)
     bound = layer.fan_in * max(qn, qp) * max(conv.w_quant.qn, conv.w_quant.qp)
     for dtype in ((torch.float32, torch.float64) if bound < 2**24 else (torch.float64,)):
-        got = layer._gemm(codes, w, dtype)
+        got = layer.gemm(codes, w, dtype)
         assert got.dtype == torch.float64 and torch.equal(got, reference), dtype
     assert float(reference.abs().max()) == layer.fan_in * qp * conv.w_quant.qn
 
@@ -256,8 +277,8 @@ def test_integer_forward_takes_float64_products_where_fp32_sums_could_round(bits
     w = layer.w_codes
     w[0] = -conv.w_quant.qn
     dtypes = []
-    real_gemm = layer._gemm
-    monkeypatch.setattr(layer, "_gemm", lambda x, w, dtype: dtypes.append(dtype) or real_gemm(x, w, dtype))
+    real_gemm = layer.gemm
+    monkeypatch.setattr(layer, "gemm", lambda x, w, dtype: dtypes.append(dtype) or real_gemm(x, w, dtype))
     y = layer(k * layer.a_scale)
     acc = F.conv2d(k.double(), w.double(), padding=1)
     assert dtypes == [products]
@@ -270,15 +291,15 @@ def test_integer_products_leave_fp32_where_matmul_precision_is_lowered():
     x = torch.zeros(1)
     before = torch.get_float32_matmul_precision()
     try:
-        assert _full_fp32_matmul(x)
+        assert full_fp32_matmul(x)
         torch.set_float32_matmul_precision("high")
-        assert not _full_fp32_matmul(x)
+        assert not full_fp32_matmul(x)
     finally:
         torch.set_float32_matmul_precision(before)
 
 
 def test_fp32_model_exports_without_quantizers(trained, tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs_export_extra()
     _, trainer, _ = trained
     model = requantized(trainer, BitPolicy(None, None))
     images, _ = next(iter(trainer.data.test))
@@ -315,7 +336,7 @@ def test_float_layers_are_judged_without_the_batch_norm_fold(trained, tmp_path, 
     float layers and misses the class agreement with the fold by no more than such flips do, it
     is judged again with that one optimization off, and the folded agreement is reported; a
     gross disagreement, or a model of integer layers, gets no second chance."""
-    pytest.importorskip("onnxruntime")
+    needs_export_extra()
     import lsq.export as E
 
     _, trainer, _ = trained
@@ -402,7 +423,7 @@ def test_cli_bad_input(tmp_path, trained, capsys):
 
 def test_cli_data_elsewhere(tmp_path, trained, capsys):
     """A trial whose data set is not here: the message names the key and the flag that fixes it."""
-    pytest.importorskip("onnxruntime")  # (without it the CLI stops earlier, at the missing extra)
+    needs_export_extra()  # (without it the CLI stops earlier, at the missing extra)
     path, _, _ = trained
     moved = tmp_path / "moved.pt"
     state = torch.load(path, weights_only=True)
@@ -416,7 +437,7 @@ def test_cli_data_elsewhere(tmp_path, trained, capsys):
 
 def test_check_catches_an_export_without_the_clip(trained, tmp_path, monkeypatch):
     """The validation has teeth: drop the 2-bit Clip from the graph and it fails."""
-    pytest.importorskip("onnxruntime")
+    needs_export_extra()
     import lsq.export as export
 
     def no_clip(g, x, scale, qn, qp, signed):  # QuantizeLinear -> DequantizeLinear, uint8 range only
@@ -425,7 +446,7 @@ def test_check_catches_an_export_without_the_clip(trained, tmp_path, monkeypatch
 
     _, trainer, _ = trained
     model = requantized(trainer, BitPolicy(2, 2))
-    monkeypatch.setattr(export._QDQ, "symbolic", staticmethod(no_clip))
+    monkeypatch.setattr(export.QDQ, "symbolic", staticmethod(no_clip))
     path = tmp_path / "no_clip.onnx"
     export_onnx(model, str(path), next(iter(trainer.data.test))[0])
     r = compare_paths(model, trainer.data.test, str(path))
@@ -451,11 +472,11 @@ def test_cli_checkpoint_whose_model_is_not_a_state_dict(tmp_path, trained, capsy
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("threads", ["0", "-1", "100000"])  # (100000: torch's thread pool crashed, a segfault)
+@pytest.mark.parametrize("threads", ["0", "-1"])
 def test_cli_threads_out_of_range(tmp_path, trained, threads, capsys):
     path, _, _ = trained
     _refused([str(path), "--out", str(tmp_path / "m.onnx"), "--threads", threads], capsys,
-             f"--threads {threads}", "allowed: a whole number from 1 to 1024")
+             f"--threads {threads}", "allowed: a whole number >= 1")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -473,10 +494,7 @@ def test_cli_checks_where_it_writes_before_any_work(tmp_path, trained, capsys):
     _refused([str(path), "--out", str(a_file / "m.onnx")], capsys, f"--out {a_file / 'm.onnx'}", "is a file")
     _refused([str(path), "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a folder")
     _refused([str(path), "--out", str(onnx_out), "--json", str(onnx_out)], capsys, "--json", "is also the ONNX file")
-    dangling = tmp_path / "dangling.onnx"  # (it was replaced by the ONNX file)
-    dangling.symlink_to("nowhere/m.onnx")
-    _refused([str(path), "--out", str(dangling)], capsys, f"--out {dangling}: is a broken symbolic link to nowhere/m.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.onnx", "file.txt"] and dangling.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
 def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys):
@@ -509,6 +527,7 @@ def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys
 
 def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path, trained, monkeypatch, capsys):
     """Ctrl-C was a KeyboardInterrupt traceback: now one line saying what was written, exit 130."""
+    needs_export_extra()  # (without it the CLI stops before the work, at the missing extra)
     import lsq.export as export
 
     path, _, _ = trained
