@@ -27,13 +27,8 @@ RESULT_COLUMNS = (
 ).split()
 # what the headline table's columns already say; seeds are averaged into one row
 HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
-# Tune's snapshot entry -> our trial dict
-_TUNE_KEYS = {
-    "trial_id": "trial_id",
-    "status": "status",
-    "folder": "relative_logdir",
-    "name": "custom_trial_name",
-}
+_TUNE = {"trial_id": "trial_id", "status": "status", "folder": "relative_logdir", "name": "custom_trial_name"}
+_EXPORT = {None: "–", True: "ok", False: "FAILED"}  # the deployment check's outcome, as a table cell
 
 
 @dataclass
@@ -51,19 +46,20 @@ def tune_trials(st: Storage) -> list[dict]:
     session, _ = usable_session(st)
     state = st.read_json(f"experiment_state-{session}.json") if session else {}
     infos = [json.loads(entry[0]) for entry in state.get("trial_data", [])]
-    return [{**{k: i.get(v) for k, v in _TUNE_KEYS.items()}, "config": i.get("config") or {}} for i in infos]
+    return [{**{k: i.get(v) for k, v in _TUNE.items()}, "config": i.get("config") or {}} for i in infos]
 
 
-def _config(values: dict) -> TrialConfig:
-    """A TrialConfig from stored values, not checked again (its files may live on other machines)."""
-    return TrialConfig(**{k: values[k] for k in TrialConfig.keys() if k in values})
+def row_config(values) -> TrialConfig:
+    """A TrialConfig from stored values (params.json, Tune's snapshot, a results row), not checked
+    again: its files may live on other machines. Pandas NA -> None, numpy scalars -> Python."""
+    return TrialConfig(**{k: _plain(values[k]) for k in TrialConfig.keys() if k in values})
 
 
 def stored_configs(experiment: str) -> dict[int, dict]:
     """The configs of Tune's latest whole snapshot (what --resume runs), by the number Tune gave
     each trial (`<run>_00003`: the space's fourth point)."""
     numbered = [(re.search(r"_(\d+)$", str(t["trial_id"])), t) for t in tune_trials(Storage(experiment))]
-    return {int(n.group(1)): _config(t["config"]).to_dict() for n, t in numbered if n}
+    return {int(n[1]): row_config(t["config"]).to_dict() for n, t in numbered if n}
 
 
 def trial_results(st: Storage, folder: str) -> list[dict]:
@@ -83,10 +79,11 @@ def trial_results(st: Storage, folder: str) -> list[dict]:
 
 
 def _last_error(st: Storage, folder: str) -> str | None:
+    """The last exception in Tune's error.txt, and how many failures Tune numbered (after a resume
+    the file may hold only the latest)."""
     lines = [ln.strip() for ln in (st.read_text(folder, "error.txt") or "").splitlines() if ln.strip()]
-    # Tune numbers each failure; after a resume the file may hold only the latest
-    failures = max((int(m[1]) for ln in lines if (m := re.match(r"^Failure # (\d+)", ln))), default=0)
-    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)] or lines[-1:]
+    failures = max((int(m[1]) for ln in lines if (m := re.match(r"Failure # (\d+)", ln))), default=0)
+    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b.*:", ln)] or lines[-1:]
     if not errors:
         return None
     return f"{errors[-1]} ({count(failures, 'failure')})" if failures else errors[-1]
@@ -95,14 +92,9 @@ def _last_error(st: Storage, folder: str) -> str | None:
 def _latest_checkpoint(st: Storage, folder: str, rows: list[dict]) -> str | None:
     """The checkpoint of the latest reported epoch that is still stored. Tune writes a result line
     only after its checkpoint is stored whole: one that no result names (a full disk) is skipped."""
-    stored = {n for n, is_dir in st.listdir(folder) if is_dir and re.match(r"^checkpoint_\d+$", n)}
+    stored = {n for n, is_dir in st.listdir(folder) if is_dir and re.match(r"checkpoint_\d+$", n)}
     named = [r["checkpoint_dir_name"] for r in rows if r.get("checkpoint_dir_name") in stored]
     return named[-1] if named else None
-
-
-def row_config(row: pd.Series) -> TrialConfig:
-    """The TrialConfig of a results row (pandas NA -> None, numpy scalars -> Python)."""
-    return _config({k: _plain(row[k]) for k in TrialConfig.keys()})
 
 
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
@@ -124,7 +116,7 @@ def _status(tune_status: str | None, failed: str | None, started: bool, finished
 def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dict]]:
     """(the results row, the per-layer rows) of one trial."""
     folder = t["folder"]
-    cfg = _config((st.read_json(folder, "params.json") if folder else None) or t["config"])
+    cfg = row_config((st.read_json(folder, "params.json") if folder else None) or t["config"])
     rows = trial_results(st, folder) if folder else []
     done = max([int(r.get("epoch", 0)) for r in rows] or [0])
     failed = rows[-1]["failed_reason"] if rows and rows[-1].get("failed_reason") else None
@@ -177,8 +169,7 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
     df = pd.DataFrame.from_records(records, columns=TrialConfig.keys() + RESULT_COLUMNS)
     df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
     df[["w_bits", "a_bits"]] = df[["w_bits", "a_bits"]].astype("Int64")
-    order = {trial_id: i for i, trial_id in enumerate(df["trial_id"])}
-    layers = sorted(layers, key=lambda row: order[row["trial_id"]])  # (stable: each trial's layers in order)
+    layers.sort(key=lambda row: row["trial_id"])  # in the trials' order; each trial's layers as stored
     return df, pd.DataFrame.from_records(layers), meta
 
 
@@ -225,12 +216,9 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _several(values) -> bool:
-    return len({repr(_plain(v)) for v in values}) > 1
-
-
 def _varied(df: pd.DataFrame, exclude=()) -> list[str]:
-    return [k for k in TrialConfig.keys() if k not in exclude and _several(df[k])]
+    """The config keys that take more than one value in `df`."""
+    return [k for k in TrialConfig.keys() if k not in exclude and df[k].nunique(dropna=False) > 1]
 
 
 def short_paths(values) -> dict[str, str]:
@@ -256,21 +244,15 @@ def _value_text(key: str, v, paths: dict | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- tables
-def _end_words(cfg: TrialConfig, end: str) -> str:
-    spec = getattr(cfg, end)
-    w, a = cfg.end_bits(end)
-    if spec not in PRESET_WORDS:
-        return f"weights {w or 32}-bit, input {a or 32}-bit"
-    if spec == "body" or PRESETS[spec][0] == "body":
-        return f"{PRESET_WORDS[spec]} (W{w or 32}A{a or 32})"
-    return PRESET_WORDS[spec]
-
-
 def notes(cfg: TrialConfig) -> str:
-    """The first/last-layer policy in words."""
+    """The first/last-layer policy in words; the bits where a preset follows the body's."""
     if cfg.is_fp32:
         return "full precision"
-    first, last = _end_words(cfg, "first"), _end_words(cfg, "last")
+    words = []
+    for spec, (w, a) in [(cfg.first, cfg.end_bits("first")), (cfg.last, cfg.end_bits("last"))]:
+        text = PRESET_WORDS.get(spec, f"weights {w or 32}-bit, input {a or 32}-bit")
+        words.append(text + (f" (W{w or 32}A{a or 32})" if PRESETS.get(spec, "-")[0] == "body" else ""))
+    first, last = words
     return f"first & last layers: {first}" if first == last else f"first layer: {first}; last layer: {last}"
 
 
@@ -315,48 +297,37 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
 
     # the headline: one row per cell, its seeds averaged, in trial order
     keys = [k for k in TrialConfig.keys() if k != "seed"]
-    ident = [repr([_plain(v) for v in row]) for row in df[keys].itertuples(index=False)]
-    groups = [df[[i == key for i in ident]] for key in dict.fromkeys(ident)]
+    groups = [g for _, g in df.groupby(keys, dropna=False, sort=False)] if len(df) else []
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
     extra, paths = headline_extra(df), _path_names(df)
     headline = []
     for g in groups:
         cfg = row_config(g.iloc[0])
         network = re.sub(r"^resnet(\d+)$", r"ResNet-\1", cfg.model)
-        headline.append(
-            [cfg.label(), network, params_text(cfg, extra, paths), notes(cfg), _acc_cell(g, seeded)]
-        )
+        params = params_text(cfg, extra, paths)
+        headline.append([cfg.label(), network, params, notes(cfg), _acc_cell(g, seeded)])
     parts.append(_md(["Models", "Networks", "Params", "Notes", "Acc@1"], headline))
     over_seeds = ", mean ± std over seeds (n finished trials)" if seeded else ""
     parts.append(f"Acc@1: top-1 accuracy (%) on the test set after the last epoch{over_seeds}.")
 
     varied = _varied(df, exclude=("epochs",))  # the epochs column shows done/total
     header = ["trial", "status", *varied, "epochs", "best top-1", "final top-1", "final top-5", "int top-1"]
-    rows = []
-    for _, r in df.iterrows():
-        export = {None: "–", True: "ok", False: "FAILED"}[_plain(r["export_ok"])]
-        numbers = [_fmt(r[k]) for k in ("best_top1", "final_top1", "final_top5", "int_top1")]
-        row = [
-            r["trial_name"],
-            r["status"],
-            *(_cell(r[k], k) for k in varied),
-            f"{r['epochs_done']}/{r['epochs']}",
-        ]
-        rows.append(
-            row + numbers + [export, _fmt(r["wall_seconds"], ".0f"), _short(_plain(r["error"]) or "")]
-        )
-    parts += ["## Every trial", _md([*header, "export", "wall (s)", "error"], rows)]
+    header += ["export", "wall (s)", "error"]
+    rows = [
+        [r.trial_name, r.status, *(_cell(getattr(r, k), k) for k in varied), f"{r.epochs_done}/{r.epochs}"]
+        + [_fmt(getattr(r, k)) for k in ("best_top1", "final_top1", "final_top5", "int_top1")]
+        + [_EXPORT[_plain(r.export_ok)], _fmt(r.wall_seconds, ".0f"), _short(_plain(r.error) or "")]
+        for r in df.itertuples()
+    ]
+    parts += ["## Every trial", _md(header, rows)]
     off = [_plain(v) is False for v in df["deploy_check"]]
+    skipped = " Trials with deploy_check=false skip it (–)." if any(off) else ""
+    if off and all(off):
+        skipped = " The deployment check did not run in this sweep (deploy_check=false)."
     parts.append(
         "int top-1: top-1 of integer inference (integer codes, int accumulation, one rescale per layer; "
         "lsq/export.py). export: the ONNX model (QuantizeLinear/DequantizeLinear with the learned step "
-        "sizes) agrees with the fake-quantized model in onnxruntime."
-        + (
-            " The deployment check did not run in this sweep (deploy_check=false)."
-            if off and all(off)
-            else ""
-        )
-        + (" Trials with deploy_check=false skip it (–)." if any(off) and not all(off) else "")
+        "sizes) agrees with the fake-quantized model in onnxruntime." + skipped
     )
     links = "[results.csv](results.csv), [results.parquet](results.parquet)"
     links += ", [layers.md](layers.md) (learned step sizes and weight error per layer)" if has_layers else ""
@@ -372,21 +343,15 @@ def render_layers(layers: pd.DataFrame) -> str:
     ]
     header = ["layer", "kind", "w bits", "a bits", "w step", "a step", "w rel-MSE"]
     for _, rows in layers.groupby("trial_id", sort=False):
-        if rows["label"].iloc[0] == "FP32":
-            continue  # nothing quantized, nothing learned: layers.csv still lists it
         first = rows.iloc[0]
-        out.append(f"## {first['trial_name']} ({first['label']}, after epoch {first['epoch']})")
-        table = [
-            [
-                r.get("layer"),
-                r.get("kind"),
-                _cell(r.get("w_bits"), "w_bits"),
-                _cell(r.get("a_bits"), "a_bits"),
+        if first["label"] != "FP32":  # nothing quantized, nothing learned: layers.csv still lists it
+            out.append(f"## {first['trial_name']} ({first['label']}, after epoch {first['epoch']})")
+            table = [
+                [r.layer, r.kind, _cell(r.w_bits, "w_bits"), _cell(r.a_bits, "a_bits")]
+                + [_fmt(v, ".4g") for v in (r.w_step, r.a_step, r.w_rel_mse)]
+                for r in rows.itertuples()
             ]
-            + [_fmt(r.get(k), ".4g") for k in ("w_step", "a_step", "w_rel_mse")]
-            for _, r in rows.iterrows()
-        ]
-        out.append(_md(header, table))
+            out.append(_md(header, table))
     return "\n\n".join(out) + "\n"
 
 
@@ -402,26 +367,22 @@ class Series:
 
 
 def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], str]:
-    """What accuracy_vs_bits.png shows: (lines, levels as (label, mean top-1), x label).
-
-    A line is one first/last policy and value of each other key that varies at the same bits (one
-    that only moves with the bits, like weight decay by bits, stays within a line); seeds make one
-    point, their mean. W4A8 and W4A4 are separate lines. FP32 trials are levels, and so are FP32-weight
-    trials (W32A8) beside quantized weights; a sweep of W32A* alone is drawn against activation bits."""
+    """What accuracy_vs_bits.png shows: (lines, levels as (label, mean top-1), x label). A line per
+    first/last policy, activation bits that do not follow the weights (W4A8), and each key that
+    varies at the same bits; seeds make one point. FP32 and W32A* beside quantized weights: levels."""
     done = df[df["final_top1"].notna()]
-    by_acts = bool(done["w_bits"].isna().all() and done["a_bits"].notna().any())
+    by_acts = bool(done["w_bits"].isna().all() and done["a_bits"].notna().any())  # a sweep of W32A* alone
     x = "a_bits" if by_acts else "w_bits"
     on_axis = done[done[x].notna()]
     fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
-    w32 = done[done[x].isna() & done["a_bits"].notna()]  # W32A8 beside quantized weights
+    w32 = done[done[x].isna() & done["a_bits"].notna()]
     follows = [by_acts or _plain(a) == _plain(w) for w, a in zip(on_axis["w_bits"], on_axis["a_bits"])]
     same_bits = bool(follows) and all(follows)
     cell, paths = ["w_bits", "a_bits", "first", "last"], _path_names(done)
-    cells = on_axis.groupby(cell, dropna=False, sort=False) if len(on_axis) else []
-    # a line for each value of a key that varies within one cell of bits and first/last
-    other = [k for k in _varied(on_axis, exclude=(*cell, "seed")) if any(_several(g[k]) for _, g in cells)]
+    # a key that only moves with the bits (weight decay by bits) stays within one line
+    within = on_axis.groupby(cell, dropna=False).nunique(dropna=False).max() if len(on_axis) else {}
+    other = [k for k in _varied(on_axis, exclude=(*cell, "seed")) if within[k] > 1]
     base, level = _varied(fp32, exclude=(*cell, "seed")), _varied(w32, exclude=(*cell, "seed"))
-    w32 = w32.sort_values(["a_bits", "first", "last", *level], kind="stable")
 
     def policy(row) -> str:
         return row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
@@ -431,12 +392,9 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
 
     lines: dict[str, list] = {}  # label -> the index of its trials
     for (i, row), follow in zip(on_axis.iterrows(), follows):
-        acts = (
-            ""
-            if same_bits
-            else ", activations " + ("= weights" if follow else _cell(row["a_bits"], "a_bits"))
-        )
-        lines.setdefault(f"first/last {policy(row)}{acts}{words(row, other)}", []).append(i)
+        acts = ", activations " + ("= weights" if follow else _cell(row["a_bits"], "a_bits"))
+        text = f"first/last {policy(row)}{'' if same_bits else acts}{words(row, other)}"
+        lines.setdefault(text, []).append(i)
     series = []
     for text, index in lines.items():
         stats = on_axis.loc[index].groupby(x)["final_top1"].agg(["mean", "std"]).sort_index()
@@ -445,12 +403,12 @@ def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], 
     levels: dict[str, list[float]] = {}
     for _, row in fp32.iterrows():
         levels.setdefault(f"FP32 ({words(row, base)[2:]})" if base else "FP32", []).append(row["final_top1"])
-    for _, row in w32.iterrows():
+    for _, row in w32.sort_values(["a_bits", "first", "last", *level], kind="stable").iterrows():
         text = f"W32A{_cell(row['a_bits'])} (first/last {policy(row)}{words(row, level)})"
         levels.setdefault(text, []).append(row["final_top1"])
-    baselines = [(text, sum(v) / len(v)) for text, v in levels.items()]
     xlabel = "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body"
-    return series, baselines, "activation bits of the body (weights FP32)" if by_acts else xlabel
+    xlabel = "activation bits of the body (weights FP32)" if by_acts else xlabel
+    return series, [(text, sum(v) / len(v)) for text, v in levels.items()], xlabel
 
 
 def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
@@ -469,17 +427,10 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for s, text in zip(lines, labels):
-        drawn = ax.errorbar(
-            s.bits, s.top1, yerr=s.std if any(s.std) else None, marker="o", capsize=3, label=text
-        )
+        yerr = s.std if any(s.std) else None
+        color = ax.errorbar(s.bits, s.top1, yerr=yerr, marker="o", capsize=3, label=text)[0].get_color()
         for x, y in zip(s.bits, s.top1) if len(lines) <= 3 else ():  # more lines: the table has the figures
-            kw = {
-                "textcoords": "offset points",
-                "xytext": (5, 4),
-                "fontsize": 7,
-                "color": drawn[0].get_color(),
-            }
-            ax.annotate(f"{y:.2f}", (x, y), ha="left", **kw)
+            ax.annotate(f"{y:.2f}", (x, y), (5, 4), textcoords="offset points", fontsize=7, color=color)
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # levels told apart by their dashes, all gray
     for i, ((_, value), text) in enumerate(zip(levels, labels[len(lines) :])):
         color = "gray" if i < len(styles) else "silver"
@@ -508,13 +459,9 @@ def build_report(experiment: str, reports_dir: str, name: str | None = None, liv
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
     table = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)
-    parquet = io.BytesIO()
-    df.to_parquet(parquet, index=False)
-    written = {
-        "results.parquet": parquet.getvalue(),
-        "results.csv": df.to_csv(index=False),
-        "table.md": table,
-    }
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    written = {"results.parquet": buf.getvalue(), "results.csv": df.to_csv(index=False), "table.md": table}
     if len(layers):
         written.update({"layers.csv": layers.to_csv(index=False), "layers.md": render_layers(layers)})
     written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
