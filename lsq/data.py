@@ -111,9 +111,8 @@ class DeviceLoader:
             i = i if self.shuffle else slice(lo, hi)  # in order: a view, no copy
             return self.padded[i], self.labels[i]
         # image i, all channels, rows y0 + r, columns x0 + c (x0 + W-1-c where flipped)
-        cols = (x0[:, None] + torch.where(f.bool()[:, None], self.cols.flip(0), self.cols)).view(
-            -1, 1, 1, self.w
-        )
+        cols = torch.where(f.bool()[:, None], self.cols.flip(0), self.cols)
+        cols = (x0[:, None] + cols).view(-1, 1, 1, self.w)
         rows = (y0[:, None] + self.rows).view(-1, 1, self.h, 1)
         return self.padded[i.view(-1, 1, 1, 1), self.chans, rows, cols], self.labels[i]
 

@@ -339,10 +339,8 @@ def test_cli_runs_and_saves(tmp_path, capsys):
     # this command's flag, not the sweep's --set data_dir
     (["--dataset", "cifar10", "--data_dir", "/nonexistent/cifar"], "pass --data_dir=<folder holding cifar10>"),
     # (--epochs 1: without the check, 0 trained with the default threads and -1 was a RuntimeError)
-    (["--threads", "0", "--epochs", "1", "--batch_size", "256"], "--threads 0: allowed: a whole number from 1 to 1024"),
-    (["--threads", "-1", "--epochs", "1", "--batch_size", "256"], "--threads -1: allowed: a whole number from 1 to 1024"),
-    # (100000 threads: torch's thread pool crashed the process, a segfault)
-    (["--threads", "100000", "--epochs", "1", "--batch_size", "256"], "--threads 100000: allowed: a whole number from 1 to 1024"),
+    (["--threads", "0", "--epochs", "1", "--batch_size", "256"], "--threads 0: allowed: a whole number >= 1"),
+    (["--threads", "-1", "--epochs", "1", "--batch_size", "256"], "--threads -1: allowed: a whole number >= 1"),
 ])
 def test_cli_bad_input(argv, needle, capsys):
     assert main(argv) == 2
@@ -413,21 +411,12 @@ def test_cli_init_from_a_folder_says_so(tmp_path, capsys):
     ("file.txt/x.pt", "file.txt is a file; allowed: a file path in a folder"),
     ("a_folder", "a_folder: is a folder; allowed: a file path"),
     ("", "--save '': an empty path; allowed: a file path"),
-    # links that lead nowhere: the checkpoint replaced the link silently, and a folder that is one
-    # was a FileExistsError traceback after the training (or, for a loop, called 'a file')
-    ("dangling.pt", "dangling.pt: is a broken symbolic link to nowhere/x.pt; allowed: a file path"),
-    ("loop.pt", "loop.pt: is a symbolic link in a loop (to loop.pt)"),
-    ("dangling_dir/x.pt", "dangling_dir is a broken symbolic link to nowhere; allowed: a file path in a folder"),
-    ("loop.pt/x.pt", "loop.pt is a symbolic link in a loop"),
 ])
 def test_cli_checks_save_before_training(tmp_path, save, needle, capsys):
     """A --save that cannot be written is an error at once, not after the training it would lose
     (or, for '', a run that saves nothing and says nothing)."""
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "a_folder").mkdir()
-    (tmp_path / "dangling.pt").symlink_to("nowhere/x.pt")
-    (tmp_path / "dangling_dir").symlink_to("nowhere")
-    (tmp_path / "loop.pt").symlink_to("loop.pt")
     before = sorted(tmp_path.rglob("*"))
     target = str(tmp_path / save) if save else ""
     assert main(["--epochs", "1", "--bit", "8", "--batch_size", "256", "--save", target]) == 2

@@ -78,12 +78,11 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path, 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from ray.tune.logger import logger as tune_logger
 
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import sweep
+    from lsq.ray_fixes import results_survive_a_restart
 
     cls = tune_logger.LoggerCallback
     monkeypatch.setattr(cls, "_restore_from_remote", cls._restore_from_remote)  # restored afterwards
-    assert sweep.results_survive_a_restart()
+    assert results_survive_a_restart()
     # the same trial twice at once: straight, and crashed after epoch 1
     # (the marker must not be a path Tune creates itself, such as the experiment's folder)
     marker = tmp_path / "crash_marker"
