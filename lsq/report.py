@@ -89,14 +89,6 @@ def _last_error(st: Storage, folder: str) -> str | None:
     return f"{errors[-1]} ({count(failures, 'failure')})" if failures else errors[-1]
 
 
-def _latest_checkpoint(st: Storage, folder: str, rows: list[dict]) -> str | None:
-    """The checkpoint of the latest reported epoch that is still stored. Tune writes a result line
-    only after its checkpoint is stored whole: one that no result names (a full disk) is skipped."""
-    stored = {n for n, is_dir in st.listdir(folder) if is_dir and re.match(r"checkpoint_\d+$", n)}
-    named = [r["checkpoint_dir_name"] for r in rows if r.get("checkpoint_dir_name") in stored]
-    return named[-1] if named else None
-
-
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
     """What became of a trial, from its own results first and Tune's last snapshot second.
     `live`: a driver may run the sweep now, so an unfinished trial may be running."""
@@ -126,7 +118,11 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
     epochs = rows[:-1] if failed else rows
     last = epochs[-1] if epochs else {}
     export_failed = last.get("export_reason") if last.get("export_ok") is False else None
-    checkpoint = _latest_checkpoint(st, folder, epochs) if folder else None
+    # the latest reported checkpoint still stored: Tune writes a result line only after its
+    # checkpoint is stored whole, so one that no result names (a full disk mid-copy) is never used
+    stored = {name for name, is_dir in st.listdir(folder) if is_dir} if folder else set()
+    named = [r.get("checkpoint_dir_name") for r in epochs]
+    checkpoint = next((c for c in reversed(named) if c in stored), None)
     record = {
         **cfg.to_dict(),
         "trial_id": t["trial_id"],
