@@ -1,17 +1,10 @@
 """Deployment proof: integer reference inference, and ONNX export with the learned step sizes.
 
-A quantized layer computes y = conv(v_hat_a, v_hat_w) + b with v_hat = q * s (eq. 1-2); conv is
-bilinear, so y = s_a * s_w * conv(q_a, q_w) + b: one integer multiply-accumulate and one rescale.
-`deploy_model(model, "int")` runs that exactly (layers with FP32 input or weights in float64).
-`export_onnx` writes each quantized input as QuantizeLinear -> [Clip to [-Qn, Qp] below 8 bits] ->
-DequantizeLinear (scale s, zero point 0) and each weight as int8 codes -> DequantizeLinear: the same
-function, as QuantizeLinear divides and rounds half to even like torch and clip commutes with round
-for integer bounds. `compare_paths` checks both paths against the fake-quant model.
-
-    python -m lsq.export CHECKPOINT.pt|CHECKPOINT_FOLDER [--out model.onnx] [--data_dir DIR] [--json figures.json]
-
-onnx and onnxruntime are an optional extra (requirements-export.txt): without them
-`deployment_check` checks the integer path alone, and the command line stops with what to install.
+With v_hat = q * s (eq. 1-2) a layer's conv(v_hat_a, v_hat_w) + b is s_a * s_w * conv(q_a, q_w) + b:
+one integer multiply-accumulate and one rescale, which `deploy_model(model, "int")` runs exactly.
+`export_onnx` writes quantizers as QuantizeLinear -> [Clip to [-Qn, Qp]] -> DequantizeLinear, the
+same function (round half to even; clip and round commute for integer bounds). `compare_paths`
+checks both against the fake-quant model. onnx and onnxruntime are an optional extra.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from .cli import EXIT_HELP, FAILED, OK, run_command
 from .config import ConfigError, TrialConfig
@@ -63,11 +55,9 @@ class DeployLayer(nn.Module):
         self.path = path
         self.op, self.geometry, self.fan_in = F.linear, None, layer.weight[0].numel()  # products per output
         if isinstance(layer, QConv2d):
-            stride, padding, dilation = self.geometry = (layer.stride, layer.padding, layer.dilation)
-            self.op = partial(
-                F.conv2d, stride=stride, padding=padding, dilation=dilation, groups=layer.groups
-            )
-            if layer.groups != 1 or isinstance(padding, str):
+            st, pad, dil = self.geometry = (layer.stride, layer.padding, layer.dilation)
+            self.op = partial(F.conv2d, stride=st, padding=pad, dilation=dil, groups=layer.groups)
+            if layer.groups != 1 or isinstance(pad, str):
                 self.geometry = None  # gemm leaves such a conv to F.conv2d
         wq, aq = layer.w_quant, layer.a_quant
         self.w_bits, self.a_bits = wq.bits, aq.bits
@@ -100,9 +90,8 @@ class DeployLayer(nn.Module):
         if not self.is_integer:
             acc = self.op(x.double(), w.double())
         else:
-            # Every partial sum of the fan_in products, in any order, is an integer of magnitude at
-            # most fan_in * Qa * Qw: exact in float32 below 2^24, in float64 below 2^53. That holds
-            # for matrix products, not for transform-based convs (Winograd, FFT), hence gemm.
+            # Every partial sum of the products, in any order, is an integer of magnitude <= bound:
+            # exact in float32 below 2^24 (float64: 2^53) in matrix products; not so in Winograd convs
             bound = self.fan_in * max(self.a_qn, self.a_qp) * max(self.w_qn, self.w_qp)
             fp32 = bound < 2**24 and full_fp32_matmul(x)
             acc = self.gemm(x, w, torch.float32 if fp32 else torch.float64)
@@ -123,17 +112,13 @@ class DeployLayer(nn.Module):
             if self.op is F.linear:
                 return (x.to(dtype) @ w.to(dtype).t()).double()
             return self.op(x.double(), w.double())  # a grouped conv, or padding given as a word
-        stride, padding, dilation = self.geometry
-        (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-        o, c, kh, kw = w.shape
-        h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wd = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        w, step = w.to(dtype).reshape(o, -1), max(1, 2**24 // (c * kh * kw * h * wd))  # images at a time
-        cols = (
-            F.unfold(x[i : i + step].to(dtype), (kh, kw), dilation, padding, stride)
-            for i in range(0, len(x), step)
-        )
-        return torch.cat([w @ col for col in cols]).view(-1, o, h, wd).double()
+        st, pad, dil = self.geometry
+        _, o, h, wd = F.conv2d(x.to("meta", torch.float), w.to("meta", torch.float), None, st, pad, dil).shape
+        step = max(1, 2**24 // (w[0].numel() * h * wd))  # images at a time: 2^24 values unfolded
+        cols = [
+            F.unfold(x[i : i + step].to(dtype), w.shape[2:], dil, pad, st) for i in range(0, len(x), step)
+        ]
+        return torch.cat([w.to(dtype).reshape(o, -1) @ col for col in cols]).view(-1, o, h, wd).double()
 
     def qdq_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits is not None:
@@ -152,14 +137,6 @@ def deploy_model(model: nn.Module, path: str = "int") -> nn.Module:
     return deployed
 
 
-WHY_FLOAT = {
-    (False, False): "",
-    (True, True): "FP32",
-    (True, False): "weights FP32",
-    (False, True): "input FP32",
-}
-
-
 def layer_table(model: nn.Module) -> list[dict]:
     """One row per conv/linear layer: is it integer, and if not, why."""
     rows = []
@@ -168,7 +145,8 @@ def layer_table(model: nn.Module) -> list[dict]:
             continue
         quantized = isinstance(m, (QConv2d, QLinear))
         w, a = (m.w_quant.bits, m.a_quant.bits) if quantized else (None, None)
-        why = WHY_FLOAT[w is None, a is None] if quantized else "not quantized"
+        why = ["", "input FP32", "weights FP32", "FP32"][2 * (w is None) + (a is None)]
+        why = why if quantized else "not quantized"
         rows.append({"layer": name, "w_bits": w, "a_bits": a, "integer": not why, "why_float": why})
     return rows
 
@@ -250,16 +228,11 @@ def onnx_session(model: str | bytes, fold_batch_norms: bool = True):
 
 
 # ---------------------------------------------------------------------------- comparison
-# Given the same input, the paths' layer outputs differ by float32 rounding only, but where that
-# puts an activation within ~1e-7 of a half step the next quantizer rounds it differently, and the
-# step propagates to the logits: an end-to-end logit tolerance would fail correct exports. So each
-# path is checked exactly where the math is exact, plus the classes end to end:
-#   int:  each integer layer, on the fake-quant layer's own input, matches it to LAYER_TOL;
-#   onnx: the weights are bit-identical and each quantizer outputs exactly round(clip(x/s)) of its input;
-#   both: classes agree on AGREEMENT_TARGET % of the images, or all but one (a split of 360 images).
-# onnxruntime's ConvBNFusion folds float layers' batch norms into their weights, a float change
-# that flips more half steps: a model with float layers that misses the target with it, by no
-# more than such flips do (>= FOLD_FLOOR), is judged without it, and the folded figure reported.
+# float32 noise near a half step rounds an activation differently in another path and moves the
+# logits, so each path is checked exactly where the math is exact (integer layers on the fake-quant
+# layer's own input; ONNX weights and each quantizer's codes), plus the classes end to end.
+# onnxruntime's ConvBNFusion folds float layers' batch norms, a float change that flips more half
+# steps: a model with float layers missing the target by no more (>= FOLD_FLOOR) is judged without it.
 FOLD_FLOOR = 98.0  # percent
 AGREEMENT_TARGET = 99.9  # percent of test images whose predicted class must agree
 LOGIT_TOL = 1e-4  # |logit diff| / logit scale under which an image's logits "match"

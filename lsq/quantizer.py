@@ -184,7 +184,6 @@ class LsqQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, kind={self.kind}, range=[-{self.qn}, {self.qp}]"
 
 
-# ------------------------------------------------------------------------------ fast paths
 FAST_PATH: bool | None = None  # True/False: on/off; None: LSQ_FAST_PATH decides at the first call
 KERNELS: dict = {}  # device type -> its kernels, or None where they could not be built
 

@@ -37,8 +37,16 @@ from lsq.policy import BitPolicy, init_steps, quantize_model
 from lsq.quantizer import STEP_EPS
 from lsq.train import Trainer
 
-CFG = {"dataset": "digits", "model": "resnet20", "epochs": 3, "lr": 0.1, "batch_size": 64, "seed": 0,
-       "w_bits": 4, "a_bits": 4}
+CFG = {
+    "dataset": "digits",
+    "model": "resnet20",
+    "epochs": 3,
+    "lr": 0.1,
+    "batch_size": 64,
+    "seed": 0,
+    "w_bits": 4,
+    "a_bits": 4,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +155,9 @@ def test_onnx_carries_the_learned_steps_and_int_codes(check, trained):
     _, trainer, _ = trained
     graph = onnx.load(str(out)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"
+    }
     by_scale = {}
     for n in graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -157,7 +167,10 @@ def test_onnx_carries_the_learned_steps_and_int_codes(check, trained):
     for name, layer in qlayers(trainer.model):
         a_scale, w_scale, w_codes = (inits[f"{name}.{k}"] for k in ("a_scale", "w_scale", "w_codes"))
         assert a_scale.item() == layer.a_quant.step.item() and w_scale.item() == layer.w_quant.step.item()
-        assert sorted(n.op_type for n in by_scale[f"{name}.a_scale"]) == ["DequantizeLinear", "QuantizeLinear"]
+        assert sorted(n.op_type for n in by_scale[f"{name}.a_scale"]) == [
+            "DequantizeLinear",
+            "QuantizeLinear",
+        ]
         assert [n.input[0] for n in by_scale[f"{name}.w_scale"]] == [f"{name}.w_codes"]
         assert w_codes.dtype.name == "int8"
         w_hat = torch.tensor(w_codes).float() * torch.tensor(w_scale)
@@ -232,18 +245,32 @@ def test_class_agreement_allows_one_tie_flip_on_a_small_split(n, allowed):
         assert not agreement_ok({"n_images": n, f"{prefix}_disagreements": allowed + 1}, prefix)
 
 
-@pytest.mark.parametrize("bits, c_in, kernel, stride, padding, dilation, size", [
-    (4, 16, 3, 1, 1, 1, (9, 9)),    # a CIFAR ResNet body conv: bound 144 * 15 * 8 < 2^24, fp32 products
-    (4, 32, 3, 2, 1, 1, (8, 7)),    # downsampling, an odd and non-square input
-    (8, 64, 3, 1, 1, 1, (6, 6)),    # 8 bits, 576 products: bound 18.8M >= 2^24, float64 products
-    (8, 16, 1, 2, 0, 1, (7, 7)),    # a 1x1 strided shortcut
-    (2, 8, (3, 5), (2, 1), (2, 1), (2, 1), (10, 9)),  # a rectangular, dilated kernel
-])
-def test_integer_layer_matrix_products_equal_the_float64_conv(bits, c_in, kernel, stride, padding, dilation, size):
+@pytest.mark.parametrize(
+    "bits, c_in, kernel, stride, padding, dilation, size",
+    [
+        (4, 16, 3, 1, 1, 1, (9, 9)),  # a CIFAR ResNet body conv: bound 144 * 15 * 8 < 2^24, fp32 products
+        (4, 32, 3, 2, 1, 1, (8, 7)),  # downsampling, an odd and non-square input
+        (8, 64, 3, 1, 1, 1, (6, 6)),  # 8 bits, 576 products: bound 18.8M >= 2^24, float64 products
+        (8, 16, 1, 2, 0, 1, (7, 7)),  # a 1x1 strided shortcut
+        (2, 8, (3, 5), (2, 1), (2, 1), (2, 1), (10, 9)),  # a rectangular, dilated kernel
+    ],
+)
+def test_integer_layer_matrix_products_equal_the_float64_conv(
+    bits, c_in, kernel, stride, padding, dilation, size
+):
     """The integer path's conv as matrix products over kernel taps, against PyTorch's float64
     conv of the same codes, with codes at the ends of their ranges: equal, value for value."""
-    conv = QConv2d(c_in, 12, kernel, stride=stride, padding=padding, dilation=dilation, bias=False,
-                   w_bits=bits, a_bits=bits)
+    conv = QConv2d(
+        c_in,
+        12,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=False,
+        w_bits=bits,
+        a_bits=bits,
+    )
     x = torch.rand(5, c_in, *size) * 3
     init_steps(conv, x)
     layer = DeployLayer(conv, "int")
@@ -255,17 +282,22 @@ def test_integer_layer_matrix_products_equal_the_float64_conv(bits, c_in, kernel
     w[0] = -conv.w_quant.qn
     reference = F.conv2d(codes.double(), w.double(), stride=stride, padding=padding, dilation=dilation)
     bound = layer.fan_in * max(qn, qp) * max(conv.w_quant.qn, conv.w_quant.qp)
-    for dtype in ((torch.float32, torch.float64) if bound < 2**24 else (torch.float64,)):
+    for dtype in (torch.float32, torch.float64) if bound < 2**24 else (torch.float64,):
         got = layer.gemm(codes, w, dtype)
         assert got.dtype == torch.float64 and torch.equal(got, reference), dtype
     assert float(reference.abs().max()) == layer.fan_in * qp * conv.w_quant.qn
 
 
-@pytest.mark.parametrize("bits, c_in, products", [
-    (4, 16, torch.float32),   # bound 144 * 15 * 8 = 17,280 < 2^24: fp32 sums are exact
-    (8, 64, torch.float64),   # bound 576 * 255 * 128 = 18.8M >= 2^24: fp32 would round odd sums
-])
-def test_integer_forward_takes_float64_products_where_fp32_sums_could_round(bits, c_in, products, monkeypatch):
+@pytest.mark.parametrize(
+    "bits, c_in, products",
+    [
+        (4, 16, torch.float32),  # bound 144 * 15 * 8 = 17,280 < 2^24: fp32 sums are exact
+        (8, 64, torch.float64),  # bound 576 * 255 * 128 = 18.8M >= 2^24: fp32 would round odd sums
+    ],
+)
+def test_integer_forward_takes_float64_products_where_fp32_sums_could_round(
+    bits, c_in, products, monkeypatch
+):
     """The whole integer path of a layer, at the codes that reach the accumulator's bound: its
     output is the float64 conv of the codes, rescaled once; the products are fp32 only below 2^24."""
     conv = QConv2d(c_in, 4, 3, padding=1, bias=False, w_bits=bits, a_bits=bits)
@@ -323,14 +355,18 @@ class _ShuffledLogits:
         if names != ["logits"]:  # the per-quantizer code check: as it is
             return outs
         out = outs[0].copy()
-        out[::self.every] = out[::self.every, [*range(1, out.shape[1]), 0]]
+        out[:: self.every] = out[:: self.every, [*range(1, out.shape[1]), 0]]
         return [out]
 
 
-@pytest.mark.parametrize("policy,every,fallback", [(BitPolicy(None, 8), 90, True), (BitPolicy(None, 8), 3, False),
-                                                   (BitPolicy(4, 4), 90, False)],
-                         ids=["W32A8, 1 % off", "W32A8, 33 % off", "W4A4, 1 % off"])
-def test_float_layers_are_judged_without_the_batch_norm_fold(trained, tmp_path, monkeypatch, policy, every, fallback):
+@pytest.mark.parametrize(
+    "policy,every,fallback",
+    [(BitPolicy(None, 8), 90, True), (BitPolicy(None, 8), 3, False), (BitPolicy(4, 4), 90, False)],
+    ids=["W32A8, 1 % off", "W32A8, 33 % off", "W4A4, 1 % off"],
+)
+def test_float_layers_are_judged_without_the_batch_norm_fold(
+    trained, tmp_path, monkeypatch, policy, every, fallback
+):
     """onnxruntime's ConvBNFusion folds the batch norm of every float-weight conv into its
     weights (digits W32A8: classes agreed on 98.9 % with it, 100 % without). Where a model has
     float layers and misses the class agreement with the fold by no more than such flips do, it
@@ -467,16 +503,25 @@ def test_cli_checkpoint_whose_model_is_not_a_state_dict(tmp_path, trained, capsy
     state = torch.load(path, weights_only=True)
     bad = tmp_path / "bad.pt"
     torch.save({**state, "model": 5}, bad)
-    _refused([str(bad), "--out", str(tmp_path / "m.onnx")], capsys, f"checkpoint {bad}", "'model' is of type int",
-             "not a state dict")
+    _refused(
+        [str(bad), "--out", str(tmp_path / "m.onnx")],
+        capsys,
+        f"checkpoint {bad}",
+        "'model' is of type int",
+        "not a state dict",
+    )
     assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("threads", ["0", "-1"])
 def test_cli_threads_out_of_range(tmp_path, trained, threads, capsys):
     path, _, _ = trained
-    _refused([str(path), "--out", str(tmp_path / "m.onnx"), "--threads", threads], capsys,
-             f"--threads {threads}", "allowed: a whole number >= 1")
+    _refused(
+        [str(path), "--out", str(tmp_path / "m.onnx"), "--threads", threads],
+        capsys,
+        f"--threads {threads}",
+        "allowed: a whole number >= 1",
+    )
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -487,13 +532,28 @@ def test_cli_checks_where_it_writes_before_any_work(tmp_path, trained, capsys):
     onnx_out = tmp_path / "sub" / "m.onnx"
     a_file = tmp_path / "file.txt"
     a_file.write_text("a file, not a folder\n")
-    _refused([str(path), "--out", str(onnx_out), "--json", str(a_file / "f.json")], capsys,
-             f"--json {a_file / 'f.json'}", f"{a_file} is a file", "allowed:")
-    _refused([str(path), "--out", str(onnx_out), "--json", str(tmp_path)], capsys, f"--json {tmp_path}", "is a folder")
+    _refused(
+        [str(path), "--out", str(onnx_out), "--json", str(a_file / "f.json")],
+        capsys,
+        f"--json {a_file / 'f.json'}",
+        f"{a_file} is a file",
+        "allowed:",
+    )
+    _refused(
+        [str(path), "--out", str(onnx_out), "--json", str(tmp_path)],
+        capsys,
+        f"--json {tmp_path}",
+        "is a folder",
+    )
     _refused([str(path), "--out", str(onnx_out), "--json", ""], capsys, "--json ''", "allowed: a file path")
     _refused([str(path), "--out", str(a_file / "m.onnx")], capsys, f"--out {a_file / 'm.onnx'}", "is a file")
     _refused([str(path), "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a folder")
-    _refused([str(path), "--out", str(onnx_out), "--json", str(onnx_out)], capsys, "--json", "is also the ONNX file")
+    _refused(
+        [str(path), "--out", str(onnx_out), "--json", str(onnx_out)],
+        capsys,
+        "--json",
+        "is also the ONNX file",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
@@ -510,8 +570,12 @@ def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys
     link = tmp_path / "link.onnx"
     link.symlink_to(ckpt)
     _refused([str(ckpt), "--out", str(link)], capsys, f"--out {link}", "checkpoint being read")
-    _refused([str(ckpt), "--out", str(tmp_path / "x.onnx"), "--json", str(ckpt)], capsys,
-             f"--json {ckpt}", "checkpoint being read")
+    _refused(
+        [str(ckpt), "--out", str(tmp_path / "x.onnx"), "--json", str(ckpt)],
+        capsys,
+        f"--json {ckpt}",
+        "checkpoint being read",
+    )
     named_onnx = tmp_path / "model.onnx"
     shutil.copy(path, named_onnx)
     _refused([str(named_onnx)], capsys, f"--out {named_onnx}", "the default", "given with --out")
@@ -521,7 +585,12 @@ def test_cli_never_writes_over_the_checkpoint_it_reads(tmp_path, trained, capsys
     _refused([str(folder), "--out", str(folder / "checkpoint.pt")], capsys, "--out", "checkpoint being read")
     for kept in (ckpt, named_onnx, folder / "checkpoint.pt"):
         assert kept.read_bytes() == data
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "link.onnx", "model.onnx", "w4a4.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_000003",
+        "link.onnx",
+        "model.onnx",
+        "w4a4.pt",
+    ]
     assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]
 
 

@@ -129,14 +129,20 @@ def test_bfloat16_codes_are_exactly_the_integers_and_rebuild_the_same_bits(bits,
     qn, qp = paper_range(bits, signed)
     k = torch.arange(-qn, qp + 1)
     gen = torch.Generator().manual_seed(bits)
-    steps = torch.cat([torch.tensor([1e-8, 0.0371, 1.7, 3.0e3]),
-                       torch.exp(torch.empty(300).uniform_(-18.0, 8.0, generator=gen))])
+    steps = torch.cat(
+        [
+            torch.tensor([1e-8, 0.0371, 1.7, 3.0e3]),
+            torch.exp(torch.empty(300).uniform_(-18.0, 8.0, generator=gen)),
+        ]
+    )
     for s_t in steps.float():
         v_hat = (k.float() * s_t).to(torch.bfloat16)  # the forward's float32 product, cast as it casts
         codes = to_codes(v_hat, s_t, signed)
         assert np.array_equal(codes.long().numpy(), k.numpy()), f"s = {float(s_t)!r}"
         rebuilt = from_codes(codes, s_t, torch.bfloat16)
-        assert rebuilt.dtype == torch.bfloat16 and torch.equal(rebuilt.view(torch.int16), v_hat.view(torch.int16))
+        assert rebuilt.dtype == torch.bfloat16 and torch.equal(
+            rebuilt.view(torch.int16), v_hat.view(torch.int16)
+        )
 
 
 def grads_of(layer, x, up):
@@ -211,7 +217,9 @@ def image_conv_on_cpu(monkeypatch):
 def image_layer(bits, signed, stride, padding, bias, seed):
     """A first layer as quantize_model makes it: its input is the image, which needs no gradient."""
     gen = torch.Generator().manual_seed(seed)
-    layer = QConv2d(3, 8, 3, stride=stride, padding=padding, bias=bias, w_bits=bits, a_bits=bits, a_signed=signed)
+    layer = QConv2d(
+        3, 8, 3, stride=stride, padding=padding, bias=bias, w_bits=bits, a_bits=bits, a_signed=signed
+    )
     x = torch.randn(4, 3, 11, 11, generator=gen) * 1.3  # not a multiple of the stride: edges matter
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.3)
@@ -248,13 +256,17 @@ def paper_image_grads(layer, x, up, bits, signed, dtype=torch.float32):
 @pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 1, False), (2, 0, True)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
-        bits, signed, stride, padding, bias, channels_last, monkeypatch):
+    bits, signed, stride, padding, bias, channels_last, monkeypatch
+):
     """A first layer's input needs no gradient, so its quantizer's step gradient is taken through
     the conv's weight gradient (lsq.layers.ImageConv), never its input gradient. It must still
     equal eq. 3 summed against dL/dx_hat; the weight and bias gradients are the conv's own."""
     layer, x = image_layer(bits, signed, stride, padding, bias, seed=bits + stride)
     if channels_last:
-        layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        layer, x = (
+            layer.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
     input_grads = []
     real = torch.ops.aten.convolution_backward
 
@@ -270,10 +282,14 @@ def test_image_conv_step_gradient_follows_the_paper_without_the_input_gradient(
 
     assert input_grads == [False], "the image conv computed an input gradient, or ran no backward of its own"
     assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
-    assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max()))
+    assert torch.allclose(
+        layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max())
+    )
     assert bias is (layer.bias is not None)
     assert not bias or torch.allclose(layer.bias.grad.double(), b_grad, atol=1e-6 * float(b_grad.abs().max()))
-    assert layer.weight.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert layer.weight.grad.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
 
 
 @pytest.mark.usefixtures("image_conv_on_cpu")
@@ -293,7 +309,9 @@ def test_image_conv_under_bf16_autocast_takes_the_step_sum_in_float32():
         out.backward(up)
         step_grad, w_grad, _ = paper_image_grads(layer, x, up, 8, True, torch.bfloat16)
         assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-4), seed
-        assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max()))
+        assert torch.allclose(
+            layer.weight.grad.double(), w_grad, rtol=1e-2, atol=1e-2 * float(w_grad.abs().max())
+        )
 
 
 @pytest.mark.usefixtures("image_conv_on_cpu")
@@ -321,12 +339,15 @@ def test_image_conv_initializes_the_input_step_on_the_first_training_batch():
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     layer(x).sum().backward()
     assert bool(layer.a_quant.initialized)
-    assert layer.a_quant.step.item() == pytest.approx(2 * x.abs().mean().item() / 127 ** 0.5, rel=1e-6)
+    assert layer.a_quant.step.item() == pytest.approx(2 * x.abs().mean().item() / 127**0.5, rel=1e-6)
     assert layer.a_quant.step.grad is not None
 
 
-@pytest.mark.parametrize("options", [dict(groups=3), dict(padding="same"), dict(padding_mode="reflect"),
-                                     dict(dilation=2), dict()], ids=["groups", "same", "reflect", "dilation", "plain"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(groups=3), dict(padding="same"), dict(padding_mode="reflect"), dict(dilation=2), dict()],
+    ids=["groups", "same", "reflect", "dilation", "plain"],
+)
 def test_every_conv_gives_the_same_outputs_and_gradients_with_or_without_the_image_conv(options):
     """Where ImageConv cannot run the conv as it is (groups, padding given as a word, another
     padding mode) the layer keeps the quantizer-then-conv path; a dilated conv runs it. Either
@@ -352,8 +373,13 @@ def test_an_image_conv_is_used_only_where_the_input_needs_no_gradient(monkeypatc
     real = ImageConv.forward
     monkeypatch.setattr(ImageConv, "forward", staticmethod(lambda *a: used.append(1) or real(*a)))
     results = []
-    for image_conv, x_grad, hook in ((True, False, False), (False, False, False), (None, False, False),
-                                     (True, True, False), (True, False, True)):
+    for image_conv, x_grad, hook in (
+        (True, False, False),
+        (False, False, False),
+        (None, False, False),
+        (True, True, False),
+        (True, False, True),
+    ):
         layer, x = image_layer(4, False, 2, 1, True, seed=0)
         if image_conv is not None:  # None: the default
             layer.image_conv_devices = ("cpu",) if image_conv else ()
@@ -390,5 +416,7 @@ def test_compiled_image_conv_follows_the_paper(monkeypatch):
     out.backward(up)
     step_grad, w_grad, b_grad = paper_image_grads(layer, x, up, 8, True)
     assert torch.allclose(layer.a_quant.step.grad.double(), step_grad, rtol=1e-5, atol=1e-9)
-    assert torch.allclose(layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max()))
+    assert torch.allclose(
+        layer.weight.grad.double(), w_grad, rtol=1e-5, atol=1e-6 * float(w_grad.abs().max())
+    )
     assert torch.allclose(layer.bias.grad.double(), b_grad, atol=1e-6 * float(b_grad.abs().max()))

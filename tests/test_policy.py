@@ -56,7 +56,16 @@ def quantized(fp32_models, name, policy, **kw):
 
 
 def check_rows(df, names, first, last, expect_first, expect_body, expect_last):
-    assert list(df.columns) == ["layer", "kind", "w_bits", "a_bits", "a_signed", "w_step", "a_step", "w_rel_mse"]
+    assert list(df.columns) == [
+        "layer",
+        "kind",
+        "w_bits",
+        "a_bits",
+        "a_signed",
+        "w_step",
+        "a_step",
+        "w_rel_mse",
+    ]
     assert len(df) == len(names)
     assert list(df["layer"]) == names  # model order
     for row in df.itertuples():
@@ -110,7 +119,9 @@ def test_fp32_body_keeps_whole_model_fp32(fp32_models, model_name, first, last):
     assert len(df) == len(layer_names(original))
     assert df["w_bits"].isna().all() and df["a_bits"].isna().all()
     assert all(v is None for v in df["w_bits"]) and all(v is None for v in df["a_bits"])
-    assert all(q.step is None for m in model.modules() for q in [getattr(m, "w_quant", None)] if q is not None)
+    assert all(
+        q.step is None for m in model.modules() for q in [getattr(m, "w_quant", None)] if q is not None
+    )
     # and it computes exactly what the FP32 model computes
     x = torch.randn(2, 3, 32, 32)
     original.eval(), model.eval()
@@ -136,7 +147,12 @@ def test_fp32_weights_kept_and_layers_swapped(fp32_models, model_name):
         if o.bias is not None:
             assert torch.equal(q.bias, o.bias)
         if isinstance(o, nn.Conv2d):
-            assert (q.stride, q.padding, q.kernel_size, q.groups) == (o.stride, o.padding, o.kernel_size, o.groups)
+            assert (q.stride, q.padding, q.kernel_size, q.groups) == (
+                o.stride,
+                o.padding,
+                o.kernel_size,
+                o.groups,
+            )
     # everything else (BatchNorm etc.) is untouched: the FP32 state dict is a subset
     qstate = model.state_dict()
     for k, v in original.state_dict().items():
@@ -152,10 +168,13 @@ def test_grad_scale_options_reach_every_quantizer(fp32_models):
     assert all(q.grad_scale_n == "numel" and q.grad_scale is False for q in qs)
 
 
-@pytest.mark.parametrize("model_name,policy", [
-    ("resnet18", BitPolicy(4, 4)),
-    ("resnet20", BitPolicy(2, 2, first="body", last="w8_a_fp32")),
-])
+@pytest.mark.parametrize(
+    "model_name,policy",
+    [
+        ("resnet18", BitPolicy(4, 4)),
+        ("resnet20", BitPolicy(2, 2, first="body", last="w8_a_fp32")),
+    ],
+)
 def test_quantized_model_runs_forward_backward(fp32_models, model_name, policy, seed):
     _, model = quantized(fp32_models, model_name, policy)
     model.train()
@@ -209,7 +228,9 @@ def test_init_steps_sets_every_step_and_leaves_batchnorm_and_the_mode_alone(fp32
     inputs = {}
     names = layer_names(model)
     for name in names:
-        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].clone()))
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: inputs.setdefault(name, args[0].clone())
+        )
     images = torch.randn(8, 3, 32, 32, generator=seed)
 
     init_steps(model, images)
@@ -224,8 +245,16 @@ def test_init_steps_sets_every_step_and_leaves_batchnorm_and_the_mode_alone(fp32
         m = model.get_submodule(name)
         w_bits, a_bits = EXPECTED_END["w8a8"] if name in (first, last) else (W, A)
         assert (m.w_quant.bits, m.a_quant.bits) == (w_bits, a_bits), name
-        w_step = 2 * m.weight.detach().double().abs().mean().item() / math.sqrt(paper_range(w_bits, signed=True)[1])
-        a_step = 2 * inputs[name].double().abs().mean().item() / math.sqrt(paper_range(a_bits, signed=name == first)[1])
+        w_step = (
+            2
+            * m.weight.detach().double().abs().mean().item()
+            / math.sqrt(paper_range(w_bits, signed=True)[1])
+        )
+        a_step = (
+            2
+            * inputs[name].double().abs().mean().item()
+            / math.sqrt(paper_range(a_bits, signed=name == first)[1])
+        )
         assert m.w_quant.step.item() == pytest.approx(w_step, rel=1e-5), name
         assert m.a_quant.step.item() == pytest.approx(a_step, rel=1e-5), name
         assert bool(m.w_quant.initialized) and bool(m.a_quant.initialized), name

@@ -452,11 +452,14 @@ def test_forward_equations_mutate_nothing_and_return_a_new_tensor():
         calls.clear()
         with Record():
             out = quantizer_module.eager_forward(v, s, qn, qp)
-        in_place = [n for n, _, _ in calls if (n.endswith("_") and not n.startswith("__")) or n.startswith("__i")]
+        in_place = [
+            n for n, _, _ in calls if (n.endswith("_") and not n.startswith("__")) or n.startswith("__i")
+        ]
         assert not in_place, in_place
         # an op's result may be its own argument only where that argument is the input v
-        passed_through = [n for n, a, o in calls
-                          if isinstance(o, torch.Tensor) and any(o is x for x in a) and o is not v]
+        passed_through = [
+            n for n, a, o in calls if isinstance(o, torch.Tensor) and any(o is x for x in a) and o is not v
+        ]
         assert not passed_through, passed_through
         assert out.dtype == dtype and out is not v
 
@@ -480,12 +483,16 @@ def test_compiled_quantizer_follows_the_papers_gradients(kind, signed, opaque, s
     out = compiled(vv)
     out.backward(upstream)
     n = math.prod(shape) if kind == "weight" else math.prod(shape[1:])
-    fwd, ref_gv, ref_gs, scale = paper_reference(v.numpy(), S, qn, qp, upstream.numpy(), 1.0 / math.sqrt(n * qp))
+    fwd, ref_gv, ref_gs, scale = paper_reference(
+        v.numpy(), S, qn, qp, upstream.numpy(), 1.0 / math.sqrt(n * qp)
+    )
     assert np.array_equal(out.detach().double().numpy(), fwd)
     assert np.array_equal(vv.grad.double().numpy(), ref_gv)
     assert float(q.step.grad) == pytest.approx(ref_gs, rel=1e-5, abs=1e-6 * scale)
     fast = quantizer_module.fast_path(v)  # (outside the compiled code: the CPU kernels)
-    if fast is not None:  # the compiled backward runs the op, whose body calls them, or traced code that does not
+    if (
+        fast is not None
+    ):  # the compiled backward runs the op, whose body calls them, or traced code that does not
         calls = []
         real = fast.backward
         monkeypatch.setattr(fast, "backward", lambda *a: calls.append(1) or real(*a))
@@ -498,8 +505,11 @@ def test_the_opaque_backward_op_is_a_well_formed_custom_op(seed):
     schema, its fake tensors' shapes and strides, no aliasing), for a contiguous and a
     channels_last float32 input and a bfloat16 one, and gives the paper's gradients."""
     qn, qp = paper_range(4, False)
-    for dtype, layout in [(torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last),
-                          (torch.bfloat16, torch.contiguous_format)]:
+    for dtype, layout in [
+        (torch.float32, torch.contiguous_format),
+        (torch.float32, torch.channels_last),
+        (torch.bfloat16, torch.contiguous_format),
+    ]:
         v = make_input(qn, qp, ACT_SHAPE, seed).to(dtype).contiguous(memory_format=layout)
         up = torch.randn(ACT_SHAPE, generator=seed).to(dtype)
         args = (v, torch.tensor(S), up, qn, qp, 0.25)
@@ -519,7 +529,11 @@ def test_only_cuda_graph_training_runs_the_opaque_backward():
     from lsq.train import use_opaque_backward
 
     model = quantize_model(build_model("resnet20", 10), BitPolicy(4, 4))
-    for mode, device, on in [("reduce-overhead", "cuda", True), ("default", "cuda", False),
-                             ("reduce-overhead", "cpu", False), ("none", "cuda", False)]:
+    for mode, device, on in [
+        ("reduce-overhead", "cuda", True),
+        ("default", "cuda", False),
+        ("reduce-overhead", "cpu", False),
+        ("none", "cuda", False),
+    ]:
         use_opaque_backward(model, mode, torch.device(device))
         assert {q.opaque_backward for q in quantizers(model)} == {on}, (mode, device)

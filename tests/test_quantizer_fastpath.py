@@ -22,7 +22,10 @@ from lsq import kernels_cpu
 from lsq import quantizer as Q
 
 # the CUDA cases show as skipped where there is no GPU, not as absent
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 S = 0.25  # a power of two: v = x * S and v / S are exact in float32
 SHAPES = [(128, 16, 8, 8), (16, 16, 3, 3), (4, 7, 5, 3), (33, 10), (257,)]  # the first spans threads
 
@@ -43,8 +46,25 @@ def paper(v: np.ndarray, s: float, qn: int, qp: int, up: np.ndarray):
 def unit_values(qn: int, qp: int, gen: torch.Generator, n: int) -> torch.Tensor:
     """v/s values: exactly on both bounds, in the half-step band just outside, ties, far out,
     and uniform inside. None of the inside values is a .5 tie unless listed as one."""
-    special = [-qn, qp, qp + 0.25, qp + 0.49, qp + 0.5, -qn - 0.25, -qn - 0.49, -qn - 0.5,
-               qp + 9.75, -qn - 40.0, 0.0, 0.5, -0.5, 1.5, qp - 0.5, qp - 1.0, -3.0]
+    special = [
+        -qn,
+        qp,
+        qp + 0.25,
+        qp + 0.49,
+        qp + 0.5,
+        -qn - 0.25,
+        -qn - 0.49,
+        -qn - 0.5,
+        qp + 9.75,
+        -qn - 40.0,
+        0.0,
+        0.5,
+        -0.5,
+        1.5,
+        qp - 0.5,
+        qp - 1.0,
+        -3.0,
+    ]
     inside = torch.empty(n, dtype=torch.float64).uniform_(-qn - 2, qp + 2, generator=gen)
     values = torch.cat([torch.tensor(special, dtype=torch.float64), inside])[:n]
     return values[torch.randperm(n, generator=gen)]
@@ -112,7 +132,9 @@ def test_channels_last_and_mismatched_gradient_strides(device, seed):
     assert float(gs) == pytest.approx(float(e_gs), rel=1e-5)
     # a non-dense input (a strided view) works too: it takes the eager path
     w = v[:, ::2]
-    assert torch.equal(run(w, up[:, ::2], 4, True, S, fast=True)[0], run(w, up[:, ::2], 4, True, S, fast=False)[0])
+    assert torch.equal(
+        run(w, up[:, ::2], 4, True, S, fast=True)[0], run(w, up[:, ::2], 4, True, S, fast=False)[0]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,7 +154,9 @@ def test_nan_and_inf_behave_as_in_the_eager_path(device):
 def test_steps_at_or_below_the_clamp_and_a_nan_step_as_in_the_eager_path(device, step, seed):
     """The fast path reads the step itself: s = step.clamp_min(STEP_EPS), a NaN step staying NaN
     (torch.clamp_min's rule), in the forward and in the step's gradient."""
-    v = (torch.randn(6, 5, generator=seed) * 1e-7).to(device)  # v/s on both sides of the range at s = STEP_EPS
+    v = (torch.randn(6, 5, generator=seed) * 1e-7).to(
+        device
+    )  # v/s on both sides of the range at s = STEP_EPS
     up = torch.randn(v.shape, generator=seed).to(device)
     needs_fast_path(device, v)
     out, gv, gs = run(v, up, 4, True, step, fast=True)
@@ -185,10 +209,17 @@ def test_the_cuda_triton_kernels_follow_the_paper():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "bench", "_triton_lsq.py")], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "bench", "_triton_lsq.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     lines = [line for line in out.stdout.splitlines() if " -> " in line]
-    assert out.returncode == 0 and len(lines) == 16 and all(line.endswith("-> ok") for line in lines), out.stdout + out.stderr
+    assert out.returncode == 0 and len(lines) == 16 and all(line.endswith("-> ok") for line in lines), (
+        out.stdout + out.stderr
+    )
 
 
 class _EagerKernels:
@@ -229,8 +260,20 @@ def test_a_gpu_fast_path_is_checked_against_the_eager_path_before_use():
             check_kernels(_EagerKernels(**fault), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("No", False), ("OFF", False), ("1", True),
-                                       ("True", True), ("yes", True), (" on ", True), ("", True)])
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("OFF", False),
+        ("1", True),
+        ("True", True),
+        ("yes", True),
+        (" on ", True),
+        ("", True),
+    ],
+)
 def test_lsq_fast_path_reads_the_usual_spellings(value, on, monkeypatch):
     """LSQ_FAST_PATH=false (no, off) kept the fast path on: only '0' turned it off."""
     monkeypatch.setenv("LSQ_FAST_PATH", value)
@@ -241,5 +284,7 @@ def test_lsq_fast_path_reads_the_usual_spellings(value, on, monkeypatch):
 def test_lsq_fast_path_with_another_value_is_an_error(monkeypatch):
     monkeypatch.setenv("LSQ_FAST_PATH", "maybe")
     monkeypatch.setattr(Q, "FAST_PATH", None)
-    with pytest.raises(ValueError, match=r"environment variable LSQ_FAST_PATH='maybe': allowed: 1, true, yes, on or 0"):
+    with pytest.raises(
+        ValueError, match=r"environment variable LSQ_FAST_PATH='maybe': allowed: 1, true, yes, on or 0"
+    ):
         Q.LsqQuantizer(4, True, "weight")(torch.ones(8))
