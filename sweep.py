@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     preflight.create_storage(args.storage)
     with resume.one_driver(plan.experiment, plan.name):  # from here on, this driver alone writes the sweep
         if args.resume:
-            restore_snapshot(plan)
+            resume.recover_snapshot(plan.experiment, plan.name)
             print(f"Resuming sweep '{plan.name}' from {plan.experiment}")
             resume.resume_notes(args, plan.space, plan.experiment, plan.stored or {})
         ray = cluster.start_ray(args.address, args.dashboard)
@@ -211,22 +211,6 @@ def dry_run(args, plan: tuner.Plan, exists: bool, running: str | None) -> int:
             f"note: sweep '{plan.name}' already exists in {plan.storage}: a real run needs --resume or another --name"
         )
     return 0
-
-
-def restore_snapshot(plan: tuner.Plan) -> None:
-    try:
-        cut = resume.recover_snapshot(plan.experiment)
-    except resume.SnapshotError as e:
-        raise ConfigError(
-            f"--resume: cannot resume sweep '{plan.name}': {e}. Start it again with --name "
-            f"{plan.name}-2; its trials' checkpoints stay in {plan.experiment}"
-        ) from None
-    if cut:
-        print(
-            f"note: Tune's newest snapshot of this sweep was cut short (its driver was killed while writing it). "
-            f"Resuming from the one before: the epochs trained since are trained again, and a trial whose "
-            f"checkpoint of then has been deleted since ends in ERROR. Set aside as *.cut: {', '.join(cut)}"
-        )
 
 
 def report_only(args, space_path: str, storage: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import socket
 import sys
@@ -95,36 +96,37 @@ def one_driver(experiment: str, name: str):
         lock.close()
 
 
-class SnapshotError(Exception):
-    """No whole snapshot of the experiment is left to resume from."""
-
-
-def recover_snapshot(path: str) -> list[str]:
+def recover_snapshot(path: str, name: str) -> list[str]:
     """Set aside (rename to NAME.cut) every snapshot file newer than the newest whole session, so
-    that Tune restores from that one; returns their names. SnapshotError, renaming nothing, when
-    no session is whole or tuner.pkl is cut short."""
+    that Tune restores from that one; returns their names. A ConfigError, renaming nothing, when no
+    session is whole or tuner.pkl is cut short."""
     st = Storage(path)
-    if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
-        raise SnapshotError(f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it")
+    problem = None
     session, newer = usable_session(st)
-    if session is None:
-        raise SnapshotError(
-            f"every snapshot Tune left in {st.display} was cut short when a driver was killed "
-            f"while writing it ({', '.join(newer) or 'no experiment_state-*.json'})"
+    if st.exists("tuner.pkl") and not whole_snapshot_file("tuner.pkl", st.read_bytes("tuner.pkl")):
+        problem = f"{st.uri('tuner.pkl')} was cut short when a driver was killed while writing it"
+    elif session is None:
+        cut = ", ".join(newer) or "no experiment_state-*.json"
+        problem = f"every snapshot Tune left in {st.display} was cut short when a driver was killed while writing it"
+        problem += f" ({cut})"
+    if problem:
+        raise ConfigError(
+            f"--resume: cannot resume sweep '{name}': {problem}. Start it again with --name {name}-2; "
+            f"its trials' checkpoints stay in {path}"
         )
-    for name in newer:
-        st.rename(name, name + ".cut")
-    for (
-        name,
-        is_dir,
-    ) in st.listdir():  # copies a killed driver left unfinished (ray_fixes.whole_file_snapshots)
-        if (
-            not is_dir
-            and name.startswith(".")
-            and name.endswith(".tmp")
-            and SNAPSHOT_FILE.match(name[1:].rsplit(".", 2)[0])
-        ):
-            st.fs.delete_file(st.join(name))
+    for file in newer:
+        st.rename(file, file + ".cut")
+    # copies a killed driver left unfinished (ray_fixes.whole_file_snapshots)
+    tmp = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
+    for file, is_dir in st.listdir():
+        if not is_dir and tmp.match(file) and SNAPSHOT_FILE.match(tmp.match(file)["name"]):
+            st.fs.delete_file(st.join(file))
+    if newer:
+        print(
+            f"note: Tune's newest snapshot of this sweep was cut short (its driver was killed while writing it). "
+            f"Resuming from the one before: the epochs trained since are trained again, and a trial whose "
+            f"checkpoint of then has been deleted since ends in ERROR. Set aside as *.cut: {', '.join(newer)}"
+        )
     return newer
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lsq import report, resume, storage
+from lsq.config import ConfigError
 
 
 def snapshot_session(exp: Path, session: str, trials: list[str], cut: str = ""):
@@ -16,12 +17,19 @@ def snapshot_session(exp: Path, session: str, trials: list[str], cut: str = ""):
     killed copy does: the state empty, the pickle cut mid-way."""
     import pickle
 
-    state = json.dumps({"trial_data": [[json.dumps({"trial_id": t, "status": "RUNNING", "relative_logdir": t}), "{}"]
-                                       for t in trials], "runner_data": {}})
+    state = json.dumps(
+        {
+            "trial_data": [
+                [json.dumps({"trial_id": t, "status": "RUNNING", "relative_logdir": t}), "{}"] for t in trials
+            ],
+            "runner_data": {},
+        }
+    )
     searcher = pickle.dumps({"session": session, "trials": trials})
     (exp / f"experiment_state-{session}.json").write_text("" if cut == "state" else state)
-    (exp / f"basic-variant-state-{session}.json").write_bytes(searcher[: len(searcher) // 2] if cut == "searcher"
-                                                              else searcher)
+    (exp / f"basic-variant-state-{session}.json").write_bytes(
+        searcher[: len(searcher) // 2] if cut == "searcher" else searcher
+    )
 
 
 def tune_would_restore(exp: Path) -> tuple[str, dict]:
@@ -29,8 +37,10 @@ def tune_would_restore(exp: Path) -> tuple[str, dict]:
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
     from ray.tune.utils.util import _load_newest_checkpoint
 
-    return (os.path.basename(_find_newest_experiment_checkpoint(str(exp))),
-            _load_newest_checkpoint(str(exp), "basic-variant-state-*.json"))
+    return (
+        os.path.basename(_find_newest_experiment_checkpoint(str(exp))),
+        _load_newest_checkpoint(str(exp), "basic-variant-state-*.json"),
+    )
 
 
 @pytest.mark.parametrize("cut", ["state", "searcher"])
@@ -46,16 +56,21 @@ def test_a_snapshot_cut_short_is_set_aside_and_the_whole_one_before_it_restored(
     assert storage.usable_session(storage.Storage(str(exp)))[0] == "2026-01-01_00-01-00"
     assert [t["folder"] for t in report.tune_trials(storage.Storage(str(exp)))] == ["a", "b"]  # reports too
 
-    leftover = exp / ".experiment_state-2026-01-01_00-02-00.json.99.tmp"  # a whole-file copy a kill interrupted
+    leftover = (
+        exp / ".experiment_state-2026-01-01_00-02-00.json.99.tmp"
+    )  # a whole-file copy a kill interrupted
     leftover.write_text("{")
-    set_aside = resume.recover_snapshot(str(exp))
+    set_aside = resume.recover_snapshot(str(exp), "exp")
     assert not leftover.exists()
-    assert set_aside == ["basic-variant-state-2026-01-01_00-02-00.json", "experiment_state-2026-01-01_00-02-00.json"]
+    assert set_aside == [
+        "basic-variant-state-2026-01-01_00-02-00.json",
+        "experiment_state-2026-01-01_00-02-00.json",
+    ]
     assert all((exp / (n + ".cut")).exists() and not (exp / n).exists() for n in set_aside)
     state_file, searcher = tune_would_restore(exp)
     assert state_file == "experiment_state-2026-01-01_00-01-00.json"
     assert searcher == {"session": "2026-01-01_00-01-00", "trials": ["a", "b"]}
-    assert resume.recover_snapshot(str(exp)) == []  # a whole newest snapshot: nothing to do
+    assert resume.recover_snapshot(str(exp), "exp") == []  # a whole newest snapshot: nothing to do
 
 
 def test_with_no_whole_snapshot_left_the_resume_is_refused_and_nothing_renamed(tmp_path):
@@ -63,14 +78,17 @@ def test_with_no_whole_snapshot_left_the_resume_is_refused_and_nothing_renamed(t
     exp.mkdir()
     snapshot_session(exp, "2026-01-01_00-00-00", ["a"], cut="state")
     before = sorted(os.listdir(exp))
-    with pytest.raises(resume.SnapshotError, match="cut short.*experiment_state-2026-01-01_00-00-00.json"):
-        resume.recover_snapshot(str(exp))
+    with pytest.raises(
+        ConfigError,
+        match="--resume: cannot resume sweep .exp.: every snapshot.*cut short.*experiment_state-2026-01-01_00-00-00.json",
+    ):
+        resume.recover_snapshot(str(exp), "exp")
     assert sorted(os.listdir(exp)) == before
 
     snapshot_session(exp, "2026-01-01_00-01-00", ["a"])  # a whole session, but tuner.pkl is cut
     (exp / "tuner.pkl").write_bytes(b"\x80\x05\x95")
-    with pytest.raises(resume.SnapshotError, match="tuner.pkl was cut short"):
-        resume.recover_snapshot(str(exp))
+    with pytest.raises(ConfigError, match="tuner.pkl was cut short"):
+        resume.recover_snapshot(str(exp), "exp")
 
 
 def test_whole_snapshot_file_reads_without_unpickling():
