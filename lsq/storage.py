@@ -46,8 +46,7 @@ class Storage:
         return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
 
     def listdir(self, *parts: str) -> list[tuple[str, bool]]:
-        """(name, is_dir) of the entries of a folder; [] when it is not there. One that cannot be
-        listed (its permissions) is an error naming it, as in read_bytes."""
+        """(name, is_dir) of a folder's entries; [] when it is not there."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.join(*parts), allow_not_found=True))
         except (FileNotFoundError, NotADirectoryError):
@@ -60,9 +59,8 @@ class Storage:
         return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        """The file's bytes; None when it is not there (not written yet). A file that is there
-        but cannot be read (its permissions, a folder in its place) is an error naming it: taken
-        for missing, its trial would be reported as never started."""
+        """The file's bytes; None when it is not there yet. One that cannot be read is an error:
+        taken for missing, its trial would be reported as never started."""
         try:
             with self.fs.open_input_stream(self.join(*parts)) as f:
                 return f.read()
@@ -82,11 +80,9 @@ class Storage:
 
     def read_json(self, *parts: str):
         text = self.read_text(*parts)
-        if text is None:
-            return None
         try:
-            return json.loads(text)
-        except ValueError:  # (JSONDecodeError, or an integer past Python's 4300-digit limit)
+            return None if text is None else json.loads(text)
+        except ValueError:  # cut short by a kill
             return None
 
     def write_text(self, text: str, *parts: str) -> None:
@@ -116,10 +112,8 @@ def read_meta(path: str) -> dict:
 
 
 def whole_snapshot_file(name: str, data: bytes | None) -> bool:
-    """Whether one of Tune's snapshot files was written to its end. The experiment state must
-    parse as JSON and hold its trials; a pickle (the searcher's state, tuner.pkl) must run to its
-    STOP opcode, checked opcode by opcode without unpickling anything. Other files are taken as
-    they are."""
+    """Whether one of Tune's snapshot files was written to its end: the experiment state parses and
+    holds its trials; a pickle runs to its STOP opcode (read opcode by opcode, never unpickled)."""
     known = name.startswith("experiment_state-") or name.endswith(".pkl") or SNAPSHOT_FILE.match(name)
     if not known:
         return True
@@ -139,24 +133,17 @@ def whole_snapshot_file(name: str, data: bytes | None) -> bool:
     return True
 
 
-def _snapshot_sessions(st: Storage) -> dict[str, list[str]]:
-    """session -> its snapshot files, in the experiment folder's top level."""
+def usable_session(st: Storage) -> tuple[str | None, list[str]]:
+    """(the newest session whose snapshot files are all whole, the files of newer sessions)."""
     sessions: dict[str, list[str]] = {}
     for name, is_dir in st.listdir():
         m = None if is_dir else SNAPSHOT_FILE.match(name)
         if m:
             sessions.setdefault(m["session"], []).append(name)
-    return sessions
-
-
-def usable_session(st: Storage) -> tuple[str | None, list[str]]:
-    sessions = _snapshot_sessions(st)
     newer: list[str] = []
-    for session in sorted(sessions, reverse=True):
-        files = sessions[session]
-        if f"experiment_state-{session}.json" in files and all(
-            whole_snapshot_file(n, st.read_bytes(n)) for n in files
-        ):
+    for session, files in sorted(sessions.items(), reverse=True):
+        whole = all(whole_snapshot_file(n, st.read_bytes(n)) for n in files)
+        if whole and f"experiment_state-{session}.json" in files:
             return session, newer
         newer += sorted(files)
     return None, newer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -209,11 +210,7 @@ def tune_stop_lines(record) -> bool:
     resume command, so they become one short line."""
     message = record.getMessage()
     if message.startswith("Stop signal received"):
-        print(
-            "\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)",
-            file=sys.stderr,
-            flush=True,
-        )
+        print("\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)", file=sys.stderr)
         return False
     return not message.startswith("Experiment has been interrupted")
 
@@ -235,11 +232,8 @@ def progress_reporter(varied: list[str]):
         def should_report(self, trials, done=False):
             state = [(t.trial_id, t.status, t.last_result.get("epoch")) for t in trials]
             now = time.time()
-            if (
-                done
-                or (state != self._last and now - self._last_time >= 5)
-                or now - self._last_time >= HEARTBEAT_S
-            ):
+            news = state != self._last and now - self._last_time >= 5
+            if done or news or now - self._last_time >= HEARTBEAT_S:
                 if state != self._last:
                     self._changed = now
                 self._last, self._last_time = state, now
@@ -247,30 +241,30 @@ def progress_reporter(varied: list[str]):
             return False
 
         def report(self, trials, done, *sys_info):
-            counts = {}
-            for t in trials:
-                counts[t.status] = counts.get(t.status, 0) + 1
-            elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - self._start))
-            head = f"[{elapsed}] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            import pandas as pd
+
+            counts = collections.Counter(t.status for t in trials)
+            head = f"[{clock(time.time() - self._start)}] " + ", ".join(
+                f"{n} {s}" for s, n in sorted(counts.items())
+            )
             if not done and self._changed < self._last_time:  # the heartbeat: nothing new since the table
-                quiet = time.strftime("%H:%M:%S", time.gmtime(self._last_time - self._changed))
+                quiet = clock(self._last_time - self._changed)
                 print(f"{head}: training, no epoch finished in the last {quiet}", flush=True)
                 return
-            rows = [["trial", "status", "epoch", "top-1", "best"] + params]
+            rows = []
             for t in sorted(trials, key=lambda t: t.trial_id):
                 r, c = t.last_result or {}, t.config
                 epoch = f"{r['epoch']}/{c.get('epochs')}" if "epoch" in r else ""
-                rows.append(
-                    [str(t), t.status, epoch, pct(r.get("top1")), pct(r.get("best_top1"))]
-                    + [str(c.get(k)) for k in params]
-                )
-            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-            lines = [head] + [
-                "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
-            ]
-            print("\n".join(lines) + "\n", flush=True)
+                rows.append([str(t), t.status, epoch, pct(r.get("top1")), pct(r.get("best_top1"))])
+                rows[-1] += [str(c.get(k)) for k in params]
+            table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "top-1", "best", *params])
+            print(f"{head}\n{table.to_string(index=False)}\n", flush=True)
 
     return Progress()
+
+
+def clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def pct(x) -> str:

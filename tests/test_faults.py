@@ -27,26 +27,34 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil  # noqa: E402
 import pytest
 import ray  # (also puts Ray's bundled psutil on sys.path)
-import psutil  # noqa: E402
 import torch
 from ray.tune.utils.serialization import TuneFunctionDecoder
 
-from lsq import report
+from lsq import report, storage
 from lsq.config import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 FIXED = "{model: resnet20, dataset: digits, epochs: %d, lr: 0.05, batch_size: 256, first: w8a8, last: w8a8, deploy_check: false}"
-FP32, W4, W2, W8 = "{w_bits: null, a_bits: null}", "{w_bits: 4, a_bits: 4}", "{w_bits: 2, a_bits: 2}", "{w_bits: 8, a_bits: 8}"
+FP32, W4, W2, W8 = (
+    "{w_bits: null, a_bits: null}",
+    "{w_bits: 4, a_bits: 4}",
+    "{w_bits: 2, a_bits: 2}",
+    "{w_bits: 8, a_bits: 8}",
+)
 
 
 def write_space(tmp_path, name, rows, epochs, max_failures=1):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(f"name: {name}\nfixed: {FIXED % epochs}\nvariants:\n" + "".join(f"  - {r}\n" for r in rows)
-                    + f"resources: {{cpu: 1}}\nmax_failures: {max_failures}\n")
+    path.write_text(
+        f"name: {name}\nfixed: {FIXED % epochs}\nvariants:\n"
+        + "".join(f"  - {r}\n" for r in rows)
+        + f"resources: {{cpu: 1}}\nmax_failures: {max_failures}\n"
+    )
     return str(path)
 
 
@@ -56,11 +64,23 @@ class Sweep:
 
     def __init__(self, tmp_path, args, log, cmd=None, env=None):
         self.log = tmp_path / log
-        self.cmd = cmd or [sys.executable, str(ROOT / "sweep.py"), *args,
-                           "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+        self.cmd = cmd or [
+            sys.executable,
+            str(ROOT / "sweep.py"),
+            *args,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--reports",
+            str(tmp_path / "reports"),
+        ]
         self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=tmp_path, stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})  # a killed driver's log is whole
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=tmp_path,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        )  # a killed driver's log is whole
         self.started = time.time()
         self.pids: set[int] = set()  # every process this driver's Ray ran (trial workers included)
         self.logs_dir = None  # its Ray session's logs folder
@@ -77,7 +97,9 @@ class Sweep:
             value = condition()
             if value:
                 return value
-            assert self.proc.poll() is None, f"the sweep ended (exit {self.proc.returncode}) before {what}:\n{self.output()[-5000:]}"
+            assert self.proc.poll() is None, (
+                f"the sweep ended (exit {self.proc.returncode}) before {what}:\n{self.output()[-5000:]}"
+            )
             assert time.time() < deadline, f"no {what} after {timeout:.0f} s:\n{self.output()[-5000:]}"
             time.sleep(0.05)
 
@@ -103,7 +125,9 @@ class Sweep:
         """What this driver's trial workers wrote to stderr: complete even when the driver was
         killed before Ray forwarded it to the driver's own output."""
         assert self.logs_dir, "this driver's Ray session was never seen"
-        return "".join(Path(f).read_text(errors="replace") for f in sorted(glob.glob(f"{self.logs_dir}/worker-*.err")))
+        return "".join(
+            Path(f).read_text(errors="replace") for f in sorted(glob.glob(f"{self.logs_dir}/worker-*.err"))
+        )
 
     def ray_processes(self) -> list:
         try:
@@ -130,7 +154,9 @@ class Sweep:
         """Its exit status, once it ends by itself."""
         deadline = time.time() + timeout
         while self.proc.poll() is None:
-            assert time.time() < deadline, f"the sweep still runs after {timeout:.0f} s:\n{self.output()[-5000:]}"
+            assert time.time() < deadline, (
+                f"the sweep still runs after {timeout:.0f} s:\n{self.output()[-5000:]}"
+            )
             self._note_ray()
             time.sleep(0.1)
         self._out.close()
@@ -140,9 +166,11 @@ class Sweep:
 # Ray stops a trial's worker with SIGTERM (a finished trial's, or every one when the driver is
 # stopped); when the signal lands inside a weakref callback, Python prints Ray's SystemExit as
 # "Exception ignored in: ..." (rare; the worker's, not the sweep's)
-RAY_SIGTERM_NOISE = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n"
-                               r"(?:[^\n]*\n)*?[^\n]*ray/_private/worker\.py[^\n]*sigterm_handler\n"
-                               r"(?:[^\n]*\n)*?SystemExit: 1\n")
+RAY_SIGTERM_NOISE = re.compile(
+    r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n"
+    r"(?:[^\n]*\n)*?[^\n]*ray/_private/worker\.py[^\n]*sigterm_handler\n"
+    r"(?:[^\n]*\n)*?SystemExit: 1\n"
+)
 
 
 def _name(p) -> str:
@@ -193,9 +221,13 @@ def _parse_snapshot(file: str, version: tuple) -> dict:
         saved = runtime["checkpoint_manager"].latest_checkpoint_result
         bundles = ray.cloudpickle.loads(bytes.fromhex(trial["placement_group_factory"])).bundles
         out[trial["relative_logdir"]] = {
-            "status": trial["status"], "epoch": last.get("epoch", 0), "file": file, "resources": bundles,
+            "status": trial["status"],
+            "epoch": last.get("epoch", 0),
+            "file": file,
+            "resources": bundles,
             "checkpoint": os.path.basename(saved.checkpoint.path) if saved else None,
-            "at": saved.metrics["epoch"] if saved else 0}
+            "at": saved.metrics["epoch"] if saved else 0,
+        }
     return out
 
 
@@ -262,8 +294,13 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     epochs = 4
     space = write_space(tmp_path, "killed", [FP32, W4, W2], epochs=epochs)
     experiment = tmp_path / "runs" / "killed"
-    reference = subprocess.Popen([sys.executable, "-c", REFERENCE, space, str(tmp_path / "reference.json")],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = subprocess.Popen(
+        [sys.executable, "-c", REFERENCE, space, str(tmp_path / "reference.json")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     runs, kills = [], []  # the drivers; Tune's snapshot right after each kill
 
     def start(*args):
@@ -278,8 +315,13 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     def fresh(sweep, state, folder):
         """Written by this driver, and it knows the trial's newest stored checkpoint."""
         s = state.get(folder)
-        return (s and os.path.getmtime(s["file"]) > sweep.started and s["status"] == "RUNNING" and s["checkpoint"]
-                and checkpoints_on_disk(experiment / folder)[-1:] == [s["checkpoint"]])
+        return (
+            s
+            and os.path.getmtime(s["file"]) > sweep.started
+            and s["status"] == "RUNNING"
+            and s["checkpoint"]
+            and checkpoints_on_disk(experiment / folder)[-1:] == [s["checkpoint"]]
+        )
 
     def find(sweep, test):
         state = snapshot(experiment)
@@ -289,7 +331,9 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     run = start()
     run.until(lambda: glob.glob(str(experiment / "*" / "checkpoint_*")), "a first checkpoint")
     # (that Tune snapshots after every step, TUNE_GLOBAL_CHECKPOINT_S=0, is checked in test_bad_input.py)
-    run.until(lambda: any(s["checkpoint"] for s in snapshot(experiment).values()), "the checkpoint in the snapshot")
+    run.until(
+        lambda: any(s["checkpoint"] for s in snapshot(experiment).values()), "the checkpoint in the snapshot"
+    )
     kill(run)
 
     # kill 2, mid-way: a trial has just checkpointed epoch 2 and trains epoch 3. Then that
@@ -307,12 +351,18 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     run = start("--resume")
 
     def near_the_end(f, s):
-        return s["at"] == epochs - 1 and sum(o["epoch"] for o in snapshot(experiment).values()) >= 0.75 * 3 * epochs
+        return (
+            s["at"] == epochs - 1
+            and sum(o["epoch"] for o in snapshot(experiment).values()) >= 0.75 * 3 * epochs
+        )
 
     evil = run.until(lambda: find(run, near_the_end), "a fresh checkpoint of epoch 3, 3/4 of the sweep done")
     known = kill(run)
     assert known[evil]["at"] < epochs and len(checkpoints_on_disk(experiment / evil)) >= 2, known
-    print("(reported, checkpointed) epochs at the kills:", [{f: (s["epoch"], s["at"]) for f, s in k.items()} for k in kills])
+    print(
+        "(reported, checkpointed) epochs at the kills:",
+        [{f: (s["epoch"], s["at"]) for f, s in k.items()} for k in kills],
+    )
     marker = tmp_path / "pwned"
     planted = experiment / evil / known[evil]["checkpoint"] / "checkpoint.pt"
     torch.save({**torch.load(planted, weights_only=True), "extra": _Payload(marker)}, planted)
@@ -331,11 +381,15 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
     assert "Traceback" not in RAY_SIGTERM_NOISE.sub("", logs), logs[-5000:]
     # both planted checkpoints were detected and skipped; each trial went on from the one before
     said = runs[2].worker_logs()
-    assert f"skipping checkpoint {truncated.parent}: checkpoint {truncated} is unreadable" in said, said[-3000:]
+    assert f"skipping checkpoint {truncated.parent}: checkpoint {truncated} is unreadable" in said, said[
+        -3000:
+    ]
     assert f"resumed from the older checkpoint {experiment / cut}" in said, said[-3000:]
     said = run.worker_logs()
-    assert f"skipping checkpoint {planted.parent}: checkpoint {planted} is unreadable (refused by weights_only: " \
-           "Trying to load unsupported GLOBAL posix.system" in said, said[-5000:]
+    assert (
+        f"skipping checkpoint {planted.parent}: checkpoint {planted} is unreadable (refused by weights_only: "
+        "Trying to load unsupported GLOBAL posix.system" in said
+    ), said[-5000:]
     assert f"resumed from the older checkpoint {experiment / evil}" in said, said[-5000:]
 
     # every trial completed; the report lists each once
@@ -350,7 +404,7 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
         name, want = trial_dir.name, expected[label(trial_dir)]
         rows = raw_rows(trial_dir)
         # the report's per-epoch view: every epoch exactly once, each equal to the uninterrupted run
-        view = report._results(report.Storage(str(experiment)), name)
+        view = report.trial_results(storage.Storage(str(experiment)), name)
         assert [r["epoch"] for r in view] == list(range(1, epochs + 1)), (name, [r["epoch"] for r in rows])
         for got, ref in zip(view, want):
             assert {k: got[k] for k in ref} == ref, (name, got["epoch"])
@@ -362,7 +416,9 @@ def test_driver_killed_three_times_resumes_exactly(tmp_path):
         parts = segments(rows)
         assert parts[0][0]["epoch"] == 1 and parts[-1][-1]["epoch"] == epochs, (name, rows)
         for part in parts:
-            assert [r["epoch"] for r in part] == list(range(part[0]["epoch"], part[0]["epoch"] + len(part))), (name, rows)
+            assert [r["epoch"] for r in part] == list(
+                range(part[0]["epoch"], part[0]["epoch"] + len(part))
+            ), (name, rows)
         for part in parts[1:]:
             j = next((j for j, r in enumerate(runs) if part[0]["pid"] in r.pids), len(runs) - 1)
             assert j >= 1, (name, "restarted within the first driver")
@@ -381,26 +437,38 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 def listening(sweep) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every socket this driver's Ray listens on."""
     pids = {p.pid: _name(p) for p in sweep.ray_processes()} | {sweep.proc.pid: "driver"}
-    return [(pids[c.pid], c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [
+        (pids[c.pid], c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
-    space = write_space(tmp_path, "faults", [
-        W4,                                                  # 001: its worker is SIGKILLed mid-epoch
-        W2,                                                  # 002: the disk is full under its 2nd checkpoint
-        "{w_bits: null, a_bits: null, lr: 1.0e+12}",         # 003: diverges
-        "{w_bits: 8, a_bits: 8, epochs: 4}",                 # 004: a longer one
-    ], epochs=3)
+    space = write_space(
+        tmp_path,
+        "faults",
+        [
+            W4,  # 001: its worker is SIGKILLed mid-epoch
+            W2,  # 002: the disk is full under its 2nd checkpoint
+            "{w_bits: null, a_bits: null, lr: 1.0e+12}",  # 003: diverges
+            "{w_bits: 8, a_bits: 8, epochs: 4}",  # 004: a longer one
+        ],
+        epochs=3,
+    )
     experiment = tmp_path / "runs" / "faults"
-    killed, full, diverged, long = (experiment / n for n in ("001_W4A4_w8a8", "002_W2A2_w8a8", "003_FP32", "004_W8A8_w8a8"))
+    killed, full, diverged, long = (
+        experiment / n for n in ("001_W4A4_w8a8", "002_W2A2_w8a8", "003_FP32", "004_W8A8_w8a8")
+    )
     # a full disk where 002's second checkpoint goes: every write there fails with ENOSPC
     (full / "checkpoint_000001").mkdir(parents=True)
     (full / "checkpoint_000001" / "checkpoint.pt").symlink_to("/dev/full")
 
     run = Sweep(tmp_path, [space], "first.log")
     # 001 reported epoch 1 (and checkpointed it): kill its worker at once, in epoch 2
-    first = run.until(lambda: next((r for r in raw_rows(killed) if r.get("epoch") == 1), None), "epoch 1 of 001")
+    first = run.until(
+        lambda: next((r for r in raw_rows(killed) if r.get("epoch") == 1), None), "epoch 1 of 001"
+    )
     os.kill(first["pid"], signal.SIGKILL)
 
     # the local Ray listens on loopback only, and no dashboard
@@ -412,13 +480,14 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
     def under_way():
         """001 is back in a new worker, and some trial is mid-way with a checkpoint."""
         return len(segments(raw_rows(killed))) == 2 and [
-            f for f, s in snapshot(experiment).items() if s["status"] == "RUNNING" and s["checkpoint"]]
+            f for f, s in snapshot(experiment).items() if s["status"] == "RUNNING" and s["checkpoint"]
+        ]
 
     run.until(under_way, "001 retried in a new worker", timeout=300)
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=120) == 130, run.output()[-5000:]
     out = run.output()
-    ending = out[out.index("stopping: Tune saves the sweep's state"):]  # the sweep's line, not Tune's two
+    ending = out[out.index("stopping: Tune saves the sweep's state") :]  # the sweep's line, not Tune's two
     assert "Traceback" not in RAY_SIGTERM_NOISE.sub("", ending) and "Tuner.restore" not in ending, ending
     # a partial report, and the command that resumes
     command = ending.split("The sweep was interrupted. Resume it with:\n", 1)[1].splitlines()[0].strip()
@@ -435,14 +504,23 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
         assert partial.loc[f, "epochs_done"] == partial.loc[f, "epochs"], (f, stopped[f])
     interrupted = [f for f in interrupted if f not in finished]
     for f in interrupted:  # the report and the saved state agree on where each one stopped
-        assert partial.loc[f, "status"] in ("INTERRUPTED", "PENDING") and partial.loc[f, "epochs_done"] == stopped[f]["epoch"]
-        assert stopped[f]["checkpoint"] is None or stopped[f]["checkpoint"] in checkpoints_on_disk(experiment / f)
+        assert (
+            partial.loc[f, "status"] in ("INTERRUPTED", "PENDING")
+            and partial.loc[f, "epochs_done"] == stopped[f]["epoch"]
+        )
+        assert stopped[f]["checkpoint"] is None or stopped[f]["checkpoint"] in checkpoints_on_disk(
+            experiment / f
+        )
 
     resumed = Sweep(tmp_path, [], "resume.log", cmd=[sys.executable, *command.split()[1:]])
     assert resumed.wait() == 1, resumed.output()[-5000:]  # 1: a trial errored (the full disk)
     results = pd.read_csv(tmp_path / "reports" / "faults" / "results.csv").set_index("trial_name")
-    assert dict(results["status"]) == {killed.name: "TERMINATED", full.name: "ERROR",
-                                       diverged.name: "FAILED", long.name: "TERMINATED"}
+    assert dict(results["status"]) == {
+        killed.name: "TERMINATED",
+        full.name: "ERROR",
+        diverged.name: "FAILED",
+        long.name: "TERMINATED",
+    }
     assert results.loc[long.name, "epochs_done"] == 4 and results.loc[killed.name, "epochs_done"] == 3
     # each interrupted trial went on from where SIGTERM stopped it
     # (or from scratch, with a fresh history, if its only checkpoint came in while Tune stopped)
@@ -464,7 +542,9 @@ def test_worker_killed_nan_full_disk_and_sigterm_then_resume(tmp_path):
     assert results.loc[full.name, "epochs_done"] == 1
     assert Path(results.loc[full.name, "checkpoint"]).name == "checkpoint_000000"
     if full.name not in interrupted:  # it had failed for good before SIGTERM: so said the partial report
-        assert partial.loc[full.name, "status"] == "ERROR" and partial.loc[full.name, "error"].startswith(error[:100])
+        assert partial.loc[full.name, "status"] == "ERROR" and partial.loc[full.name, "error"].startswith(
+            error[:100]
+        )
         assert Path(partial.loc[full.name, "checkpoint"]).name == "checkpoint_000000"
     assert [r["epoch"] for r in raw_rows(full)] == [1]
     # (each attempt failed writing epoch 2: it had restored epoch 1; the resume tried again)
@@ -501,16 +581,32 @@ cluster.shutdown()
 def test_node_lost_mid_trial_trials_finish_on_the_other_node(tmp_path):
     epochs = 2  # the lost trial: epoch 1 on the worker node, then epoch 2 on the head
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
-    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, env={**os.environ, **auth})
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **auth},
+    )
     try:
         info = json.loads(cluster.stdout.readline())
         assert info["address"].startswith("127.0.0.1:"), info
         space = write_space(tmp_path, "lost", [W4, W2], epochs=epochs)
         experiment = tmp_path / "runs" / "lost"
-        cmd = [sys.executable, str(ROOT / "sweep.py"), space, "--address", info["address"],
-               "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
-        run = Sweep(tmp_path, [], "sweep.log", cmd=cmd, env=auth)  # the cluster's token, as a user's shell has it
+        cmd = [
+            sys.executable,
+            str(ROOT / "sweep.py"),
+            space,
+            "--address",
+            info["address"],
+            "--storage",
+            str(tmp_path / "runs"),
+            "--reports",
+            str(tmp_path / "reports"),
+        ]
+        run = Sweep(
+            tmp_path, [], "sweep.log", cmd=cmd, env=auth
+        )  # the cluster's token, as a user's shell has it
         node = {}  # trial worker pid -> "head" / "worker": the node whose raylet started it
 
         def seen():
@@ -521,13 +617,27 @@ def test_node_lost_mid_trial_trials_finish_on_the_other_node(tmp_path):
                             parents = {p.pid for p in psutil.Process(r["pid"]).parents()}
                         except psutil.NoSuchProcess:
                             parents = set()
-                        node[r["pid"]] = "head" if info["head"] in parents else "worker" if info["worker"] in parents else "?"
+                        node[r["pid"]] = (
+                            "head"
+                            if info["head"] in parents
+                            else "worker"
+                            if info["worker"] in parents
+                            else "?"
+                        )
             return node
 
         # one trial runs on each node; when the worker node's trial has a checkpoint, the node goes
-        lost = run.until(lambda: next((d for d in (trial_dirs(experiment) if experiment.exists() else [])
-                                       if any(seen().get(r["pid"]) == "worker" for r in raw_rows(d))), None),
-                         "a checkpoint of the trial on the worker node")
+        lost = run.until(
+            lambda: next(
+                (
+                    d
+                    for d in (trial_dirs(experiment) if experiment.exists() else [])
+                    if any(seen().get(r["pid"]) == "worker" for r in raw_rows(d))
+                ),
+                None,
+            ),
+            "a checkpoint of the trial on the worker node",
+        )
         cluster.stdin.write("remove\n")
         cluster.stdin.flush()
         assert cluster.stdout.readline().strip() == "removed"
@@ -547,7 +657,9 @@ def test_node_lost_mid_trial_trials_finish_on_the_other_node(tmp_path):
     assert set(results["status"]) == {"TERMINATED"} and set(results["epochs_done"]) == {epochs}, results
     parts = segments(raw_rows(lost))
     assert len(parts) == 2, parts
-    assert {node[r["pid"]] for r in parts[0]} == {"worker"} and {node[r["pid"]] for r in parts[1]} == {"head"}, node
+    assert {node[r["pid"]] for r in parts[0]} == {"worker"} and {node[r["pid"]] for r in parts[1]} == {
+        "head"
+    }, node
     # it went on from its last checkpoint, on the head node
     assert parts[1][0]["epoch"] == parts[0][-1]["epoch"] + 1 and parts[1][-1]["epoch"] == epochs, parts
     assert "Failure # 1" in (lost / "error.txt").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lsq import cluster, ray_fixes, resume, tuner
+from lsq import cluster, ray_fixes, resume, storage, tuner
 
 ray = pytest.importorskip("ray")
 
@@ -51,18 +51,28 @@ def local_ray():
 
 def space(tmp_path, name, epochs, batch, bits):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SPACE.format(name=name, epochs=epochs, batch=batch, rows="\n".join(f"  - {b}" for b in bits)))
+    path.write_text(
+        SPACE.format(name=name, epochs=epochs, batch=batch, rows="\n".join(f"  - {b}" for b in bits))
+    )
     return str(path)
 
 
 def sweep_cmd(tmp_path, *args):
-    return [sys.executable, str(ROOT / "sweep.py"), *args,
-            "--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    return [
+        sys.executable,
+        str(ROOT / "sweep.py"),
+        *args,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
 
 
 def run(cmd, cwd, env=None, timeout=300):
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
@@ -83,17 +93,28 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
 
     experiment = tmp_path / "runs" / "tiny"
     folder = tmp_path / "reports" / "tiny"
-    for f in ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv", "accuracy_vs_bits.png"):
+    for f in (
+        "results.parquet",
+        "results.csv",
+        "table.md",
+        "layers.md",
+        "layers.csv",
+        "accuracy_vs_bits.png",
+    ):
         assert (folder / f).stat().st_size > 0, f
-    assert f"Report: {folder}" in proc.stdout and "| Models | Networks | Params | Notes | Acc@1 |" in proc.stdout
+    assert (
+        f"Report: {folder}" in proc.stdout and "| Models | Networks | Params | Notes | Acc@1 |" in proc.stdout
+    )
 
     everything = pd.read_parquet(folder / "results.parquet")
     assert len(everything) == 3 and everything["trial_id"].is_unique
     # exactly one row per trial folder in the run directory: each folder Tune made for a trial
     # (the one holding its params.json) is named by exactly one row's trial_name
     trial_folders = sorted(p.name for p in experiment.iterdir() if (p / "params.json").is_file())
-    assert len(trial_folders) == 3 and sorted(everything["trial_name"]) == trial_folders, \
-        (trial_folders, list(everything["trial_name"]))
+    assert len(trial_folders) == 3 and sorted(everything["trial_name"]) == trial_folders, (
+        trial_folders,
+        list(everything["trial_name"]),
+    )
     # the broken trial was retried (max_failures 1), then marked ERROR with its reason; the others ran on
     broken = everything[everything["dataset"] == "cifar10"].iloc[0]
     assert broken["status"] == "ERROR" and broken["epochs_done"] == 0
@@ -109,8 +130,12 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
         assert r["final_top1"] == own[-1]["top1"] and r["best_top1"] == max(x["top1"] for x in own)
         assert r["final_top5"] == own[-1]["top5"]
         assert r["wall_seconds"] == pytest.approx(own[-1]["time_total_s"])
-        assert json.loads((trial_dir / "params.json").read_text())["w_bits"] == (None if pd.isna(r["w_bits"]) else 4)
-        assert (Path(r["checkpoint"]) / "checkpoint.pt").exists() and (Path(r["checkpoint"]) / "layers.json").exists()
+        assert json.loads((trial_dir / "params.json").read_text())["w_bits"] == (
+            None if pd.isna(r["w_bits"]) else 4
+        )
+        assert (Path(r["checkpoint"]) / "checkpoint.pt").exists() and (
+            Path(r["checkpoint"]) / "layers.json"
+        ).exists()
         assert not list(trial_dir.glob("events.out.tfevents*"))  # TensorBoard files only with --tensorboard
         label = "FP32" if pd.isna(r["w_bits"]) else "W4A4"
         assert f"| {label} | ResNet-20 | 2 epochs, wd 1e-4, batch 256, dataset digits |" in table  # it varies
@@ -127,7 +152,11 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
     before = sorted(str(p) for p in (tmp_path / "runs").rglob("*"))
     refused = run(sweep_cmd(tmp_path, path), cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.startswith("error: sweep 'tiny' already exists")
-    assert "--resume" in refused.stderr and "--name tiny-2" in refused.stderr and "Traceback" not in refused.stderr
+    assert (
+        "--resume" in refused.stderr
+        and "--name tiny-2" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )
     assert sorted(str(p) for p in (tmp_path / "runs").rglob("*")) == before
 
     # a resume from an experiment state Tune cannot rebuild the trials from: one error, and nothing
@@ -140,8 +169,12 @@ def test_sweep_end_to_end_report_matches_trials(local_ray, tmp_path):
     broken = run(sweep_cmd(tmp_path, path, "--resume"), cwd=tmp_path)
     assert broken.returncode == 2, broken.stdout[-3000:] + broken.stderr[-3000:]
     err = broken.stderr.strip().splitlines()[-1]
-    assert err.startswith(f"error: --resume: Tune cannot restore sweep 'tiny' from {state} (") and \
-        "nothing was run again" in err and "--name tiny-2" in err and "Traceback" not in broken.stderr, broken.stderr
+    assert (
+        err.startswith(f"error: --resume: Tune cannot restore sweep 'tiny' from {state} (")
+        and "nothing was run again" in err
+        and "--name tiny-2" in err
+        and "Traceback" not in broken.stderr
+    ), broken.stderr
     assert {str(p): p.read_bytes() for p in experiment.glob("*/**/*") if p.is_file()} == trials
 
 
@@ -154,7 +187,7 @@ def test_one_driver_per_sweep(tmp_path, capsys):
     experiment = tmp_path / "runs" / "busy"
     flags = ["--storage", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
     with resume.one_driver(str(experiment), "busy"):  # a driver of this sweep (here: this process)
-        assert (experiment / sweep.LOCK_FILE).read_text().startswith(f"driver pid {os.getpid()} on ")
+        assert (experiment / resume.LOCK_FILE).read_text().startswith(f"driver pid {os.getpid()} on ")
         for again in ([], ["--resume"]):
             assert sweep.main([path, *flags, *again]) == 2
             err = capsys.readouterr().err
@@ -170,8 +203,20 @@ def test_join_a_cluster_with_address(local_ray, tmp_path):
     path = space(tmp_path, "joined", epochs=1, batch=256, bits=[W4, W2])
     # (no deployment check after the last epoch: one trial after the other, it would add up; it
     # runs in the end-to-end test above)
-    proc = run(sweep_cmd(tmp_path, path, "--address", local_ray, "--tensorboard", "--max-concurrent", "1",
-                         "--set", "deploy_check=false"), cwd=tmp_path)
+    proc = run(
+        sweep_cmd(
+            tmp_path,
+            path,
+            "--address",
+            local_ray,
+            "--tensorboard",
+            "--max-concurrent",
+            "1",
+            "--set",
+            "deploy_check=false",
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "multi-node Ray cluster" in proc.stderr and "shared storage" in proc.stderr  # local --storage
     results = pd.read_csv(tmp_path / "reports" / "joined" / "results.csv")
@@ -197,25 +242,33 @@ def test_resume_names_only_the_flags_it_ignores():
     import sweep
 
     stored = {"resources": {"cpu": 2, "gpu": 0}, "max_failures": 1, "max_concurrent": 1, "tensorboard": False}
-    same = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2", "--max-failures", "1", "--max-concurrent", "1"])
+    same = sweep.parse_args(
+        ["s.yaml", "--resume", "--cpus-per-trial", "2", "--max-failures", "1", "--max-concurrent", "1"]
+    )
     assert resume.ignored_on_resume(same, stored) == []
-    changed = sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "4", "--max-concurrent", "3", "--tensorboard"])
+    changed = sweep.parse_args(
+        ["s.yaml", "--resume", "--cpus-per-trial", "4", "--max-concurrent", "3", "--tensorboard"]
+    )
     assert resume.ignored_on_resume(changed, stored) == [
-        "--cpus-per-trial 4 (keeps 2)", "--max-concurrent 3 (keeps 1)", "--tensorboard (keeps no TensorBoard files)"]
+        "--cpus-per-trial 4 (keeps 2)",
+        "--max-concurrent 3 (keeps 1)",
+        "--tensorboard (keeps no TensorBoard files)",
+    ]
     # a sweep.json from before the limit was recorded: Tune had applied none
     older = {"resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
-    assert resume.ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older) == [
-        "--max-concurrent 1 (keeps no limit)"]
+    assert resume.ignored_on_resume(
+        sweep.parse_args(["s.yaml", "--resume", "--max-concurrent", "1"]), older
+    ) == ["--max-concurrent 1 (keeps no limit)"]
     # no sweep.json at all: the resume runs with the flags' resources, so they are not 'ignored'
-    assert resume.ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2"]), {}) == []
+    assert (
+        resume.ignored_on_resume(sweep.parse_args(["s.yaml", "--resume", "--cpus-per-trial", "2"]), {}) == []
+    )
 
 
 def test_without_file_locks_the_sweep_warns_and_runs(tmp_path, monkeypatch, capsys):
     """NFSv3 without its lock service answers flock with ENOLCK: a warning, not a failed sweep."""
     import errno
     import fcntl
-
-    import sweep
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -234,9 +287,23 @@ def test_report_only_reads_a_read_only_sweep(tmp_path, monkeypatch, capsys):
     experiment.mkdir(parents=True)
     (experiment / "tuner.pkl").write_bytes(b"")
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: not str(p).startswith(str(tmp_path / "archive")) and real_access(p, m))
-    assert sweep.main(["--report-only", "--name", "old", "--storage", str(tmp_path / "archive"),
-                       "--reports", str(tmp_path / "reports")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(
+        os, "access", lambda p, m: not str(p).startswith(str(tmp_path / "archive")) and real_access(p, m)
+    )
+    assert (
+        sweep.main(
+            [
+                "--report-only",
+                "--name",
+                "old",
+                "--storage",
+                str(tmp_path / "archive"),
+                "--reports",
+                str(tmp_path / "reports"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert (tmp_path / "reports" / "old" / "table.md").exists()
 
 
@@ -246,17 +313,22 @@ def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, cap
     clock is the test's (no waiting, no wall-clock in the assertions)."""
     import types
 
-    from ray import tune
-
-    import sweep
-
     now = [1000.0]
-    monkeypatch.setattr(tuner, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime,
-                                                             strftime=time.strftime))
+    monkeypatch.setattr(
+        tuner, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime, strftime=time.strftime)
+    )
     monkeypatch.setattr(tuner, "HEARTBEAT_S", 90.0)
     progress = tuner.progress_reporter([])
-    trials = [types.SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={}, config={"epochs": 90},
-                                    __str__=lambda self: "x") for i in range(2)]
+    trials = [
+        types.SimpleNamespace(
+            trial_id=f"t{i}",
+            status="RUNNING",
+            last_result={},
+            config={"epochs": 90},
+            __str__=lambda self: "x",
+        )
+        for i in range(2)
+    ]
     assert progress.should_report(trials)
     progress.report(trials, False)
     assert "2 RUNNING" in capsys.readouterr().out
@@ -275,7 +347,9 @@ def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, cap
     assert progress.should_report(trials)
     progress.report(trials, False)
     table = capsys.readouterr().out
-    assert table.startswith("[00:01:35] 2 RUNNING\n") and "1/90" in table and "50.00" in table, table  # the table again
+    assert table.startswith("[00:01:35] 2 RUNNING\n") and "1/90" in table and "50.00" in table, (
+        table
+    )  # the table again
 
 
 def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
@@ -283,15 +357,34 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
 
     experiment = tmp_path / "runs" / "kept"
     experiment.mkdir(parents=True)
-    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        '{"trial_data": [], "runner_data": {}}'
+    )
     es = {"metric": "top1", "mode": "max", "grace_period": 2, "reduction_factor": 4}
-    (experiment / "sweep.json").write_text(json.dumps({"name": "kept", "resources": {"cpu": 1, "gpu": 0}, "trials": 2,
-                                                       "max_failures": 5, "early_stopping": es, "max_concurrent": 1}))
+    (experiment / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": "kept",
+                "resources": {"cpu": 1, "gpu": 0},
+                "trials": 2,
+                "max_failures": 5,
+                "early_stopping": es,
+                "max_concurrent": 1,
+            }
+        )
+    )
     path = space(tmp_path, "kept", epochs=1, batch=256, bits=[W4])  # FIFO, the default retries
-    assert sweep.main([path, "--storage", str(tmp_path / "runs"), "--resume", "--dry-run", "--cpus-per-trial", "2"]) == 0
+    assert (
+        sweep.main(
+            [path, "--storage", str(tmp_path / "runs"), "--resume", "--dry-run", "--cpus-per-trial", "2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "resources per trial: 1 CPU" in out
-    assert "scheduler: ASHA on top1 (max)" in out and "retried up to 5 times" in out  # the stored ones, which the resume keeps
+    assert (
+        "scheduler: ASHA on top1 (max)" in out and "retried up to 5 times" in out
+    )  # the stored ones, which the resume keeps
     assert "up to 1 at once" in out, out
     # what the real resume would say, the dry run says too: the previewed space is not what resumes
     assert "resume: the stored sweep's trials continue as they started" in out
@@ -299,17 +392,44 @@ def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
     assert "ignored: --cpus-per-trial 2 (keeps 1)" in out
 
 
-@pytest.mark.parametrize("cpus, gpus, flags, expect", [
-    (2, 0, ["--gpus-per-trial", "1"], ["note: the cluster has no GPU: running CPU-only (asked for gpu=1 per trial)",
-                                       "resources per trial: 1 CPU; on this machine (2 CPUs) up to 2 at once"]),
-    (16, 1, ["--gpus-per-trial", "1"], ["resources per trial: 1 CPU, 1 GPU; on this machine (16 CPUs, 1 GPU) up to 1 at once"]),
-    (16, 4, ["--gpus-per-trial", "0.5", "--cpus-per-trial", "2"],
-     ["resources per trial: 2 CPUs, 0.5 GPU; on this machine (16 CPUs, 4 GPUs) up to 8 at once"]),
-    (2, 0, ["--cpus-per-trial", "4"], ["note: this machine has 2 CPUs: each trial gets 2 (asked for 4)",
-                                       "resources per trial: 2 CPUs; on this machine (2 CPUs) up to 1 at once"]),
-])
-def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(cpus, gpus, flags, expect, tmp_path, monkeypatch,
-                                                                     capsys):
+@pytest.mark.parametrize(
+    "cpus, gpus, flags, expect",
+    [
+        (
+            2,
+            0,
+            ["--gpus-per-trial", "1"],
+            [
+                "note: the cluster has no GPU: running CPU-only (asked for gpu=1 per trial)",
+                "resources per trial: 1 CPU; on this machine (2 CPUs) up to 2 at once",
+            ],
+        ),
+        (
+            16,
+            1,
+            ["--gpus-per-trial", "1"],
+            ["resources per trial: 1 CPU, 1 GPU; on this machine (16 CPUs, 1 GPU) up to 1 at once"],
+        ),
+        (
+            16,
+            4,
+            ["--gpus-per-trial", "0.5", "--cpus-per-trial", "2"],
+            ["resources per trial: 2 CPUs, 0.5 GPU; on this machine (16 CPUs, 4 GPUs) up to 8 at once"],
+        ),
+        (
+            2,
+            0,
+            ["--cpus-per-trial", "4"],
+            [
+                "note: this machine has 2 CPUs: each trial gets 2 (asked for 4)",
+                "resources per trial: 2 CPUs; on this machine (2 CPUs) up to 1 at once",
+            ],
+        ),
+    ],
+)
+def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(
+    cpus, gpus, flags, expect, tmp_path, monkeypatch, capsys
+):
     """The dry run previews the run on this machine: trials wait for GPUs as well as CPUs, and
     what the private Ray cannot give is fitted (or refused) with the real run's notes."""
     import sweep
@@ -324,11 +444,24 @@ def test_dry_run_fits_the_resources_to_this_machine_as_the_run_would(cpus, gpus,
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("gpus, flags, error", [
-    (0, ["--set", "device=cuda"], "error: key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu"),
-    (1, ["--gpus-per-trial", "2"], "error: resources: gpu=2 per trial, but the cluster has 1 GPU; allowed: at most 1"),
-])
-def test_dry_run_refuses_what_the_run_on_this_machine_would_refuse(gpus, flags, error, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "gpus, flags, error",
+    [
+        (
+            0,
+            ["--set", "device=cuda"],
+            "error: key 'device' = 'cuda' but the cluster has no GPU; allowed here: auto, cpu",
+        ),
+        (
+            1,
+            ["--gpus-per-trial", "2"],
+            "error: resources: gpu=2 per trial, but the cluster has 1 GPU; allowed: at most 1",
+        ),
+    ],
+)
+def test_dry_run_refuses_what_the_run_on_this_machine_would_refuse(
+    gpus, flags, error, tmp_path, monkeypatch, capsys
+):
     import sweep
 
     monkeypatch.setattr(cluster, "local_gpus", lambda: gpus)
@@ -344,8 +477,12 @@ def test_a_dry_run_piped_into_head_stops_quietly(tmp_path):
     dry run stops without an error line (it printed `error: BrokenPipeError`, exit 1)."""
     path = tmp_path / "big.yaml"
     path.write_text("name: big\nfixed: {epochs: 1}\nseeds: 3000\n")  # a table larger than a pipe holds
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), str(path), "--dry-run", "--storage",
-                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sweep.py"), str(path), "--dry-run", "--storage", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().startswith("Sweep 'big'")
     proc.stdout.close()  # what head does once it has its lines
     err = proc.stderr.read()
@@ -355,12 +492,13 @@ def test_a_dry_run_piped_into_head_stops_quietly(tmp_path):
 
 def test_local_gpus_counts_what_ray_would(monkeypatch):
     """As ray.init counts them: the devices, capped by CUDA_VISIBLE_DEVICES where it is set."""
-    import sweep
     from ray._private import accelerators
 
     manager = accelerators.get_accelerator_manager_for_resource("GPU")
     monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 4))
-    monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: ["0", "2"]))
+    monkeypatch.setattr(
+        manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: ["0", "2"])
+    )
     assert cluster.local_gpus() == 2
     monkeypatch.setattr(manager, "get_current_process_visible_accelerator_ids", staticmethod(lambda: None))
     assert cluster.local_gpus() == 4
@@ -371,19 +509,29 @@ def test_local_gpus_counts_what_ray_would(monkeypatch):
 def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path, capsys):
     """Tune resumes the stored trials with the configs they started with: a space (or --set) that
     now asks for more epochs or other trials is named, with the way to run it."""
-    import sweep
-    from lsq import report
     from lsq.space import load_space
 
     path = space(tmp_path, "grown", epochs=1, batch=256, bits=[W4, W2, FP32])
     exp = tmp_path / "runs" / "grown"
     exp.mkdir(parents=True)
-    report.write_meta(str(exp), {"trials": 3})
+    storage.write_meta(str(exp), {"trials": 3})
 
     def stored(*numbers):  # Tune's snapshot, which lists its trials in no particular order
         points = load_space(path, []).points()
-        trials = [[json.dumps({"trial_id": f"ab12_{i:05d}", "status": "RUNNING", "relative_logdir": f"t{i}",
-                               "config": points[i]}), "{}"] for i in numbers]
+        trials = [
+            [
+                json.dumps(
+                    {
+                        "trial_id": f"ab12_{i:05d}",
+                        "status": "RUNNING",
+                        "relative_logdir": f"t{i}",
+                        "config": points[i],
+                    }
+                ),
+                "{}",
+            ]
+            for i in numbers
+        ]
         (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
 
     stored(2, 0, 1)
@@ -396,7 +544,9 @@ def test_resume_says_when_the_space_no_longer_matches_the_stored_trials(tmp_path
     stored(1, 0)
     resume.warn_if_space_changed(load_space(path, []), str(exp))
     assert capsys.readouterr().out == ""
-    resume.warn_if_space_changed(load_space(path, ["w_bits=3"]), str(exp))  # trial 3, not created yet, not compared
+    resume.warn_if_space_changed(
+        load_space(path, ["w_bits=3"]), str(exp)
+    )  # trial 3, not created yet, not compared
     assert "(w_bits {4, 2} -> 3)" in capsys.readouterr().out
     resume.warn_if_space_changed(load_space(space(tmp_path, "grown", 1, 256, [W4, W2]), []), str(exp))
     assert "the space now has 2 trials, the stored sweep 3" in capsys.readouterr().out
@@ -406,8 +556,6 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
     """A KeyboardInterrupt inside ray.init left a half-built core worker that crashed the exit
     (status 139) and Ray's agents running: the first Ctrl-C now waits for the start to end."""
     import signal
-
-    import sweep
 
     class Ray:
         stopped = False
@@ -419,7 +567,9 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler runs between bytecodes
 
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even where CI ignores it
+    outer = signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # as in a terminal, even where CI ignores it
     try:
         started, ray = [], Ray()
         with pytest.raises(KeyboardInterrupt):
@@ -433,7 +583,10 @@ def test_ctrl_c_while_ray_starts_waits_for_the_start_then_interrupts():
                 ctrl_c()
                 ctrl_c()
                 started.append("not reached")
-        assert started == ["the rest of ray.init"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert (
+            started == ["the rest of ray.init"]
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
         with ray_fixes.ctrl_c_once_started(Ray()):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -446,14 +599,16 @@ def test_tunes_stop_lines_give_way_to_the_sweeps_own(capsys):
     the sweep prints its own resume command, so Tune's two lines become one short one."""
     import logging
 
-    import sweep
-
     def record(msg):
         return logging.LogRecord("ray.tune.tune", logging.WARNING, "tune.py", 1, msg, None, None)
 
-    assert not tuner.tune_stop_lines(record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."))
+    assert not tuner.tune_stop_lines(
+        record("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.")
+    )
     assert capsys.readouterr().err == "\nstopping: Tune saves the sweep's state (Ctrl-C again to skip that)\n"
-    assert not tuner.tune_stop_lines(record("Experiment has been interrupted, but the most recent state was saved."))
+    assert not tuner.tune_stop_lines(
+        record("Experiment has been interrupted, but the most recent state was saved.")
+    )
     assert tuner.tune_stop_lines(record("Trial failed for another reason"))  # every other warning stays
     assert capsys.readouterr().err == ""
 
@@ -463,14 +618,17 @@ def test_ctrl_c_before_anything_is_stored_does_not_advise_resume(tmp_path):
 
     argv = ["s.yaml", "--storage", str(tmp_path)]
     args = sweep.parse_args(argv)
-    again, resume = resume.resume_command(argv, resume=False), resume.resume_command(argv)  # test_faults runs a printed one
-    assert again.endswith(f"s.yaml --storage {tmp_path}") and resume == again + " --resume"
+    again, resumed = (
+        resume.resume_command(argv, resume=False),
+        resume.resume_command(argv),
+    )  # test_faults runs a printed one
+    assert again.endswith(f"s.yaml --storage {tmp_path}") and resumed == again + " --resume"
     assert resume.interrupted_text(args, argv).endswith(f"Start it again with:\n  {again}")
     args.experiment = str(tmp_path / "s")  # named, but Tune had stored nothing yet
     assert "nothing to resume" in resume.interrupted_text(args, argv)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
-    assert resume.interrupted_text(args, argv).endswith(f"Resume with:\n  {resume}")
+    assert resume.interrupted_text(args, argv).endswith(f"Resume with:\n  {resumed}")
     report_only = sweep.parse_args(argv + ["--report-only"])
     assert resume.interrupted_text(report_only, argv) == "\ninterrupted."
 
@@ -514,10 +672,13 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     from ray.train._internal.storage import _FilesystemSyncer
 
     monkeypatch.syspath_prepend(str(ROOT))
-    import sweep
 
-    monkeypatch.setattr(ray_storage, "_upload_to_fs_path", ray_storage._upload_to_fs_path)  # restored afterwards
-    assert ray_fixes.whole_file_snapshots() and ray_fixes.whole_file_snapshots()  # once, then already in place
+    monkeypatch.setattr(
+        ray_storage, "_upload_to_fs_path", ray_storage._upload_to_fs_path
+    )  # restored afterwards
+    assert (
+        ray_fixes.whole_file_snapshots() and ray_fixes.whole_file_snapshots()
+    )  # once, then already in place
     src, dst = tmp_path / "staging", tmp_path / "runs" / "exp"
     (src / "sub").mkdir(parents=True)
     state = {"trial_data": [["{}", "{}"]], "runner_data": {}}
@@ -526,7 +687,8 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     (src / "sub" / "other.txt").write_text("x")
     (src / ".tmp-basic-variant-state-s2.json").write_bytes(b"\x80")  # Tune's atomic save, half done
     upload, kwargs = _FilesystemSyncer(storage_filesystem=pafs.LocalFileSystem())._sync_up_command(
-        local_path=str(src), uri=str(dst))  # what Tune's background sync runs
+        local_path=str(src), uri=str(dst)
+    )  # what Tune's background sync runs
     assert getattr(upload, "whole_files", False)
     upload(**kwargs)
     assert json.loads((dst / "experiment_state-s1.json").read_text()) == state
@@ -550,7 +712,9 @@ def test_tune_snapshot_copies_are_whole_or_absent(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         upload(**kwargs)
     monkeypatch.undo()
-    assert len(json.loads((dst / "experiment_state-s1.json").read_text())["trial_data"]) == 1  # whole, previous
+    assert (
+        len(json.loads((dst / "experiment_state-s1.json").read_text())["trial_data"]) == 1
+    )  # whole, previous
     assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")]  # the unfinished copy, hidden
 
 
@@ -567,16 +731,20 @@ def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
     from ray.tune.logger import logger as tune_logger
 
     monkeypatch.syspath_prepend(str(ROOT))
-    import sweep
 
     cls = tune_logger.LoggerCallback
-    ray_own = getattr(cls._restore_from_remote, "unpatched", cls._restore_from_remote)  # (a sweep run in this process patches it)
+    ray_own = getattr(
+        cls._restore_from_remote, "unpatched", cls._restore_from_remote
+    )  # (a sweep run in this process patches it)
     monkeypatch.setattr(cls, "_restore_from_remote", ray_own)  # restored afterwards
     staging, stored = tmp_path / "staging", tmp_path / "runs" / "trial"
     staging.mkdir()
     stored.mkdir(parents=True)
-    trial = SimpleNamespace(local_path=str(staging), checkpoint="checkpoint_000000",
-                            storage=SimpleNamespace(trial_fs_path=str(stored), storage_filesystem=pafs.LocalFileSystem()))
+    trial = SimpleNamespace(
+        local_path=str(staging),
+        checkpoint="checkpoint_000000",
+        storage=SimpleNamespace(trial_fs_path=str(stored), storage_filesystem=pafs.LocalFileSystem()),
+    )
     reported = '{"epoch": 1}\n'
 
     def restart():  # what Tune runs as the restarted trial starts (log_trial_start)
@@ -586,7 +754,9 @@ def test_a_restarted_trial_keeps_the_results_it_reported(tmp_path, monkeypatch):
         return (staging / "result.json").read_text()
 
     assert restart() == ""  # Ray's own behaviour: epoch 1 is gone
-    assert ray_fixes.results_survive_a_restart() and ray_fixes.results_survive_a_restart()  # once, then already in place
+    assert (
+        ray_fixes.results_survive_a_restart() and ray_fixes.results_survive_a_restart()
+    )  # once, then already in place
     assert restart() == reported
 
     # a new driver (a resumed sweep) starts with an empty staging folder: it takes storage's copy
@@ -605,9 +775,10 @@ def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
     from ray.tune.execution import class_cache
 
     monkeypatch.syspath_prepend(str(ROOT))
-    import sweep
 
-    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS))  # restored afterwards
+    monkeypatch.setattr(
+        class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS)
+    )  # restored afterwards
     for name in class_cache.ENV_VARS_TO_PROPAGATE:
         monkeypatch.delenv(name, raising=False)
 
@@ -625,7 +796,8 @@ def test_trials_run_in_the_workers_ray_prestarts(monkeypatch):
     assert class_cache._ActorClassCache().get(After)._default_options["runtime_env"] in ({}, {"env_vars": {}})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     assert class_cache._ActorClassCache().get(WithKey)._default_options["runtime_env"] == {
-        "env_vars": {"AWS_ACCESS_KEY_ID": "key"}}
+        "env_vars": {"AWS_ACCESS_KEY_ID": "key"}
+    }
 
 
 def test_the_private_ray_starts_lean_and_trials_get_its_prestarted_workers():
