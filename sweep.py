@@ -28,62 +28,34 @@ DEFAULT_SPACE = os.path.join("search_spaces", "smoke.yaml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python sweep.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXIT_HELP + " (resume an interrupted sweep with --resume)",
-    )
+    epilog = EXIT_HELP + " (resume an interrupted sweep with --resume)"
+    p = argparse.ArgumentParser(prog="python sweep.py", description=__doc__.split("\n\n")[0], epilog=epilog)
+    p.add_argument("space", nargs="?", metavar="SPACE", help=f"search space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--address", help="join this Ray cluster, e.g. auto (default: a private local Ray)")
     p.add_argument(
-        "space",
-        nargs="?",
-        default=None,
-        metavar="SPACE",
-        help=f"search space YAML (default: {DEFAULT_SPACE})",
+        "--storage", default="runs", help="a folder or a URI such as s3://bucket/runs (default: runs)"
     )
-    p.add_argument(
-        "--address",
-        help="join this Ray cluster, e.g. 'auto' after `ray start --head` "
-        "(default: start a private local Ray on 127.0.0.1)",
-    )
-    p.add_argument(
-        "--storage",
-        default="runs",
-        help="experiment storage: a directory or a URI such as "
-        "s3://bucket/runs (default: ./runs); a cluster needs shared storage",
-    )
-    p.add_argument("--name", help="the sweep's name, the folder under --storage (default: the space's name)")
+    p.add_argument("--name", help="the sweep's folder under --storage (default: the space's name)")
     p.add_argument("--resume", action="store_true", help="continue the named sweep from its checkpoints")
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key for every trial, e.g. --set epochs=3 (repeatable)",
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, repeatable"
     )
     p.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
     p.add_argument("--cpus-per-trial", type=float, metavar="N", help="override the space's resources.cpu")
     p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        metavar="N",
-        help="override the space's resources.gpu (a fraction packs trials onto one GPU)",
+        "--gpus-per-trial", type=float, metavar="N", help="override resources.gpu (0.25: 4 per GPU)"
     )
     p.add_argument(
         "--max-failures",
         type=int,
         metavar="N",
-        help="retries of a crashed trial from its last checkpoint (default: the space's, else 2)",
+        help="retries of a crashed trial (default: the space's, or 2)",
     )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the trials and resources; run and write nothing"
-    )
-    p.add_argument("--reports", default="reports", metavar="DIR", help="where reports go, as DIR/<name>/")
-    p.add_argument(
-        "--report-only", action="store_true", help="rebuild the report of a stored sweep; run nothing"
-    )
+    p.add_argument("--dry-run", action="store_true", help="print the trials and resources; run nothing")
+    p.add_argument("--reports", default="reports", metavar="DIR", help="reports go to DIR/<name>/")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report of a stored sweep")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files per trial")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -91,9 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    return run_command(
-        lambda: run(args, argv), args.debug, interrupted=lambda: resume.interrupted_text(args, argv)
-    )
+    interrupted = lambda: resume.interrupted_text(args, argv)  # noqa: E731
+    return run_command(lambda: run(args, argv), args.debug, interrupted=interrupted)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
