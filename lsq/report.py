@@ -1,7 +1,5 @@
-"""Reports: a stored experiment folder -> <reports>/<name>/: results.parquet/.csv, table.md,
-layers.md/.csv and accuracy_vs_bits.png. Reads only what Tune and the trainable left in storage
-(a local folder or a pyarrow URI), so it works with no Ray, on a partial or interrupted sweep.
-"""
+"""Reports of a stored experiment (a folder or a pyarrow URI), built from what Tune and the trainable
+left there: no Ray needed, and a partial or interrupted sweep reports too."""
 
 from __future__ import annotations
 
@@ -13,14 +11,13 @@ import re
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from .config import PATH_KEYS, PRESET_WORDS, PRESETS, TrialConfig
+from .config import PATH_KEYS, TrialConfig
 from .files import atomic_write
 from .storage import Storage, read_meta, usable_session
 
-LAYERS_FILE = "layers.json"
-FILES = ("results.parquet", "results.csv", "table.md", "layers.md", "layers.csv", "accuracy_vs_bits.png")
 RESULT_COLUMNS = (
     "trial_id trial_name status epochs_done best_top1 final_top1 best_top5 final_top5 int_top1 export_ok "
     "gpu_hours wall_seconds error checkpoint"
@@ -35,12 +32,10 @@ _EXPORT = {None: "–", True: "ok", False: "FAILED"}  # the deployment check's o
 class Report:
     folder: str
     results: pd.DataFrame
-    layers: pd.DataFrame
     table_md: str
     files: list[str]
 
 
-# ----------------------------------------------------------------------------- collecting
 def tune_trials(st: Storage) -> list[dict]:
     """Trials in Tune's latest whole snapshot: trial_id, status, folder, name, config."""
     session, _ = usable_session(st)
@@ -50,21 +45,18 @@ def tune_trials(st: Storage) -> list[dict]:
 
 
 def row_config(values) -> TrialConfig:
-    """A TrialConfig from stored values (params.json, Tune's snapshot, a results row), not checked
-    again: its files may live on other machines. Pandas NA -> None, numpy scalars -> Python."""
+    """A TrialConfig from stored values, not checked again: its files may live on other machines."""
     return TrialConfig(**{k: _plain(values[k]) for k in TrialConfig.keys() if k in values})
 
 
 def stored_configs(experiment: str) -> dict[int, dict]:
-    """The configs of Tune's latest whole snapshot (what --resume runs), by the number Tune gave
-    each trial (`<run>_00003`: the space's fourth point)."""
+    """The configs of Tune's latest whole snapshot (what --resume runs), by trial number (`<run>_00003`)."""
     numbered = [(re.search(r"_(\d+)$", str(t["trial_id"])), t) for t in tune_trials(Storage(experiment))]
     return {int(n[1]): row_config(t["config"]).to_dict() for n, t in numbered if n}
 
 
 def trial_results(st: Storage, folder: str) -> list[dict]:
-    """One trial's reported rows, one per epoch (an epoch reported again after a resume: its last
-    report wins), then the trainer's `failed_reason` row if there is one."""
+    """One trial's rows, one per epoch (after a resume its last report wins), then any `failed_reason` row."""
     by_epoch, failed = {}, []
     for line in (st.read_text(folder, "result.json") or "").splitlines():
         try:
@@ -79,8 +71,7 @@ def trial_results(st: Storage, folder: str) -> list[dict]:
 
 
 def _last_error(st: Storage, folder: str) -> str | None:
-    """The last exception in Tune's error.txt, and how many failures Tune numbered (after a resume
-    the file may hold only the latest)."""
+    """The last exception in Tune's error.txt, and how many failures Tune numbered."""
     lines = [ln.strip() for ln in (st.read_text(folder, "error.txt") or "").splitlines() if ln.strip()]
     failures = max((int(m[1]) for ln in lines if (m := re.match(r"Failure # (\d+)", ln))), default=0)
     errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b.*:", ln)] or lines[-1:]
@@ -90,8 +81,7 @@ def _last_error(st: Storage, folder: str) -> str | None:
 
 
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
-    """What became of a trial, from its own results first and Tune's last snapshot second.
-    `live`: a driver may run the sweep now, so an unfinished trial may be running."""
+    """What became of a trial, from its own results first and Tune's last snapshot second."""
     if failed:
         return "FAILED"  # the trainer gave up (e.g. a NaN loss) and said why
     if finished:
@@ -140,14 +130,14 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
         "error": failed or crash or (f"export check: {export_failed}" if export_failed else None),
         "checkpoint": st.uri(folder, checkpoint) if checkpoint else None,
     }
-    layers = st.read_json(folder, checkpoint, LAYERS_FILE) if checkpoint else []
+    layers = st.read_json(folder, checkpoint, "layers.json") if checkpoint else []
     about = {"trial_id": t["trial_id"], "trial_name": record["trial_name"], "label": cfg.label()}
     return record, [{**about, "epoch": done, **layer} for layer in layers or []]
 
 
 def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(one row per trial, one row per trial x layer, sweep meta) from a stored experiment.
-    `live`: a driver may be running the sweep (else unfinished trials are INTERRUPTED)."""
+    """(one row per trial, one row per trial x layer, sweep meta). `live`: a driver may be running the
+    sweep, so unfinished trials are RUNNING, not INTERRUPTED."""
     st = Storage(experiment)
     meta = read_meta(experiment)
     trials = {t["trial_id"]: t for t in tune_trials(st) if t["trial_id"]}
@@ -169,26 +159,24 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
     return df, pd.DataFrame.from_records(layers), meta
 
 
-# ----------------------------------------------------------------------------- cells
 def _plain(v):
     """A cell as a plain Python value (pandas NA / NaN -> None), for comparing and printing."""
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return v.item() if hasattr(v, "item") else v
+    return None if pd.isna(v) else v.item() if hasattr(v, "item") else v
 
 
 def _sci(x: float) -> str:
     """1e-4, 2.5e-5, 0.1: compact, as in the paper's tables."""
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
-        return f"{x:g}"
-    mantissa, exponent = f"{x:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    plain = x == 0 or 1e-3 <= abs(x) < 1e4
+    return f"{x:g}" if plain else np.format_float_scientific(x, trim="-", exp_digits=1)
 
 
 def _cell(v, key: str = "") -> str:
+    """A config value as a table cell; a path by its last two parts (`run1/checkpoint.pt`)."""
     v = _plain(v)
     if v is None:
         return "FP32" if key in ("w_bits", "a_bits") else "–"
+    if key in PATH_KEYS:
+        return "/".join(str(v).rstrip("/").split("/")[-2:])
     return _sci(v) if isinstance(v, float) else str(v)
 
 
@@ -217,51 +205,26 @@ def _varied(df: pd.DataFrame, exclude=()) -> list[str]:
     return [k for k in TrialConfig.keys() if k not in exclude and df[k].nunique(dropna=False) > 1]
 
 
-def short_paths(values) -> dict[str, str]:
-    """Each distinct path by its shortest ending that tells it from the others: `fp32.pt`, or
-    `run1/checkpoint.pt` and `run2/checkpoint.pt` where the files share a name."""
-    distinct = sorted({str(_plain(v)).rstrip("/") for v in values if _plain(v)})
-    for depth in range(1, max((p.count("/") + 1 for p in distinct), default=1) + 1):
-        names = {p: "/".join(p.split("/")[-depth:]) for p in distinct}
-        if len(set(names.values())) == len(distinct):
-            return names
-    return {p: p for p in distinct}
+def _bits(w: int | None, a: int | None) -> str:
+    return "FP32" if w is None and a is None else f"W{w or 32}A{a or 32}"
 
 
-def _path_names(df: pd.DataFrame) -> dict[str, str]:
-    return {path: short for k in PATH_KEYS for path, short in short_paths(df[k]).items()}
-
-
-def _value_text(key: str, v, paths: dict | None = None) -> str:
-    v = _plain(v)
-    if key in PATH_KEYS and v:
-        return (paths or {}).get(str(v).rstrip("/")) or os.path.basename(str(v).rstrip("/"))
-    return _cell(v, key)
-
-
-# ----------------------------------------------------------------------------- tables
 def notes(cfg: TrialConfig) -> str:
-    """The first/last-layer policy in words; the bits where a preset follows the body's."""
+    """The first and last layers' bits, as the presets resolve them."""
     if cfg.is_fp32:
         return "full precision"
-    words = []
-    for spec, (w, a) in [(cfg.first, cfg.end_bits("first")), (cfg.last, cfg.end_bits("last"))]:
-        text = PRESET_WORDS.get(spec, f"weights {w or 32}-bit, input {a or 32}-bit")
-        words.append(text + (f" (W{w or 32}A{a or 32})" if PRESETS.get(spec, "-")[0] == "body" else ""))
-    first, last = words
+    first, last = _bits(*cfg.end_bits("first")), _bits(*cfg.end_bits("last"))
     return f"first & last layers: {first}" if first == last else f"first layer: {first}; last layer: {last}"
 
 
-def params_text(cfg: TrialConfig, extra=(), paths: dict | None = None) -> str:
-    """Epochs, weight decay and batch, then the `extra` keys the sweep varies, so that no two rows
-    read the same. A path is named as `paths` (short_paths) names it, else by its last part."""
+def params_text(cfg: TrialConfig, extra=()) -> str:
+    """Epochs, weight decay and batch, then the `extra` keys, so that no two rows read the same."""
     text = f"{count(cfg.epochs, 'epoch')}, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
-    return text + "".join(f", {k} {_value_text(k, getattr(cfg, k), paths)}" for k in extra)
+    return text + "".join(f", {k} {_cell(getattr(cfg, k), k)}" for k in extra)
 
 
 def headline_extra(df: pd.DataFrame) -> list[str]:
-    """The varied keys the headline's columns do not show; a data_dir that moves with the dataset
-    says nothing the dataset does not."""
+    """The varied keys no other headline column shows; data_dir not where it moves with the dataset."""
     extra = _varied(df, exclude=HEADLINE_KEYS)
     return [k for k in extra if not (k == "data_dir" and "dataset" in extra)]
 
@@ -295,13 +258,11 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     keys = [k for k in TrialConfig.keys() if k != "seed"]
     groups = [g for _, g in df.groupby(keys, dropna=False, sort=False)] if len(df) else []
     seeded = bool(meta.get("seeds")) or any(len(g) > 1 for g in groups)
-    extra, paths = headline_extra(df), _path_names(df)
-    headline = []
+    extra, headline = headline_extra(df), []
     for g in groups:
         cfg = row_config(g.iloc[0])
         network = re.sub(r"^resnet(\d+)$", r"ResNet-\1", cfg.model)
-        params = params_text(cfg, extra, paths)
-        headline.append([cfg.label(), network, params, notes(cfg), _acc_cell(g, seeded)])
+        headline.append([cfg.label(), network, params_text(cfg, extra), notes(cfg), _acc_cell(g, seeded)])
     parts.append(_md(["Models", "Networks", "Params", "Notes", "Acc@1"], headline))
     over_seeds = ", mean ± std over seeds (n finished trials)" if seeded else ""
     parts.append(f"Acc@1: top-1 accuracy (%) on the test set after the last epoch{over_seeds}.")
@@ -316,141 +277,82 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
         for r in df.itertuples()
     ]
     parts += ["## Every trial", _md(header, rows)]
-    off = [_plain(v) is False for v in df["deploy_check"]]
-    skipped = " Trials with deploy_check=false skip it (–)." if any(off) else ""
-    if off and all(off):
-        skipped = " The deployment check did not run in this sweep (deploy_check=false)."
+    off = not df["deploy_check"].astype(bool).all()
+    skipped = " Trials with deploy_check=false skip it (–)." if off else ""
     parts.append(
-        "int top-1: top-1 of integer inference (integer codes, int accumulation, one rescale per layer; "
-        "lsq/export.py). export: the ONNX model (QuantizeLinear/DequantizeLinear with the learned step "
-        "sizes) agrees with the fake-quantized model in onnxruntime." + skipped
+        "int top-1: top-1 of integer inference (lsq/export.py). export: the ONNX model "
+        "agrees with the fake-quantized model in onnxruntime." + skipped
     )
-    links = "[results.csv](results.csv), [results.parquet](results.parquet)"
-    links += ", [layers.md](layers.md) (learned step sizes and weight error per layer)" if has_layers else ""
-    parts.append(f"Files: {links}. Plot: [accuracy_vs_bits.png](accuracy_vs_bits.png).")
+    layers = ", [layers.md](layers.md) (step sizes and weight error per layer)" if has_layers else ""
+    parts.append(f"Files: [results.csv](results.csv){layers}, [accuracy_vs_bits.png](accuracy_vs_bits.png).")
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def render_layers(layers: pd.DataFrame) -> str:
-    out = [
-        "# Per-layer diagnostics",
-        "From each trial's latest checkpoint (`layers.json`): the bits of every conv/linear layer, "
-        "the learned step sizes, and the weight quantization error ||ŵ - w||² / ||w||².",
-    ]
-    header = ["layer", "kind", "w bits", "a bits", "w step", "a step", "w rel-MSE"]
-    for _, rows in layers.groupby("trial_id", sort=False):
+    about = "From each trial's latest checkpoint (– where FP32); w_rel_mse = ||ŵ - w||² / ||w||²."
+    out, columns = ["# Per-layer diagnostics", about], ["layer", "kind", "w_bits", "a_bits", "w_step"]
+    columns += ["a_step", "w_rel_mse"]
+    for _, rows in layers[layers["label"] != "FP32"].groupby("trial_id", sort=False):  # FP32: nothing learned
         first = rows.iloc[0]
-        if first["label"] != "FP32":  # nothing quantized, nothing learned: layers.csv still lists it
-            out.append(f"## {first['trial_name']} ({first['label']}, after epoch {first['epoch']})")
-            table = [
-                [r.layer, r.kind, _cell(r.w_bits, "w_bits"), _cell(r.a_bits, "a_bits")]
-                + [_fmt(v, ".4g") for v in (r.w_step, r.a_step, r.w_rel_mse)]
-                for r in rows.itertuples()
-            ]
-            out.append(_md(header, table))
+        out.append(f"## {first['trial_name']} ({first['label']}, after epoch {first['epoch']})")
+        out.append(rows[columns].to_markdown(index=False, floatfmt=".4g", missingval="–"))
     return "\n\n".join(out) + "\n"
 
 
-# ----------------------------------------------------------------------------- plot
-@dataclass
-class Series:
-    """One line of the plot: mean top-1 (and its std over seeds, 0 for one) per body bits."""
-
-    label: str
-    bits: list[int]
-    top1: list[float]
-    std: list[float]
-
-
-def plot_plan(df: pd.DataFrame) -> tuple[list[Series], list[tuple[str, float]], str]:
-    """What accuracy_vs_bits.png shows: (lines, levels as (label, mean top-1), x label). A line per
-    first/last policy, activation bits that do not follow the weights (W4A8), and each key that
-    varies at the same bits; seeds make one point. FP32 and W32A* beside quantized weights: levels."""
+def plot_series(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What accuracy_vs_bits.png shows: label -> mean and std of final top-1 over seeds by body bits.
+    A line per first/last policy and per key that varies at the same bits; W4A8 apart from W4A4;
+    W32A* by their activation bits; FP32 one level (bits NaN)."""
     done = df[df["final_top1"].notna()]
-    by_acts = bool(done["w_bits"].isna().all() and done["a_bits"].notna().any())  # a sweep of W32A* alone
-    x = "a_bits" if by_acts else "w_bits"
-    on_axis = done[done[x].notna()]
-    fp32 = done[done["w_bits"].isna() & done["a_bits"].isna()]
-    w32 = done[done[x].isna() & done["a_bits"].notna()]
-    follows = [by_acts or _plain(a) == _plain(w) for w, a in zip(on_axis["w_bits"], on_axis["a_bits"])]
-    same_bits = bool(follows) and all(follows)
-    cell, paths = ["w_bits", "a_bits", "first", "last"], _path_names(done)
+    cell = ["w_bits", "a_bits", "first", "last"]
     # a key that only moves with the bits (weight decay by bits) stays within one line
-    within = on_axis.groupby(cell, dropna=False).nunique(dropna=False).max() if len(on_axis) else {}
-    other = [k for k in _varied(on_axis, exclude=(*cell, "seed")) if within[k] > 1]
-    base, level = _varied(fp32, exclude=(*cell, "seed")), _varied(w32, exclude=(*cell, "seed"))
-
-    def policy(row) -> str:
-        return row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
-
-    def words(row, keys: list[str]) -> str:
-        return "".join(f", {k} {_value_text(k, row[k], paths)}" for k in keys)
-
-    lines: dict[str, list] = {}  # label -> the index of its trials
-    for (i, row), follow in zip(on_axis.iterrows(), follows):
-        acts = ", activations " + ("= weights" if follow else _cell(row["a_bits"], "a_bits"))
-        text = f"first/last {policy(row)}{'' if same_bits else acts}{words(row, other)}"
-        lines.setdefault(text, []).append(i)
-    series = []
-    for text, index in lines.items():
-        stats = on_axis.loc[index].groupby(x)["final_top1"].agg(["mean", "std"]).sort_index()
-        std = stats["std"].fillna(0.0).tolist()
-        series.append(Series(text, [int(b) for b in stats.index], stats["mean"].tolist(), std))
-    levels: dict[str, list[float]] = {}
-    for _, row in fp32.iterrows():
-        levels.setdefault(f"FP32 ({words(row, base)[2:]})" if base else "FP32", []).append(row["final_top1"])
-    for _, row in w32.sort_values(["a_bits", "first", "last", *level], kind="stable").iterrows():
-        text = f"W32A{_cell(row['a_bits'])} (first/last {policy(row)}{words(row, level)})"
-        levels.setdefault(text, []).append(row["final_top1"])
-    xlabel = "bit-width (weights = activations of the body)" if same_bits else "weight bits of the body"
-    xlabel = "activation bits of the body (weights FP32)" if by_acts else xlabel
-    return series, [(text, sum(v) / len(v)) for text, v in levels.items()], xlabel
+    spread = done.groupby(cell, dropna=False).nunique(dropna=False).max() if len(done) else {}
+    other = [k for k in _varied(done, exclude=(*cell, "seed")) if spread[k] > 1]
+    points = []
+    for _, row in done.iterrows():
+        w, a = _plain(row["w_bits"]), _plain(row["a_bits"])
+        policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
+        acts = "" if a == w else ", weights FP32" if w is None else f", activations {_cell(a, 'a_bits')}"
+        label = f"first/last {policy}{acts}"
+        label = "FP32" if w is None and a is None else label
+        label += "".join(f", {k} {_cell(row[k], k)}" for k in other)
+        points.append((label, w or a, row["final_top1"]))
+    table = pd.DataFrame(points, columns=["label", "bits", "top1"], dtype=object)
+    return {
+        label: g.groupby("bits", dropna=False)["top1"].agg(["mean", "std"]).astype(float).fillna({"std": 0.0})
+        for label, g in table.groupby("label", sort=False)
+    }
 
 
 def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
-    """Top-1 against bits (`plot_plan`), each point with its value up to 3 lines; levels dashed.
-    A long legend goes below the axes, and the figure grows to hold it."""
-    import textwrap
-
+    """Final top-1 against the body's bits (`plot_series`), FP32 dashed; the legend below the axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    lines, levels, xlabel = plot_plan(df)
-    labels = [textwrap.fill(t, 90) for t in [s.label for s in lines] + [t for t, _ in levels]]
-    inside = len(labels) <= 4 and all(len(t) <= 40 for t in labels)
-    below = 0 if inside else 0.2 + 0.16 * sum(t.count("\n") + 1 for t in labels)
-    fig = Figure(figsize=(6.4, 4.2 + below), dpi=120, layout="constrained")
+    series = plot_series(df)
+    fig = Figure(figsize=(6.4, 4.2 + 0.2 * len(series)), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for s, text in zip(lines, labels):
-        yerr = s.std if any(s.std) else None
-        color = ax.errorbar(s.bits, s.top1, yerr=yerr, marker="o", capsize=3, label=text)[0].get_color()
-        for x, y in zip(s.bits, s.top1) if len(lines) <= 3 else ():  # more lines: the table has the figures
-            ax.annotate(f"{y:.2f}", (x, y), (5, 4), textcoords="offset points", fontsize=7, color=color)
-    styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # levels told apart by their dashes, all gray
-    for i, ((_, value), text) in enumerate(zip(levels, labels[len(lines) :])):
-        color = "gray" if i < len(styles) else "silver"
-        ax.axhline(value, linestyle=styles[i % 4], color=color, linewidth=1.2, label=f"{text}: {value:.2f}")
-    if lines:
-        ax.set_xticks(sorted({b for s in lines for b in s.bits}))
-    ax.margins(x=0.08, y=0.1)
-    ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)")
+    for label, s in series.items():
+        if s.index.isna().all():
+            mean = s["mean"].iloc[0]
+            ax.axhline(mean, linestyle="--", color="gray", label=f"{label}: {mean:.2f}")
+        else:
+            yerr = s["std"] if s["std"].any() else None
+            ax.errorbar(s.index.astype(int), s["mean"], yerr=yerr, marker="o", capsize=3, label=label)
+    ax.set(xlabel="bits of the body (weights; activations where weights are FP32)", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
-    if not labels:
-        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
-    elif inside:
-        ax.legend(fontsize=8)
-    else:
+    if series:
         fig.legend(loc="outside lower center", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
     png = io.BytesIO()
     fig.savefig(png, format="png")
     return png.getvalue()
 
 
-# ----------------------------------------------------------------------------- writing
 def build_report(experiment: str, reports_dir: str, name: str | None = None, live: bool = False) -> Report:
-    """Read the stored experiment and write every report file to <reports_dir>/<name>/, each
-    whole (atomic). `live`: a driver may be running the sweep now (see `collect`)."""
+    """Write every report file to <reports_dir>/<name>/, each whole (atomic); `live` as in `collect`."""
     df, layers, meta = collect(experiment, live)
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
@@ -463,4 +365,4 @@ def build_report(experiment: str, reports_dir: str, name: str | None = None, liv
     written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
     for file, data in written.items():
         atomic_write(os.path.join(folder, file), data)
-    return Report(folder, df, layers, table, [os.path.join(folder, f) for f in written])
+    return Report(folder, df, table, [os.path.join(folder, f) for f in written])

@@ -252,7 +252,7 @@ def test_table_md_original_style_with_seeds(experiment, tmp_path):
         "W4A4",
         "ResNet-20",
         "3 epochs, wd 1e-4, batch 128",
-        "first & last layers: 8-bit weights and input",
+        "first & last layers: W8A8",
         "88.00 (n=1; 1 failed)",
     )
     assert has_row(
@@ -260,7 +260,7 @@ def test_table_md_original_style_with_seeds(experiment, tmp_path):
         "W8A8",
         "ResNet-20",
         "3 epochs, wd 1e-4, batch 128",
-        "first & last layers: 8-bit weights and input",
+        "first & last layers: W8A8",
         "pending",
     )
     assert "3 cells identical after normalization" in table and "A hand-made sweep." in table
@@ -336,7 +336,7 @@ def test_headline_rows_name_every_other_key_the_sweep_varies(tmp_path):
     for n, (i, f, c) in enumerate(trials):
         make_trial(exp, i, f, c, [epoch_row(i, e, 50.0 + n + e, 10.0 * e) for e in (1, 2, 3)])
     table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
-    notes = "first & last layers: 8-bit weights and input"
+    notes = "first & last layers: W8A8"
     assert has_row(
         table, "W4A4", "ResNet-20", "3 epochs, wd 1e-4, batch 128, lr 0.05, schedule cosine", notes, "53.00"
     )
@@ -346,20 +346,18 @@ def test_headline_rows_name_every_other_key_the_sweep_varies(tmp_path):
     assert has_row(
         table, "W2A2", "ResNet-20", "3 epochs, wd 1e-4, batch 128, lr 0.05, schedule step", notes, "55.00"
     )
-    # a checkpoint is named by its file; a data_dir that moves with the dataset is left to results.csv
+    # a path by its last two parts: files of one name (each FP32 trial's checkpoint.pt) stay apart
     cfg = TrialConfig(**{**config(), "init_from": "/ckpt/cifar10_resnet20_fp32.pt"})
     assert (
         report.params_text(cfg, ["init_from"])
-        == "3 epochs, wd 1e-4, batch 128, init_from cifar10_resnet20_fp32.pt"
+        == "3 epochs, wd 1e-4, batch 128, init_from ckpt/cifar10_resnet20_fp32.pt"
     )
-    # files of one name (each FP32 trial's checkpoint.pt) by as much of their path as tells them apart
-    paths = report.short_paths(["/runs/a/001_FP32/checkpoint.pt", "/runs/a/002_FP32/checkpoint.pt", None])
-    assert paths == {
-        "/runs/a/001_FP32/checkpoint.pt": "001_FP32/checkpoint.pt",
-        "/runs/a/002_FP32/checkpoint.pt": "002_FP32/checkpoint.pt",
-    }
     cfg = TrialConfig(**{**config(), "init_from": "/runs/a/002_FP32/checkpoint.pt"})
-    assert report.params_text(cfg, ["init_from"], paths).endswith(", init_from 002_FP32/checkpoint.pt")
+    assert report.params_text(cfg, ["init_from"]).endswith(", init_from 002_FP32/checkpoint.pt")
+    # Notes: the first and last layers' bits as their presets resolve against the body's (W4A4)
+    ends = TrialConfig(**{**config(), "first": "body", "last": "w8_a_fp32"})
+    assert report.notes(ends) == "first layer: W4A4; last layer: W8A32"
+    # a data_dir that moves with the dataset is left to results.csv
     both = pd.DataFrame([config(), config(dataset="cifar10", data_dir="/data/cifar10")])
     assert report.headline_extra(both) == ["dataset"]
     assert report.headline_extra(pd.DataFrame([config(), config(data_dir="/data/digits2")])) == ["data_dir"]
@@ -409,7 +407,7 @@ def test_table_says_when_the_deployment_check_was_off(tmp_path):
     for i, f, c in trials:
         make_trial(exp, i, f, c, [epoch_row(i, e, 50.0 + e, 10.0 * e) for e in (1, 2, 3)])
     table = report.build_report(str(exp), str(tmp_path / "reports")).table_md
-    assert "The deployment check did not run in this sweep (deploy_check=false)." in table
+    assert "Trials with deploy_check=false skip it (–)." in table
 
 
 def stored_sweep(tmp_path, name, trials, meta=None):
@@ -445,7 +443,7 @@ def curve(trial_id, top1s):
     ]
 
 
-NOTES = "first & last layers: 8-bit weights and input"
+NOTES = "first & last layers: W8A8"
 
 
 def test_headline_shows_the_last_epoch_not_the_best_over_seeds(tmp_path):
@@ -617,7 +615,6 @@ def test_table_says_which_trials_skipped_the_deployment_check(tmp_path):
         "agrees with the fake-quantized model in onnxruntime. Trials with deploy_check=false skip it (–)."
         in table
     )
-    assert "did not run in this sweep" not in table
     assert has_row(
         table,
         "001_W4A4_w8a8",
@@ -691,51 +688,32 @@ def results(*rows) -> pd.DataFrame:
     return pd.DataFrame([{**config(), **kw, "status": "TERMINATED", "final_top1": top1} for top1, kw in rows])
 
 
+def series(df: pd.DataFrame) -> dict:
+    """The plot's lines as {label: {bits: (mean, std)}}; FP32's level at bits None."""
+    return {
+        label: {(None if pd.isna(b) else b): (r["mean"], r["std"]) for b, r in s.iterrows()}
+        for label, s in report.plot_series(df).items()
+    }
+
+
 def test_a_sweep_of_activation_bits_alone_is_plotted_against_them():
-    """W32A8, W32A4, W32A2 (FP32 weights) have no weight bits to put on the x axis: they were
-    left out of the plot, which then showed only the FP32 line."""
+    """W32A8, W32A4, W32A2 (FP32 weights) have no weight bits: they are drawn at their activation
+    bits, beside FP32's level."""
     acts = results(
         (90.0, {"w_bits": None, "a_bits": None}),
         *[(80.0 + a, {"w_bits": None, "a_bits": a}) for a in (8, 2, 4)],
     )
-    lines, baselines, xlabel = report.plot_plan(acts)
-    assert [(s.label, s.bits, s.top1) for s in lines] == [("first/last w8a8", [2, 4, 8], [82.0, 84.0, 88.0])]
-    assert baselines == [("FP32", 90.0)] and xlabel == "activation bits of the body (weights FP32)"
+    assert series(acts) == {
+        "FP32": {None: (90.0, 0.0)},
+        "first/last w8a8, weights FP32": {2: (82.0, 0.0), 4: (84.0, 0.0), 8: (88.0, 0.0)},
+    }
     assert report.plot_accuracy_vs_bits(acts).startswith(b"\x89PNG")
-
-
-def test_fp32_weight_trials_beside_quantized_weights_are_drawn_as_levels():
-    """W4A4 and W2A2 beside W32A8 and W32A4 (FP32 weights): the W32 trials have no weight bits
-    for the x axis, and were left out of the plot; they are levels like FP32's, one per
-    activation bits and policy, seeds averaged."""
-    mixed = results(
-        (90.0, {"w_bits": None, "a_bits": None}),
-        (85.0, {"w_bits": 4, "a_bits": 4}),
-        (70.0, {"w_bits": 2, "a_bits": 2}),
-        (89.0, {"w_bits": None, "a_bits": 8}),
-        (87.0, {"w_bits": None, "a_bits": 8, "seed": 1}),
-        (86.0, {"w_bits": None, "a_bits": 4}),
-    )
-    lines, baselines, xlabel = report.plot_plan(mixed)
-    assert [(s.bits, s.top1) for s in lines] == [([2, 4], [70.0, 85.0])]
-    assert baselines == [("FP32", 90.0), ("W32A4 (first/last w8a8)", 86.0), ("W32A8 (first/last w8a8)", 88.0)]
-    assert report.plot_accuracy_vs_bits(mixed).startswith(b"\x89PNG")
-    # a key that varies among them splits the levels, as it splits FP32's and the lines
-    by_lr = results(
-        (60.0, {"w_bits": None, "a_bits": 8, "lr": 0.1}),
-        (89.0, {"w_bits": None, "a_bits": 8, "lr": 0.01}),
-        (85.0, {"w_bits": 4, "a_bits": 4}),
-    )
-    assert [label for label, _ in report.plot_plan(by_lr)[1]] == [
-        "W32A8 (first/last w8a8, lr 0.01)",
-        "W32A8 (first/last w8a8, lr 0.1)",
-    ]
 
 
 def test_plot_lines_follow_the_ablation():
     """One line per first/last policy and per key that varies at the same bits; a key that only
     moves with the bits (weight decay by bits) stays on one line; seeds become a mean and a std;
-    W4A8 is never averaged with W4A4; checkpoints are named by their file."""
+    W4A8 is never averaged with W4A4, nor W32A8 with either."""
     paper = results(
         (90.0, {"w_bits": None, "a_bits": None, "init_from": None}),
         *[
@@ -743,9 +721,10 @@ def test_plot_lines_follow_the_ablation():
             for b, wd in [(2, 2.5e-5), (3, 5e-5), (4, 1e-4)]
         ],
     )
-    lines, baselines, xlabel = report.plot_plan(paper)
-    assert [(s.label, s.bits, s.top1) for s in lines] == [("first/last w8a8", [2, 3, 4], [82.0, 83.0, 84.0])]
-    assert baselines == [("FP32", 90.0)] and xlabel.endswith("(weights = activations of the body)")
+    assert series(paper) == {
+        "FP32": {None: (90.0, 0.0)},
+        "first/last w8a8": {2: (82.0, 0.0), 3: (83.0, 0.0), 4: (84.0, 0.0)},
+    }
 
     grid = results(
         *[
@@ -759,15 +738,17 @@ def test_plot_lines_follow_the_ablation():
             for seed in (0, 1)
         ]
     )
-    lines, _, _ = report.plot_plan(grid)
-    assert [s.label for s in lines] == [
+    lines = series(grid)
+    assert list(lines) == [
         "first/last w8a8, wd 1e-4",
         "first/last w8a8, wd 5e-5",
         "first/last fp32, wd 1e-4",
         "first/last fp32, wd 5e-5",
     ]
-    assert lines[2].bits == [2, 4] and lines[2].top1 == pytest.approx([73.5 + 0.01, 75.5 + 0.01])
-    assert lines[2].std == pytest.approx([math.sqrt(0.5)] * 2)  # seeds 0 and 1: one apart
+    # seeds 0 and 1, one apart: mean 70 + b + 0.5 (seeds) + 1 (fp32) + 0.01 (wd), sample std sqrt(0.5)
+    assert lines["first/last fp32, wd 1e-4"] == {
+        b: (pytest.approx(71.5 + b + 0.01), pytest.approx(math.sqrt(0.5))) for b in (2, 4)
+    }
 
     mixed = results(
         (84.0, {"w_bits": 4, "a_bits": 4}),
@@ -775,25 +756,15 @@ def test_plot_lines_follow_the_ablation():
         (82.0, {"w_bits": 3, "a_bits": 3}),
         (80.0, {"w_bits": 2, "a_bits": 2}),
         (83.0, {"w_bits": 2, "a_bits": 8}),
+        (89.0, {"w_bits": None, "a_bits": 8}),
+        (87.0, {"w_bits": None, "a_bits": 8, "seed": 1}),
     )
-    lines, _, xlabel = report.plot_plan(mixed)
-    assert {s.label: (s.bits, s.top1) for s in lines} == {
-        "first/last w8a8, activations = weights": ([2, 3, 4], [80.0, 82.0, 84.0]),
-        "first/last w8a8, activations 8": ([2, 4], [83.0, 85.0]),
+    assert series(mixed) == {
+        "first/last w8a8": {2: (80.0, 0.0), 3: (82.0, 0.0), 4: (84.0, 0.0)},
+        "first/last w8a8, activations 8": {2: (83.0, 0.0), 4: (85.0, 0.0)},
+        "first/last w8a8, weights FP32": {8: (88.0, pytest.approx(math.sqrt(2)))},
     }
-    assert xlabel == "weight bits of the body"
 
-    starts = results(
-        *[
-            (80.0 + b + i, {"w_bits": b, "a_bits": b, "init_from": f"/ckpt/run{i}/fp32_{i}.pt"})
-            for b in (2, 4)
-            for i in (0, 1)
-        ]
-    )
-    assert [s.label for s in report.plot_plan(starts)[0]] == [
-        "first/last w8a8, init_from fp32_0.pt",
-        "first/last w8a8, init_from fp32_1.pt",
-    ]
     same_name = results(
         *[
             (80.0 + b + i, {"w_bits": b, "a_bits": b, "init_from": f"/runs/s/00{i}_FP32/checkpoint.pt"})
@@ -801,7 +772,7 @@ def test_plot_lines_follow_the_ablation():
             for i in (1, 2)
         ]
     )
-    assert [s.label for s in report.plot_plan(same_name)[0]] == [
+    assert list(series(same_name)) == [
         "first/last w8a8, init_from 001_FP32/checkpoint.pt",
         "first/last w8a8, init_from 002_FP32/checkpoint.pt",
     ]
@@ -833,7 +804,7 @@ def test_plot_legend_stays_in_the_picture():
     short = imread(io.BytesIO(report.plot_accuracy_vs_bits(results((80.0, {"w_bits": 4, "a_bits": 4})))))
     tall = imread(io.BytesIO(report.plot_accuracy_vs_bits(many)))
     assert tall.shape[0] > short.shape[0] and tall.shape[1] == short.shape[1]
-    assert len(report.plot_plan(many)[0]) == 5
+    assert len(report.plot_series(many)) == 5
 
 
 def test_files_are_replaced_atomically(experiment, tmp_path, monkeypatch):
