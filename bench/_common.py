@@ -106,12 +106,16 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 def record(title: str, device: torch.device, body: str, append: bool = True) -> None:
     """Print a section and append it to bench/RESULTS.md (and to $OUT/RESULTS.md if $OUT is set)."""
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    section = (f"\n## {title}\n\n"
-               f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n"
-               f"- machine: {machine(device)}\n"
-               f"- versions: torch {torch.__version__}, Python {platform.python_version()}\n"
-               f"- command: `{command}`\n\n{body.strip()}\n")
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    section = (
+        f"\n## {title}\n\n"
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n"
+        f"- machine: {machine(device)}\n"
+        f"- versions: torch {torch.__version__}, Python {platform.python_version()}\n"
+        f"- command: `{command}`\n\n{body.strip()}\n"
+    )
     print(section, flush=True)
     if not append:
         return

@@ -27,11 +27,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
+from _common import CIFAR_ARCHIVE, unpack_cifar  # noqa: E402
 
 from lsq.config import TrialConfig  # noqa: E402
+from lsq.policy import describe  # noqa: E402
 from lsq.train import Trainer, format_metrics  # noqa: E402
-
-from _common import CIFAR_ARCHIVE, unpack_cifar  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,9 +42,11 @@ PROTOCOLS = {
     "gpu": {"fp32_epochs": 30, "qat_epochs": 10, "bits": [4, 3, 2], "batch_size": 256, "fp32_lr": 0.2},
 }
 WD_BY_BITS = {2: 2.5e-5, 3: 5e-5}
-DATA_NOTE = ("Data: CIFAR-10 from `cifar10-jpg.tar.gz` (the real 50,000/10,000 images, JPEG-compressed once), "
-             "so absolute accuracies can sit a little below figures published on the PNG-exact batches: "
-             "compare the rows with each other. The data is never committed.")
+DATA_NOTE = (
+    "Data: CIFAR-10 from `cifar10-jpg.tar.gz` (the real 50,000/10,000 images, JPEG-compressed once), "
+    "so absolute accuracies can sit a little below figures published on the PNG-exact batches: "
+    "compare the rows with each other. The data is never committed."
+)
 TARGETS = {4: 0.5, 2: 4.0}  # allowed points below FP32 on the CPU budget (issue 6)
 
 
@@ -61,12 +63,17 @@ class TrialLog:
 
     def epoch(self, trainer: Trainer, metrics: dict, keep_checkpoint: bool) -> None:
         name = f"checkpoint_{metrics['epoch'] - 1:06d}"
-        row = {**metrics, "trial_id": self.name, "time_total_s": time.time() - self.t0,
-               "training_iteration": metrics["epoch"], "checkpoint_dir_name": name}
+        row = {
+            **metrics,
+            "trial_id": self.name,
+            "time_total_s": time.time() - self.t0,
+            "training_iteration": metrics["epoch"],
+            "checkpoint_dir_name": name,
+        }
         ckpt = os.path.join(self.folder, name)
         os.makedirs(ckpt, exist_ok=True)
         with open(os.path.join(ckpt, "layers.json"), "w") as f:
-            json.dump(trainer.layers(), f)
+            json.dump(describe(trainer.model).to_dict("records"), f)
         if keep_checkpoint:
             trainer.save(os.path.join(ckpt, "checkpoint.pt"))
         with open(os.path.join(self.folder, "result.json"), "a") as f:  # as Tune: after the checkpoint
@@ -76,8 +83,11 @@ class TrialLog:
 def run(cfg: TrialConfig, log: TrialLog, save_last: str | None = None) -> dict:
     trainer = Trainer(cfg)
     n = cfg.normalized()
-    print(f"== {log.name}: {cfg.label()} first={n.first} last={n.last} epochs={cfg.epochs} "
-          f"lr={cfg.lr} wd={cfg.wd} on {trainer.device}", flush=True)
+    print(
+        f"== {log.name}: {cfg.label()} first={n.first} last={n.last} epochs={cfg.epochs} "
+        f"lr={cfg.lr} wd={cfg.wd} on {trainer.device}",
+        flush=True,
+    )
     last = None
     for m in trainer.epochs():
         print("  " + format_metrics(m, cfg.epochs), flush=True)
@@ -107,10 +117,19 @@ def main() -> int:
     p.add_argument("--qat-epochs", type=int)
     p.add_argument("--bits", type=int, nargs="+")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--deploy-bits", type=int, nargs="*", default=[],
-                   help="run the deployment check (integer inference + ONNX, lsq/export.py) on these fine-tunes")
-    p.add_argument("--dataset", choices=["cifar10", "digits"], default="cifar10",
-                   help="digits: a one-minute dry run of the whole protocol on the embedded set (records nothing)")
+    p.add_argument(
+        "--deploy-bits",
+        type=int,
+        nargs="*",
+        default=[],
+        help="run the deployment check (integer inference + ONNX, lsq/export.py) on these fine-tunes",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=["cifar10", "digits"],
+        default="cifar10",
+        help="digits: a one-minute dry run of the whole protocol on the embedded set (records nothing)",
+    )
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     proto = dict(PROTOCOLS[args.protocol])
@@ -127,24 +146,53 @@ def main() -> int:
     os.makedirs(experiment, exist_ok=True)
     t0 = time.time()
 
-    base = {"dataset": args.dataset, "data_dir": args.data_dir if args.dataset == "cifar10" else None, "model": "resnet20",
-            "batch_size": proto["batch_size"], "seed": 0, "schedule": "cosine"}
-    fp32_cfg = TrialConfig.from_dict({**base, "w_bits": None, "a_bits": None, "epochs": proto["fp32_epochs"],
-                                      "lr": proto["fp32_lr"], "wd": 5e-4, "nesterov": True, "warmup_epochs": 1})
+    base = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir if args.dataset == "cifar10" else None,
+        "model": "resnet20",
+        "batch_size": proto["batch_size"],
+        "seed": 0,
+        "schedule": "cosine",
+    }
+    fp32_cfg = TrialConfig.from_dict(
+        {
+            **base,
+            "w_bits": None,
+            "a_bits": None,
+            "epochs": proto["fp32_epochs"],
+            "lr": proto["fp32_lr"],
+            "wd": 5e-4,
+            "nesterov": True,
+            "warmup_epochs": 1,
+        }
+    )
     fp32_ckpt = os.path.join(args.out, f"fp32_resnet20_{args.protocol}_{proto['fp32_epochs']}ep.pt")
     results = {}
     if os.path.isfile(fp32_ckpt):
         print(f"reusing {fp32_ckpt}", flush=True)
-    results[None] = run(fp32_cfg, TrialLog(experiment, "fp32", fp32_cfg),
-                        save_last=fp32_ckpt) if not os.path.isfile(fp32_ckpt) else None
+    results[None] = (
+        run(fp32_cfg, TrialLog(experiment, "fp32", fp32_cfg), save_last=fp32_ckpt)
+        if not os.path.isfile(fp32_ckpt)
+        else None
+    )
     if results[None] is None:  # reused: evaluate it again for the table, one epoch of nothing
         trainer = Trainer(fp32_cfg)
         trainer.load(fp32_ckpt)
         results[None] = trainer.history[-1]
     for b in proto["bits"]:
-        cfg = TrialConfig.from_dict({**base, "w_bits": b, "a_bits": b, "first": "w8a8", "last": "w8a8",
-                                     "epochs": proto["qat_epochs"], "lr": 0.01, "wd": WD_BY_BITS.get(b, 1e-4),
-                                     "init_from": fp32_ckpt})
+        cfg = TrialConfig.from_dict(
+            {
+                **base,
+                "w_bits": b,
+                "a_bits": b,
+                "first": "w8a8",
+                "last": "w8a8",
+                "epochs": proto["qat_epochs"],
+                "lr": 0.01,
+                "wd": WD_BY_BITS.get(b, 1e-4),
+                "init_from": fp32_ckpt,
+            }
+        )
         log = TrialLog(experiment, f"w{b}a{b}", cfg)
         results[b] = run(cfg, log, save_last=os.path.join(log.folder, "final.pt"))
     deploy = {}
@@ -154,30 +202,48 @@ def main() -> int:
         t = time.time()
         r = deployment_check(os.path.join(experiment, f"w{b}a{b}", "final.pt"), base["data_dir"])
         deploy[b] = r
-        print(f"deployment W{b}A{b} ({time.time() - t:.0f} s): fake-quant top1 {r['fake_top1']:.2f}, "
-              f"int_top1 {r['int_top1']:.2f}, classes agree {_pct(r['agreement'])}, "
-              f"ONNX agree {_pct(r['onnx_agreement'])}, export_ok {r['export_ok']}", flush=True)
+        print(
+            f"deployment W{b}A{b} ({time.time() - t:.0f} s): fake-quant top1 {r['fake_top1']:.2f}, "
+            f"int_top1 {r['int_top1']:.2f}, classes agree {_pct(r['agreement'])}, "
+            f"ONNX agree {_pct(r['onnx_agreement'])}, export_ok {r['export_ok']}",
+            flush=True,
+        )
     minutes = (time.time() - t0) / 60
 
     from lsq.report import build_report  # pandas/matplotlib: only for the report step
 
     with open(os.path.join(experiment, "sweep.json"), "w") as f:
-        json.dump({"name": name, "command": "python " + " ".join(sys.argv),
-                   "description": f"LSQ fine-tunes of ResNet-20 from an FP32 checkpoint ({args.protocol} protocol of "
-                                  "bench/accuracy_cifar10.py): first/last layers w8a8.",
-                   "note": DATA_NOTE if args.dataset == "cifar10" else "",
-                   "resources": {"gpu": 1 if torch.cuda.is_available() else 0, "cpu": torch.get_num_threads()}}, f)
+        json.dump(
+            {
+                "name": name,
+                "command": "python " + " ".join(sys.argv),
+                "description": f"LSQ fine-tunes of ResNet-20 from an FP32 checkpoint ({args.protocol} protocol of "
+                "bench/accuracy_cifar10.py): first/last layers w8a8.",
+                "note": DATA_NOTE if args.dataset == "cifar10" else "",
+                "resources": {"gpu": 1 if torch.cuda.is_available() else 0, "cpu": torch.get_num_threads()},
+            },
+            f,
+        )
     report = build_report(experiment, args.reports, name=name)
 
     fp32 = results[None]["top1"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    lines = [f"### accuracy_cifar10 ({args.protocol} protocol), {time.strftime('%Y-%m-%d')}", "",
-             f"- machine: {device}; torch {torch.__version__}; {minutes:.1f} min in all",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- FP32 resnet20 {proto['fp32_epochs']} epochs from scratch; LSQ fine-tunes {proto['qat_epochs']} epochs "
-             "from it, first/last w8a8, lr 0.01 cosine", "",
-             "| model | top-1 | vs FP32 | target |", "| --- | --- | --- | --- |",
-             f"| FP32 | {fp32:.2f} | | |"]
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    )
+    lines = [
+        f"### accuracy_cifar10 ({args.protocol} protocol), {time.strftime('%Y-%m-%d')}",
+        "",
+        f"- machine: {device}; torch {torch.__version__}; {minutes:.1f} min in all",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- FP32 resnet20 {proto['fp32_epochs']} epochs from scratch; LSQ fine-tunes {proto['qat_epochs']} epochs "
+        "from it, first/last w8a8, lr 0.01 cosine",
+        "",
+        "| model | top-1 | vs FP32 | target |",
+        "| --- | --- | --- | --- |",
+        f"| FP32 | {fp32:.2f} | | |",
+    ]
     ok = True
     for b in proto["bits"]:
         top1 = results[b]["top1"]
@@ -188,12 +254,18 @@ def main() -> int:
             target = f">= FP32 - {TARGETS[b]}: {'met' if met else 'NOT met'}"
         lines.append(f"| W{b}A{b} | {top1:.2f} | {top1 - fp32:+.2f} | {target} |")
     if deploy:
-        lines += ["", "Deployment check (lsq/export.py, CPU, the whole test split):", "",
-                  "| model | fake-quant top-1 | int_top1 | int classes agree | ONNX classes agree | max rel logit diff (int / ONNX) | export_ok |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Deployment check (lsq/export.py, CPU, the whole test split):",
+            "",
+            "| model | fake-quant top-1 | int_top1 | int classes agree | ONNX classes agree | max rel logit diff (int / ONNX) | export_ok |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for b, r in deploy.items():
-            lines.append(f"| W{b}A{b} | {r['fake_top1']:.2f} | {r['int_top1']:.2f} | {r['agreement']:.2f}% | "
-                         f"{_pct(r['onnx_agreement'])} | {_g(r.get('int_rel_logit_diff'))} / {_g(r.get('onnx_rel_logit_diff'))} | {r['export_ok']} |")
+            lines.append(
+                f"| W{b}A{b} | {r['fake_top1']:.2f} | {r['int_top1']:.2f} | {r['agreement']:.2f}% | "
+                f"{_pct(r['onnx_agreement'])} | {_g(r.get('int_rel_logit_diff'))} / {_g(r.get('onnx_rel_logit_diff'))} | {r['export_ok']} |"
+            )
     lines += ["", f"Report: `{report.folder}`", ""]
     text = "\n".join(lines)
     print(text)

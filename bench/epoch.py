@@ -6,8 +6,8 @@ it that the small-data path (augmenting and batching on the device) takes.
     python bench/epoch.py --batches 50 --warmup-batches 5 --compile default   # the trainer's compile option
 
 The images come from the archive ../shared/data/cifar10-jpg.tar.gz (or $CIFAR_TGZ, or
---archive), unpacked once to --data-dir (default /tmp/lsq-cifar10) and reused; lsq/data.py
-caches the decoded uint8 tensors there too. Without the archive it says so and exits 0.
+--archive), unpacked once to --data-dir (default /tmp/lsq-cifar10) and reused. Without the
+archive it says so and exits 0.
 
 Timed, alternately, after a warm-up (which absorbs torch.compile, cudnn autotuning and the
 quantizer's fast-path build):
@@ -26,8 +26,8 @@ import sys
 import time
 
 import torch
-
 from _common import CIFAR_ARCHIVE, median, pick_device, record, sync, table, unpack_cifar  # noqa: I001
+
 from lsq.config import TrialConfig
 from lsq.train import Trainer
 
@@ -64,8 +64,12 @@ def main():
     p.add_argument("--eval-batches", type=int, default=0, help="test batches timed (0: the whole test set)")
     p.add_argument("--warmup-batches", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="alternating data/train/eval rounds (medians)")
-    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
-                   help="the trainer's compile option (TrialConfig.compile)")
+    p.add_argument(
+        "--compile",
+        default="none",
+        choices=["none", "default", "reduce-overhead"],
+        help="the trainer's compile option (TrialConfig.compile)",
+    )
     p.add_argument("--archive", default=os.environ.get("CIFAR_TGZ") or CIFAR_ARCHIVE)
     p.add_argument("--data-dir", default=os.path.join("/tmp", "lsq-cifar10"))
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -74,13 +78,26 @@ def main():
     device = pick_device(args.device)
 
     if not unpack_cifar(args.archive, args.data_dir):
-        print(f"skipped: no CIFAR-10 archive at {os.path.abspath(args.archive)} (set CIFAR_TGZ or --archive) "
-              f"and no unpacked copy in {args.data_dir}", flush=True)
+        print(
+            f"skipped: no CIFAR-10 archive at {os.path.abspath(args.archive)} (set CIFAR_TGZ or --archive) "
+            f"and no unpacked copy in {args.data_dir}",
+            flush=True,
+        )
         return 0
     bits = None if args.bits == "fp32" else int(args.bits)
-    cfg = TrialConfig.from_dict({"model": args.model, "dataset": "cifar10", "data_dir": args.data_dir,
-                                 "w_bits": bits, "a_bits": bits, "epochs": 1, "batch_size": args.batch_size,
-                                 "device": device.type, "compile": args.compile})
+    cfg = TrialConfig.from_dict(
+        {
+            "model": args.model,
+            "dataset": "cifar10",
+            "data_dir": args.data_dir,
+            "w_bits": bits,
+            "a_bits": bits,
+            "epochs": 1,
+            "batch_size": args.batch_size,
+            "device": device.type,
+            "compile": args.compile,
+        }
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     setup_s = time.perf_counter() - t0
@@ -90,7 +107,9 @@ def main():
     t0 = time.perf_counter()  # warm-up: compile, autotune, fast-path build, allocator
     trainer.data.train = FirstBatches(train_loader, args.warmup_batches)
     trainer.train_one_epoch()
-    trainer.data.test = test_loader if args.compile != "none" else FirstBatches(test_loader, 1)  # compile: both test batch sizes
+    trainer.data.test = (
+        test_loader if args.compile != "none" else FirstBatches(test_loader, 1)
+    )  # compile: both test batch sizes
     trainer.evaluate()
     sync(device)
     warmup_s = time.perf_counter() - t0
@@ -99,8 +118,10 @@ def main():
     elif trainer.compiled is not None:  # the trainer checked its first compiled step against eager
         compiled_note = " The first compiled step's gradients agreed with eager (the trainer's check)."
     else:
-        compiled_note = (" **The trainer dropped torch.compile: its first compiled step's gradients disagreed "
-                         "with eager, so the timings below are eager** (see the warning above).")
+        compiled_note = (
+            " **The trainer dropped torch.compile: its first compiled step's gradients disagreed "
+            "with eager, so the timings below are eager** (see the warning above)."
+        )
 
     def data_only():
         for images, labels in FirstBatches(train_loader, args.batches):
@@ -121,22 +142,44 @@ def main():
 
     label = f"{cfg.label()} {args.model}" + (f" compile={args.compile}" if args.compile != "none" else "")
     rows = [
-        {"part": f"data path alone ({nb} batches)", "seconds": f"{data:.3f}", "ms / batch": f"{data / nb * 1e3:.2f}"},
-        {"part": f"train_one_epoch ({nb} batches)", "seconds": f"{train:.3f}", "ms / batch": f"{train / nb * 1e3:.2f}"},
-        {"part": f"evaluate ({ne} of {n_test} batches)", "seconds": f"{ev:.3f}", "ms / batch": f"{ev / ne * 1e3:.2f}"},
-        {"part": f"train epoch ({n_train} batches){', extrapolated' if nb < n_train else ''}",
-         "seconds": f"{train_epoch:.2f}", "ms / batch": ""},
-        {"part": f"epoch incl. evaluation{', extrapolated' if extrapolated else ''}",
-         "seconds": f"{train_epoch + eval_epoch:.2f}", "ms / batch": ""},
-        {"part": "**data path share of training** (target < 5 %)", "seconds": f"**{100 * data / train:.1f} %**",
-         "ms / batch": ""},
+        {
+            "part": f"data path alone ({nb} batches)",
+            "seconds": f"{data:.3f}",
+            "ms / batch": f"{data / nb * 1e3:.2f}",
+        },
+        {
+            "part": f"train_one_epoch ({nb} batches)",
+            "seconds": f"{train:.3f}",
+            "ms / batch": f"{train / nb * 1e3:.2f}",
+        },
+        {
+            "part": f"evaluate ({ne} of {n_test} batches)",
+            "seconds": f"{ev:.3f}",
+            "ms / batch": f"{ev / ne * 1e3:.2f}",
+        },
+        {
+            "part": f"train epoch ({n_train} batches){', extrapolated' if nb < n_train else ''}",
+            "seconds": f"{train_epoch:.2f}",
+            "ms / batch": "",
+        },
+        {
+            "part": f"epoch incl. evaluation{', extrapolated' if extrapolated else ''}",
+            "seconds": f"{train_epoch + eval_epoch:.2f}",
+            "ms / batch": "",
+        },
+        {
+            "part": "**data path share of training** (target < 5 %)",
+            "seconds": f"**{100 * data / train:.1f} %**",
+            "ms / batch": "",
+        },
     ]
-    body = (f"{label} on CIFAR-10 ({trainer.data.train_size} training images), batch {args.batch_size}; "
-            f"medians of {args.rounds} alternating rounds. Set-up (data load/decode, model) {setup_s:.1f} s; "
-            f"warm-up ({args.warmup_batches} batches + evaluation: compile/autotune) {warmup_s:.1f} s. "
-            f"Test top-1 after the timed rounds (a check that they trained): {last['top1']:.2f} % "
-            f"on {ne} test batches.{compiled_note}\n\n"
-            + table(rows))
+    body = (
+        f"{label} on CIFAR-10 ({trainer.data.train_size} training images), batch {args.batch_size}; "
+        f"medians of {args.rounds} alternating rounds. Set-up (data load/decode, model) {setup_s:.1f} s; "
+        f"warm-up ({args.warmup_batches} batches + evaluation: compile/autotune) {warmup_s:.1f} s. "
+        f"Test top-1 after the timed rounds (a check that they trained): {last['top1']:.2f} % "
+        f"on {ne} test batches.{compiled_note}\n\n" + table(rows)
+    )
     record(f"CIFAR-10 epoch with the trainer ({device.type})", device, body, append=not args.no_append)
     return 0
 

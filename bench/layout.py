@@ -13,18 +13,21 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, table  # noqa: I001
-from lsq.train import uses_channels_last
 from train_step import BITS, Setup, batch, config_bits, parse_specs
+
+from lsq.train import uses_channels_last
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--models", default="resnet20:128:32,resnet20:128:16,resnet18:32:64",
-                   help="comma-separated model:batch:image_size (16x16: the embedded digits' size)")
+    p.add_argument(
+        "--models",
+        default="resnet20:128:32,resnet20:128:16,resnet18:32:64",
+        help="comma-separated model:batch:image_size (16x16: the embedded digits' size)",
+    )
     p.add_argument("--configs", default="fp32,w4a4", help=f"from {', '.join(BITS)}")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -40,21 +43,30 @@ def main():
         setups = {}
         for c in configs:
             for layout, xl in xs.items():
-                setups[f"{c} {layout}"] = Setup(c, model_name, config_bits(c), xl, y, device,
-                                                channels_last=layout == "NHWC")
+                setups[f"{c} {layout}"] = Setup(
+                    c, model_name, config_bits(c), xl, y, device, channels_last=layout == "NHWC"
+                )
         for s in setups.values():  # warm-up outside the timed rounds
             s.step()
         runs = interleaved({k: s.step for k, s in setups.items()}, args.rounds, 2, device)
         for c in configs:
-            rows.append({"model": f"{model_name} b{n} {size}x{size}", "config": c,
-                         "NCHW ms": ms(median(runs[f"{c} NCHW"])), "NHWC ms": ms(median(runs[f"{c} NHWC"])),
-                         "NHWC / NCHW": f"{paired_ratio(runs, f'{c} NHWC', f'{c} NCHW'):.2f}",
-                         "trainer runs": "NHWC" if uses_channels_last(device, model_name) else "NCHW"})
+            rows.append(
+                {
+                    "model": f"{model_name} b{n} {size}x{size}",
+                    "config": c,
+                    "NCHW ms": ms(median(runs[f"{c} NCHW"])),
+                    "NHWC ms": ms(median(runs[f"{c} NHWC"])),
+                    "NHWC / NCHW": f"{paired_ratio(runs, f'{c} NHWC', f'{c} NCHW'):.2f}",
+                    "trainer runs": "NHWC" if uses_channels_last(device, model_name) else "NCHW",
+                }
+            )
             print(rows[-1], flush=True)
         del setups
 
-    body = (f"{args.threads} threads. Medians of {args.rounds} interleaved rounds; NHWC / NCHW is the median of "
-            "per-round ratios (below 1: channels_last is faster).\n\n" + table(rows))
+    body = (
+        f"{args.threads} threads. Medians of {args.rounds} interleaved rounds; NHWC / NCHW is the median of "
+        "per-round ratios (below 1: channels_last is faster).\n\n" + table(rows)
+    )
     record(f"Memory layout of a training step ({device.type})", device, body, append=not args.no_append)
 
 

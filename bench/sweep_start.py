@@ -38,7 +38,6 @@ from collections import defaultdict
 
 from _common import ROOT, median, pick_device, record, table  # noqa: I001
 
-
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -57,7 +56,7 @@ def tree_cpu_seconds(root_pid: int, seen: dict) -> None:
                 stat = f.read()
         except OSError:  # exited meanwhile
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
         parent[pid] = int(fields[1])
         cpu[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
     children = defaultdict(list)
@@ -74,9 +73,20 @@ def first_epoch_seconds(root: str = ROOT, timeout: float = 120.0) -> tuple[float
     """(seconds to the first result, that epoch's own seconds, CPU-seconds used up to it or None)."""
     with tempfile.TemporaryDirectory() as storage:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(root, "sweep.py"),
-                                 "--storage", storage, "--reports", os.path.join(storage, "reports")],
-                                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(root, "sweep.py"),
+                "--storage",
+                storage,
+                "--reports",
+                os.path.join(storage, "reports"),
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         cpu, polls = {}, 0
         try:
             while time.perf_counter() - t0 < timeout:
@@ -124,14 +134,20 @@ def main():
             total, epoch, cpu = first_epoch_seconds(roots[name])
             runs[name].append((total, epoch, cpu))
             used = f", {cpu:.1f} CPU-s used by then" if cpu is not None else ""
-            print(f"run {i + 1}, {name}: first epoch done {total:.1f} s after start (the epoch itself {epoch:.1f} s{used})",
-                  flush=True)
+            print(
+                f"run {i + 1}, {name}: first epoch done {total:.1f} s after start (the epoch itself {epoch:.1f} s{used})",
+                flush=True,
+            )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows = []
     for name, rs in runs.items():
         total, epoch = median([r[0] for r in rs]), median([r[1] for r in rs])
-        row = {"checkout": name, "to the first epoch (s)": f"{total:.1f}", "the epoch itself (s)": f"{epoch:.1f}",
-               "overhead before it (s)": f"{total - epoch:.1f}"}
+        row = {
+            "checkout": name,
+            "to the first epoch (s)": f"{total:.1f}",
+            "the epoch itself (s)": f"{epoch:.1f}",
+            "overhead before it (s)": f"{total - epoch:.1f}",
+        }
         if all(r[2] is not None for r in rs):
             cpu = median([r[2] for r in rs])
             row["CPU-s used by then"] = f"{cpu:.1f}"
@@ -139,20 +155,29 @@ def main():
         rows.append(row)
     if args.baseline:
         ratio = median([a[0] / b[0] for a, b in zip(runs["this checkout"], runs["baseline"])])
-        rows.append({"checkout": "this / baseline (median of per-round ratios)", "to the first epoch (s)": f"{ratio:.2f}x"})
+        rows.append(
+            {
+                "checkout": "this / baseline (median of per-round ratios)",
+                "to the first epoch (s)": f"{ratio:.2f}x",
+            }
+        )
     where = f" against {args.baseline} ({_describe(roots['baseline'])}), interleaved" if args.baseline else ""
-    body = (f"Medians of {args.runs} runs of `python sweep.py` (search_spaces/smoke.yaml), each a fresh process{where}; "
-            f"this checkout is {_describe(ROOT)}. Target: `python sweep.py` to the first trial's first epoch <= 10 s. "
-            f"CPU-s: user + system time of the sweep's process tree up to the first result; divided by the {cores} "
-            "cores, the least wall time that work could take.\n\n"
-            + table(rows, cols=list(dict.fromkeys(k for r in rows for k in r))))
+    body = (
+        f"Medians of {args.runs} runs of `python sweep.py` (search_spaces/smoke.yaml), each a fresh process{where}; "
+        f"this checkout is {_describe(ROOT)}. Target: `python sweep.py` to the first trial's first epoch <= 10 s. "
+        f"CPU-s: user + system time of the sweep's process tree up to the first result; divided by the {cores} "
+        "cores, the least wall time that work could take.\n\n"
+        + table(rows, cols=list(dict.fromkeys(k for r in rows for k in r)))
+    )
     record("Sweep start to first epoch", pick_device("cpu"), body, append=not args.no_append)
 
 
 def _describe(root: str) -> str:
     """The checkout's commit, for the record."""
     try:
-        out = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10
+        )
         line = out.stdout.strip()
         return (line if len(line) <= 70 else line[:69] + "…") or "not a git checkout"
     except (OSError, subprocess.TimeoutExpired):

@@ -1,15 +1,9 @@
-"""Data sets and loaders: the embedded digits, CIFAR-10/100, and ImageNet.
-
-Small sets follow KellerJordan/airbench: the whole set lives on the device as one uint8 tensor
-and `DeviceLoader` augments it there (random crop of a zero-padded copy, horizontal flip), with
-no per-image Python and no workers. ImageNet uses torchvision's ImageFolder and DataLoader.
-Every random draw comes from the trainer's CPU generator, drawn at the start of each epoch, so
-restoring its state between epochs resumes a run bit-identically on the CPU.
-"""
+"""Data sets and loaders. Small sets follow KellerJordan/airbench: one uint8 tensor on the device,
+augmented there by `DeviceLoader`; ImageNet uses torchvision's ImageFolder and DataLoader. Every random
+draw comes from the trainer's CPU generator, so restoring its state resumes a run bit-identically."""
 
 import contextlib
-import hashlib
-import io
+import functools
 import math
 import os
 import re
@@ -21,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .config import CIFAR_FOLDERS, ConfigError, TrialConfig, data_layout
-from .files import atomic_write
 
 # Per-channel pixel mean/std of the training sets (values in 0..1).
 CIFAR_STATS = {
@@ -35,8 +28,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 TEST_BATCH = 500  # evaluation batch size for the small sets (at least the training batch size)
 # How the user sets key 'data_dir' in the messages: the sweep's way; lsq.train and lsq.export pass theirs.
 DATA_DIR_FLAG = "--set data_dir"
-
-_CACHE: dict[str, dict[str, torch.Tensor]] = {}  # processed digits, once per process
 
 
 @dataclass
@@ -66,7 +57,7 @@ class DeviceLoader:
     drop_last: bool = False
     channels_last: bool = False
 
-    GATHER_BATCHES = 16  # batches per gather (crop, flip and shuffle in one indexing op)
+    GATHER_BATCHES = 16  # batches per gather: each launch costs host time, which a compiled step shows
 
     def __post_init__(self):
         device, p = self.images.device, self.pad
@@ -86,8 +77,8 @@ class DeviceLoader:
 
     def __iter__(self):
         g, n, b, p = self.generator, self.n, self.batch_size, self.pad
-        # The whole epoch's draws now: the generator's state after it does not depend on how far
-        # the epoch is iterated.
+        # The whole epoch's draws up front: the generator's state after them does not depend on
+        # how far the epoch is iterated.
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         dy = dx = flip = torch.zeros(n, dtype=torch.int64)
         if p:
@@ -95,16 +86,14 @@ class DeviceLoader:
         if self.flip:
             flip = torch.randint(0, 2, (n,), generator=g)
         plan = torch.stack([order, dy, dx, flip], 1).to(self.padded.device)
-        # One gather per GATHER_BATCHES batches, and a slice per batch: on a GPU each launch costs
-        # host time, which a compiled step is short enough to show.
         count = len(self) * b if self.drop_last else n  # images this epoch
         for lo in range(0, count, self.GATHER_BATCHES * b):
             hi = min(lo + self.GATHER_BATCHES * b, count)
-            x, y = self._gather(plan[lo:hi], lo, hi)
+            x, y = self.gather(plan[lo:hi], lo, hi)
             for k in range(0, hi - lo, b):
                 yield self.normalize(x[k : k + b]), y[k : k + b]
 
-    def _gather(self, plan, lo: int, hi: int):
+    def gather(self, plan, lo: int, hi: int):
         """uint8 images and labels lo..hi of the epoch, as `plan` (image, dy, dx, flip) says."""
         i, y0, x0, f = plan.unbind(1)
         if not (self.pad or self.flip):
@@ -132,55 +121,20 @@ def _small_data(train, test, mean, std, num_classes, cfg, device, generator, cha
     return Data(train_loader, test_loader, num_classes, xtr.shape[1], xtr.shape[2], len(xtr), len(xte))
 
 
-def digits_split():
-    """Indices (train, test) into sklearn's load_digits(): stratified 80/20, fixed for every seed."""
+@functools.cache
+def digits() -> dict[str, torch.Tensor]:
+    """sklearn's digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), split
+    stratified 80/20 the same way for every seed."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
-    y = load_digits().target
-    return train_test_split(range(len(y)), test_size=0.2, stratify=y, random_state=0)
-
-
-DIGITS_CACHE_VERSION = 1  # bump when _build_digits or digits_split changes what they produce
-DIGITS_KEYS = {"x_train", "y_train", "x_test", "y_test"}
-
-
-def _digits_cache_file() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "lsq", f"digits16_v{DIGITS_CACHE_VERSION}.pt")
-
-
-def _build_digits() -> dict[str, torch.Tensor]:
-    """The digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), split."""
-    from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     x, y = x.round().clamp(0, 255).to(torch.uint8), torch.tensor(d.target, dtype=torch.int64)
-    tr, te = (torch.tensor(i) for i in digits_split())
+    split = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
+    tr, te = (torch.tensor(i) for i in split)
     return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
-
-
-def _digits() -> dict[str, torch.Tensor]:
-    """The processed digits: built once per machine (importing scikit-learn costs a new trial
-    worker over a second), then read from ~/.cache/lsq."""
-    if "digits" not in _CACHE:
-        path, d = _digits_cache_file(), None
-        with contextlib.suppress(Exception):  # missing, truncated, another format: build them again
-            d = torch.load(path, weights_only=True)
-        if not (isinstance(d, dict) and set(d) == DIGITS_KEYS):
-            d = _build_digits()
-            _save_atomic(d, path)
-        _CACHE["digits"] = d
-    return _CACHE["digits"]
-
-
-def _load_digits(cfg, device, generator, channels_last):
-    d = _digits()
-    x = d["x_train"].float() / 255  # normalized with the training set's own statistics
-    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-    train, test = (d["x_train"], d["y_train"]), (d["x_test"], d["y_test"])
-    return _small_data(train, test, mean, std, 10, cfg, device, generator, channels_last, pad=2)
 
 
 def _missing(cfg, flag: str, what: str, looked: str, extra: str = "") -> ConfigError:
@@ -200,7 +154,7 @@ def _check_dir(cfg, flag: str) -> str:
 
 def _torchvision_cifar(name: str, root: str, download: bool):
     """(train, test) as CPU uint8 (N, 3, 32, 32) images and int64 labels, in torchvision's format."""
-    import torchvision  # here: a trial on digits or a cached set never pays its import
+    import torchvision  # here: a trial on digits never pays its import
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     sets = [cls(root=root, train=train, download=download) for train in (True, False)]
@@ -210,9 +164,8 @@ def _torchvision_cifar(name: str, root: str, download: bool):
 
 
 def _download(name: str, root: str):
-    """One download attempt through torchvision. A sweep's trials start together: a lock on
-    data_dir/.lsq_download.lock lets one download while the others wait, then find the archive
-    complete (torchvision checks its MD5) instead of all writing the same file at once."""
+    """One download attempt. A sweep's trials start together: a lock lets one download while the
+    others wait, then find the archive complete (torchvision checks its MD5)."""
     import fcntl
 
     with open(os.path.join(root, ".lsq_download.lock"), "a") as lock:
@@ -222,8 +175,8 @@ def _download(name: str, root: str):
 
 
 class BadImageError(ConfigError):
-    """An image file that cannot be decoded. From a DataLoader worker it arrives with the worker's
-    traceback in its message: only ours, at its end, is kept."""
+    """An image that cannot be decoded. From a DataLoader worker its message carries the worker's
+    traceback: only ours, at its end, is kept."""
 
     def __init__(self, message: str):
         super().__init__(message.rpartition("BadImageError: ")[2].strip())
@@ -257,49 +210,16 @@ def _decode_folder(folder: str, classes: list[str]):
                         raw = bytearray(fh.read())
                     if not raw:  # (torch.frombuffer's own message would be about buffer lengths)
                         raise ValueError("an empty file")
-                    images.append(
-                        decode_image(torch.frombuffer(raw, dtype=torch.uint8), mode=ImageReadMode.RGB)
-                    )
+                    image = decode_image(torch.frombuffer(raw, dtype=torch.uint8), mode=ImageReadMode.RGB)
                 except (OSError, ValueError, RuntimeError) as e:
                     raise _bad_image(path, e) from None
+                if image.shape != (3, 32, 32):
+                    raise ConfigError(f"ImageFolder image {path}: {tuple(image.shape)}; allowed: 3x32x32")
+                images.append(image)
                 labels.append(label)
     if not images:
         raise ConfigError(f"ImageFolder {folder}: no {'/'.join(IMAGE_EXTS)} images in its class folders")
-    shapes = sorted({tuple(x.shape) for x in images})
-    if len(shapes) > 1:
-        raise ConfigError(
-            f"ImageFolder {folder}: images differ in size ({shapes[:3]}...); expected all 32x32"
-        )
     return torch.stack(images), torch.tensor(labels)
-
-
-def _folder_split(root: str, split: str, classes: list[str]):
-    """An ImageFolder split decoded once, then read back from a uint8 tensor cache file: in
-    data_dir if it is writable, else under ~/.cache/lsq."""
-    folder, name = os.path.join(root, split), f".lsq_cache_{split}.pt"
-    home = os.path.join(
-        os.path.expanduser("~"), ".cache", "lsq", hashlib.sha1(root.encode()).hexdigest()[:16]
-    )
-    cache = os.path.join(root if os.access(root, os.W_OK) else home, name)
-    # fresh if newer than the split and its class folders (adding or removing an image touches one)
-    newest = max(os.path.getmtime(p) for p in [folder] + [os.path.join(folder, c) for c in classes])
-    if os.path.isfile(cache) and os.path.getmtime(cache) > newest:
-        with contextlib.suppress(Exception):  # unreadable: decode again and overwrite it
-            d = torch.load(cache, weights_only=True)
-            if d["classes"] == classes:
-                return d["images"], d["labels"]
-    images, labels = _decode_folder(folder, classes)
-    _save_atomic({"images": images, "labels": labels, "classes": classes}, cache)
-    return images, labels
-
-
-def _save_atomic(obj, path: str) -> None:
-    """Best effort (a read-only home just builds it each time): torch.save `obj` to `path` whole,
-    so that a concurrent reader (another trial) sees the old file or the whole new one."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with contextlib.suppress(OSError):
-        atomic_write(path, buf.getbuffer())
 
 
 def _load_cifar(cfg, device, generator, channels_last, flag):
@@ -321,22 +241,19 @@ def _load_cifar(cfg, device, generator, channels_last, flag):
                 f"{where}: ImageFolder {train_dir} has {len(classes)} class folders (test: "
                 f"{len(_classes(test_dir))}); {human} needs the same {want} in train/ and test/"
             )
-        train, test = (_folder_split(root, s, classes) for s in ("train", "test"))
+        train, test = _decode_folder(train_dir, classes), _decode_folder(test_dir, classes)
     else:  # one download attempt (usually fails: no network)
         try:
             train, test = _download(name, root)
         except Exception as e:  # noqa: BLE001 (no network, a proxy, a full disk: all one message)
             looked = f"{tv_folder} (torchvision format) and {train_dir}/<class>/*.jpg + {test_dir}/<class>/*.jpg (ImageFolder)"
             raise _missing(cfg, flag, human, looked, f"; download failed: {type(e).__name__}: {e}") from None
-    if tuple(train[0].shape[1:]) != (3, 32, 32):
-        raise ConfigError(f"{where}: {human} images must be 3x32x32, got {tuple(train[0].shape[1:])}")
     mean, std = CIFAR_STATS[name]
     return _small_data(train, test, mean, std, want, cfg, device, generator, channels_last, pad=4, flip=True)
 
 
 def _load_image(path: str):
-    """torchvision's ImageFolder loader (PIL), with an image that cannot be decoded a BadImageError
-    naming it rather than PIL's traceback in the middle of an epoch."""
+    """torchvision's ImageFolder loader (PIL); an image it cannot decode is a BadImageError naming it."""
     from torchvision.datasets.folder import default_loader
 
     try:
@@ -385,8 +302,8 @@ def _load_imagenet(cfg, device, generator, channels_last, flag):
     if val.classes != train.classes:
         raise ConfigError(f"{where}: {val_dir} and {train_dir} hold different class folders")
     b, common = cfg.batch_size, dict(num_workers=cfg.workers, pin_memory=torch.device(device).type == "cuda")
-    # Evaluation at the training batch size: TEST_BATCH float 224x224 images per batch, times the
-    # workers' prefetch, would be GBs of shared memory. Its own fixed generator: no draw from ours.
+    # Evaluation at the training batch size (TEST_BATCH 224x224 images times the workers' prefetch
+    # would be GBs of shared memory), with its own fixed generator: no draw from ours.
     train_dl = DataLoader(
         train, b, shuffle=True, drop_last=len(train) >= b, generator=torch.Generator(), **common
     )
@@ -401,7 +318,11 @@ def load_data(cfg: TrialConfig, device, generator, channels_last=False, data_dir
     `data_dir_flag`: how the command being run sets key 'data_dir', for the error messages."""
     device = torch.device(device)
     if cfg.dataset == "digits":
-        return _load_digits(cfg, device, generator, channels_last)
+        d = digits()
+        x = d["x_train"].float() / 255  # normalized with the training set's own statistics
+        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+        train, test = (d["x_train"], d["y_train"]), (d["x_test"], d["y_test"])
+        return _small_data(train, test, mean, std, 10, cfg, device, generator, channels_last, pad=2)
     if cfg.dataset in CIFAR_STATS:
         return _load_cifar(cfg, device, generator, channels_last, data_dir_flag)
     return _load_imagenet(cfg, device, generator, channels_last, data_dir_flag)  # (config allows no other)

@@ -1,7 +1,5 @@
-"""FP32 models by name, and loading FP32 weights into them (`init_from`).
-
-CIFAR ResNets: He et al. 2016, section 4.2 (6n+2 layers) with option-A shortcuts: identity, or a
-stride-2 subsample padded with zero channels. resnet8 (n = 1) is for smoke runs."""
+"""FP32 models by name, and loading FP32 weights into them (`init_from`). CIFAR ResNets: He et al.
+2016, section 4.2 (6n+2 layers) with option-A shortcuts; resnet8 (n = 1) is for smoke runs."""
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +21,8 @@ class BasicBlock(nn.Module):
         self.stride, self.pad = stride, cout - cin
 
     def shortcut(self, x):
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.pad:  # option A: zero channels, split evenly before and after
+        x = x[:, :, :: self.stride, :: self.stride]  # option A: a subsample (a view) and zero channels
+        if self.pad:  # split evenly before and after
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
 
@@ -41,10 +38,8 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         stages, cin = [], 16
         for i, width in enumerate((16, 32, 64)):
-            blocks = [BasicBlock(cin, width, 2 if i else 1)] + [
-                BasicBlock(width, width, 1) for _ in range(n - 1)
-            ]
-            stages.append(nn.Sequential(*blocks))
+            first = BasicBlock(cin, width, 2 if i else 1)
+            stages.append(nn.Sequential(first, *[BasicBlock(width, width, 1) for _ in range(n - 1)]))
             cin = width
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(64, num_classes)
@@ -72,40 +67,37 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     raise ConfigError(f"key 'model' = {name!r}: unknown model; allowed: {', '.join(MODELS)}")
 
 
+def few(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
 def load_error(e: Exception) -> str:
     """torch.load's failure in one line; a weights_only refusal names what the file would import."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
-        detail = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), None)
-        if detail and "GLOBAL" in detail:
-            return f"refused by weights_only: {detail}"
-        return f"not a PyTorch checkpoint ({detail or 'weights_only unpickler failed'})"
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    if not lines[0].startswith("Weights only load failed"):
+        return f"{type(e).__name__}: {lines[0]}"
+    detail = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), "the unpickler failed")
+    return (
+        f"refused by weights_only: {detail}" if "GLOBAL" in detail else f"not a PyTorch checkpoint ({detail})"
+    )
 
 
 def read_state_dict(path: str) -> dict:
     """An FP32 state dict (plain, or under 'model'/'state_dict'), loaded with weights_only=True."""
+    where = f"key 'init_from' = {path!r}"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (a missing file, not a pickle, a refused one, truncated, ...)
-        raise ConfigError(
-            f"key 'init_from' = {path!r}: not a loadable checkpoint (loaded with weights_only=True; "
-            f"files that would run code when unpickled are refused): {load_error(e)}"
-        ) from None
+        how = "loaded with weights_only=True; files that would run code when unpickled are refused"
+        raise ConfigError(f"{where}: not a loadable checkpoint ({how}): {load_error(e)}") from None
     if isinstance(obj, dict):
         obj = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(
-            f"key 'init_from' = {path!r}: expected a state dict of tensors, or a dict holding one "
-            "under 'model' or 'state_dict'"
-        )
+        expected = "a state dict of tensors, or a dict holding one under 'model' or 'state_dict'"
+        raise ConfigError(f"{where}: expected {expected}")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
-
-
-def few(keys: list[str]) -> str:
-    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def state_mismatch(own: dict, stored: dict) -> str | None:
@@ -126,25 +118,18 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
         try:
             state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 (no network, a proxy, a bad cache: all one message)
-            raise ConfigError(
-                f"{where}: could not fetch {name} weights ({type(e).__name__}: {e}); "
-                "with no network, download them elsewhere and pass the file's path"
-            ) from None
+            offline = "with no network, download them elsewhere and pass the file's path"
+            raise ConfigError(f"{where}: could not fetch {name} weights ({e!r}); {offline}") from None
     else:
         state = read_state_dict(init_from)
     nan = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if nan:
-        nan_keys = ", ".join(nan[:3]) + (", ..." if len(nan) > 3 else "")
-        raise ConfigError(
-            f"{where} holds NaN or infinite values ({nan_keys}); allowed: a checkpoint of finite FP32 weights"
-        )
+        allowed = "allowed: a checkpoint of finite FP32 weights"
+        raise ConfigError(f"{where} holds NaN or infinite values ({few(nan)}); {allowed}")
     if any(k.endswith(("w_quant.step", "a_quant.step")) for k in state):
-        raise ConfigError(
-            f"{where} is a quantized model (it holds LSQ step sizes); "
-            "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32"
-        )
-    problem = state_mismatch(model.state_dict(), state)
-    if problem:
+        allowed = "allowed: an FP32 checkpoint, e.g. one trained with w_bits=a_bits=32"
+        raise ConfigError(f"{where} is a quantized model (it holds LSQ step sizes); {allowed}")
+    if problem := state_mismatch(model.state_dict(), state):
         raise ConfigError(f"{where} does not fit model {name or type(model).__name__}: {problem}")
     model.load_state_dict(state)
     return model

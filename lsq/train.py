@@ -1,6 +1,5 @@
-"""The trainer for one trial, without Ray (it runs on a bare GPU box with only PyTorch), and
-`python -m lsq.train`. Its checkpoint is torchvision's reference-script dict (model, optimizer,
-lr_scheduler, epoch, ...), loaded with weights_only=True; it resumes bit-identically on the CPU."""
+"""The trainer for one trial, without Ray, and `python -m lsq.train`. Its checkpoint is torchvision's
+reference-script dict (model, optimizer, lr_scheduler, epoch, ...), loaded with weights_only=True."""
 
 import argparse
 import contextlib
@@ -12,7 +11,6 @@ import os
 import sys
 import time
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ from .config import ConfigError, TrialConfig, coerce
 from .data import CIFAR_CLASSES, DATA_DIR_FLAG, load_data
 from .files import write_problem
 from .models import CIFAR_DEPTHS, build_model, load_error, load_fp32, read_state_dict
-from .policy import BitPolicy, describe, quantize_model, quantizers
+from .policy import BitPolicy, quantize_model, quantizers
 from .quantizer import fast_path_on
 
 
@@ -76,35 +74,6 @@ def param_groups(model: torch.nn.Module, wd: float, step_wd: bool = False) -> li
     return [{"params": rest, "weight_decay": wd}, {"params": steps, "weight_decay": wd if step_wd else 0.0}]
 
 
-def compiled_step_faults(named_eager_compiled) -> list[str]:
-    """Gross faults of a compiled step's (name, eager grad, compiled grad), [] if none. The limits are
-    loose, as under bf16 a quantized network is chaotic: a lost gradient, a norm, a cosine."""
-    lost, with_grad, groups = [], 0, {"weights": ([], []), "step sizes": ([], [])}
-    for name, e, c in named_eager_compiled:
-        if e is None:
-            continue
-        c = torch.zeros_like(e) if c is None else c
-        with_grad += bool(e.any())
-        if bool(e.any()) and not bool(c.any()):
-            lost.append(name)
-        for grads, g in zip(groups["step sizes" if name.endswith(".step") else "weights"], (e, c)):
-            grads.append(g.double().flatten())
-    names = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")
-    faults = [f"no gradient for {len(lost)} of the {with_grad} parameters that have one eager ({names})"]
-    faults = faults if lost else []
-    for group, (eager, compiled) in groups.items():
-        e, c = torch.cat(eager or [torch.zeros(1)]), torch.cat(compiled or [torch.zeros(1)])
-        if float(e.norm()) == 0.0:
-            continue
-        ratio, limit = float(c.norm() / e.norm()), 5.0 if group == "step sizes" else 2.0
-        cosine = float(e @ c / (e.norm() * c.norm()))
-        if not 1 / limit <= ratio <= limit:
-            faults.append(f"{group}: gradient norm {ratio:.3g}x eager (allowed {1 / limit:g}-{limit:g}x)")
-        elif group == "weights" and cosine < 0.1:
-            faults.append(f"{group}: gradient cosine {cosine:.3f} with eager (allowed >= 0.1)")
-    return faults
-
-
 def lr_factor(cfg: TrialConfig, epoch: int) -> float:
     """LR factor of a 0-based epoch: linear warm-up, then cosine without restarts (the paper's) or steps."""
     if epoch < cfg.warmup_epochs:
@@ -118,8 +87,8 @@ def lr_factor(cfg: TrialConfig, epoch: int) -> float:
 class Trainer:
     """One trial from a TrialConfig, yielding metrics epoch by epoch. `data_dir_flag`: for messages."""
 
-    def __init__(self, cfg: TrialConfig, log=None, data_dir_flag: str = DATA_DIR_FLAG):
-        self.cfg, self.log = cfg, log or (lambda msg: None)
+    def __init__(self, cfg: TrialConfig, data_dir_flag: str = DATA_DIR_FLAG):
+        self.cfg = cfg
         try:  # a bad LSQ_FAST_PATH is the user's error: told now, as one
             fast_path_on()
         except ValueError as e:
@@ -142,7 +111,7 @@ class Trainer:
         self.compiled = None  # or torch.compile of self.model: one graph per batch shape
         if cfg.compile != "none":
             self.compiled = torch.compile(self.model, mode=cfg.compile, dynamic=False)
-        self._compiled_ready = self._compiled_checked = False
+        self._compiled_ready = False
         groups = param_groups(model, cfg.wd, cfg.step_wd)
         self.optimizer = SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
@@ -173,11 +142,7 @@ class Trainer:
         self.model.train()
         total, count = torch.zeros((), device=self.device), 0
         for step, (images, labels) in enumerate(self.data.train):
-            net = self.net
-            if net is not self.model and not self._compiled_checked:
-                loss = self._checked_step(images, labels)
-            else:
-                loss = self._backward(net, images, labels)
+            loss = self._backward(self.net, images, labels)
             self.optimizer.step()
             total, count = total + loss.detach() * len(labels), count + len(labels)
             if step % 50 == 0 and not torch.isfinite(total):  # a sync every 50 steps, not every step
@@ -186,34 +151,6 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss became {train_loss} in epoch {self.epoch + 1}")
         return train_loss
-
-    def _checked_step(self, images, labels) -> torch.Tensor:
-        """The first compiled step, checked against an eager one on the same batch. On a compiler
-        fault the trial goes on eager, from the eager step's gradients and buffers, with a warning."""
-        self._compiled_checked = True
-        buffers, params = list(self.model.buffers()), list(self.model.named_parameters())
-        before = [b.detach().clone() for b in buffers]
-        eager_loss = self._backward(self.model, images, labels)
-        eager, after = [p.grad for _, p in params], [b.detach().clone() for b in buffers]
-        with torch.no_grad():
-            for b, saved in zip(buffers, before):
-                b.copy_(saved)
-        loss = self._backward(self.compiled, images, labels)
-        faults = compiled_step_faults((n, e, p.grad) for (n, p), e in zip(params, eager))
-        what = f"compile={self.cfg.compile}: the first compiled step's gradients"
-        if not faults:
-            self.log(f"{what} agree with eager")
-            return loss
-        why = f"({'; '.join(faults)}) with torch {torch.__version__} on {self.device.type}"
-        message = f"{what} disagree with eager {why}; this trial goes on without torch.compile"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        self.compiled = None
-        with torch.no_grad():
-            for (_, p), e in zip(params, eager):
-                p.grad = e
-            for b, saved in zip(buffers, after):
-                b.copy_(saved)
-        return eager_loss
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -241,10 +178,6 @@ class Trainer:
             metrics["images_per_second"] = self.data.train_size / train_seconds
             self.history.append(metrics)
             yield metrics
-
-    def layers(self) -> list[dict]:
-        """Per-layer diagnostics: bits, learned step sizes, weight quantization error."""
-        return describe(self.model).to_dict("records")
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
@@ -303,12 +236,10 @@ def read_checkpoint(path: str) -> dict:
     missing = [k for k in keys if not (isinstance(state, dict) and k in state)]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (missing {', '.join(missing)})")
-    model = state["model"]
+    model, why = state["model"], f"its 'model' is of type {type(state['model']).__name__}"
     if not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
-        kind = type(model).__name__
         raise CheckpointError(
-            f"checkpoint {path} is not a trainer checkpoint (its 'model' is of type {kind}, "
-            "not a state dict of tensors)"
+            f"checkpoint {path} is not a trainer checkpoint ({why}, not a state dict of tensors)"
         )
     return state
 
@@ -382,12 +313,10 @@ def main(argv=None) -> int:
         if threads:
             torch.set_num_threads(threads)
         say = functools.partial(print, flush=True)
-        run.trainer = t = Trainer(cfg, log=say, data_dir_flag="--data_dir")
+        run.trainer = t = Trainer(cfg, data_dir_flag="--data_dir")
         ends = "first=fp32 last=fp32" if cfg.is_fp32 else f"first={cfg.first} last={cfg.last}"
-        say(
-            f"{cfg.label()} {cfg.model} on {cfg.dataset} ({t.device}); {ends}; {t.data.train_size} train / "
-            f"{t.data.test_size} test images"
-        )
+        images = f"{t.data.train_size} train / {t.data.test_size} test images"
+        say(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({t.device}); {ends}; {images}")
         for m in t.epochs():
             say(format_metrics(m, cfg.epochs))
         if run.save is not None:

@@ -11,7 +11,6 @@ import tempfile
 import warnings
 
 from ray import tune
-from ray.tune.logger import TBXLoggerCallback
 
 from .config import TrialConfig
 
@@ -19,24 +18,6 @@ from .config import TrialConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LAYERS_FILE = "layers.json"
-
-
-class NoTensorBoard(TBXLoggerCallback):
-    """Stands in for Tune's TensorBoard logger, which Tune adds to every run that has none. That
-    logger imports tensorboardX, which imports torch: 3-4 s of the driver's start on 2 cores, for
-    event files this project's reports do not read. `sweep.py --tensorboard` keeps Tune's own."""
-
-    def __init__(self):  # not TBXLoggerCallback's: that is where tensorboardX is imported
-        pass
-
-    def log_trial_start(self, trial):
-        pass
-
-    def log_trial_result(self, iteration, trial, result):
-        pass
-
-    def log_trial_end(self, trial, failed=False):
-        pass
 
 
 def _threads() -> int:
@@ -100,6 +81,7 @@ def deployment(cfg: TrialConfig, checkpoint_path: str) -> dict:
 def train_lsq(config: dict) -> None:
     import torch
 
+    from .policy import describe
     from .train import CheckpointError, DivergedError, Trainer
 
     cfg = TrialConfig.from_dict(dict(config), where="trial config")
@@ -112,7 +94,7 @@ def train_lsq(config: dict) -> None:
                 path = os.path.join(d, CHECKPOINT_FILE)
                 trainer.save(path)
                 with open(os.path.join(d, LAYERS_FILE), "w") as f:
-                    json.dump(trainer.layers(), f)
+                    json.dump(describe(trainer.model).to_dict("records"), f)  # per-layer diagnostics
                 if trainer.epoch == cfg.epochs:
                     metrics.update(deployment(cfg, path))
                 try:  # Ray copies the checkpoint into the sweep's storage here

@@ -1,4 +1,4 @@
-"""lsq/data.py: the digits split, on-device augmentation, CIFAR ImageFolder + cache, ImageNet.
+"""lsq/data.py: the digits split, on-device augmentation, CIFAR ImageFolder, ImageNet.
 
 Expected values are recomputed independently here (sklearn's split, plain slicing for crops,
 the published CIFAR statistics) rather than read back from the loader.
@@ -49,7 +49,7 @@ def windows(images, pad, flip):
     """(N, K, C, H, W): every crop of each image zero-padded by `pad`, and their mirrors if flip."""
     _, _, h, w = images.shape
     p = F.pad(images, (pad,) * 4)
-    out = [p[:, :, y:y + h, x:x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    out = [p[:, :, y : y + h, x : x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
     if flip:
         out += [o.flip(3) for o in out]
     return torch.stack(out, 1)
@@ -76,10 +76,12 @@ def test_digits_shapes_split_and_test_set():
     assert x.shape == (64, 1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.device == y.device == CPU
 
-    # The split: disjoint, complete, the same as sklearn's stratified split.
-    train_idx, test_idx = D.digits_split()
-    assert sorted(train_idx) == sorted(tr) and sorted(test_idx) == sorted(te)
-    assert not set(train_idx) & set(test_idx) and len(set(train_idx) | set(test_idx)) == 1797
+    # The split: sklearn's stratified split, the images of its train indices in their order.
+    assert not set(tr) & set(te) and len(set(tr) | set(te)) == 1797
+    train_u8 = torch.tensor(d.images[tr], dtype=torch.float32)[:, None] * 255 / 16
+    train_u8 = F.interpolate(train_u8, size=(16, 16), mode="bilinear", align_corners=False).round()
+    assert torch.equal(data.train.images, train_u8.to(torch.uint8))
+    assert torch.equal(data.train.labels, torch.tensor(d.target[tr]))
     # Stratified: every class has ~20% of its images in the test set.
     per_class, in_test = np.bincount(d.target), np.bincount(d.target[te], minlength=10)
     assert np.all(np.abs(in_test - 0.2 * per_class) <= 1)
@@ -87,47 +89,9 @@ def test_digits_shapes_split_and_test_set():
     # Test set: unshuffled, in split order, normalized with the *training* images' statistics.
     xt, yt = epoch(data.test)
     assert torch.equal(yt, torch.tensor(d.target[te]))
-    train_u8 = torch.tensor(d.images[tr], dtype=torch.float32)[:, None] * 255 / 16
-    train_u8 = F.interpolate(train_u8, size=(16, 16), mode="bilinear", align_corners=False).round()
     m, s = (train_u8 / 255).mean().item(), (train_u8 / 255).std().item()
     torch.testing.assert_close(xt, (x_test.float() / 255 - m) / s, atol=1e-5, rtol=0)
     assert x_test.max() == 255 and x_test.min() == 0
-
-
-def test_digits_are_cached_on_disk_and_a_new_process_reads_them_without_sklearn(tmp_path, monkeypatch):
-    """A new trial worker reads the processed digits from ~/.cache/lsq instead of importing
-    scikit-learn again (over a second per worker); what it reads is what sklearn gives."""
-    import subprocess
-    import sys
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(D, "_CACHE", {})
-    d, tr, te, x_test = expected_digits()
-    built = D._digits()
-    assert os.path.isfile(D._digits_cache_file()) and D._digits_cache_file().startswith(str(tmp_path))
-    assert torch.equal(built["x_test"], x_test) and torch.equal(built["y_train"], torch.tensor(d.target[tr]))
-
-    code = ("import sys, torch; from lsq import data as D; d = D._digits(); "
-            "print('sklearn' in sys.modules, *(int(v.sum()) for v in d.values()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HOME": str(tmp_path)}, cwd=os.path.dirname(os.path.dirname(D.__file__)))
-    assert out.stdout.split() == ["False", *(str(int(v.sum())) for v in built.values())]
-
-
-@pytest.mark.parametrize("damage", [b"", b"not a checkpoint", "wrong shape"])
-def test_a_damaged_digits_cache_is_built_again(tmp_path, monkeypatch, damage):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(D, "_CACHE", {})
-    path = D._digits_cache_file()
-    os.makedirs(os.path.dirname(path))
-    if damage == "wrong shape":
-        torch.save({"x_train": torch.zeros(3, 1, 16, 16, dtype=torch.uint8)}, path)
-    else:
-        with open(path, "wb") as f:
-            f.write(damage)
-    d, tr, te, x_test = expected_digits()
-    assert torch.equal(D._digits()["x_test"], x_test)
-    assert torch.equal(torch.load(path, weights_only=True)["x_test"], x_test)  # and written right
 
 
 def test_digits_same_split_for_every_seed():
@@ -170,8 +134,9 @@ def test_crops_and_flips_are_exact_windows():
     n, pad = 40, 2
     images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=gen(5))
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-    loader = D.DeviceLoader(images, torch.arange(n), mean, std, batch_size=16, generator=gen(),
-                            shuffle=True, pad=pad, flip=True)
+    loader = D.DeviceLoader(
+        images, torch.arange(n), mean, std, batch_size=16, generator=gen(), shuffle=True, pad=pad, flip=True
+    )
     x, y = epoch(loader)
     assert len(y) == n and sorted(y.tolist()) == list(range(n))  # drop_last off: all of them
     u = to_uint8(x, mean, std)
@@ -188,8 +153,17 @@ def test_each_image_once_per_epoch_with_its_label():
     images = (torch.arange(n) + 1).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
     labels = torch.arange(n) % 7
     for drop_last, count in ((True, 192), (False, 200)):
-        loader = D.DeviceLoader(images, labels, (0.0,), (1 / 255,), batch_size=64, generator=gen(),
-                                shuffle=True, pad=2, drop_last=drop_last)
+        loader = D.DeviceLoader(
+            images,
+            labels,
+            (0.0,),
+            (1 / 255,),
+            batch_size=64,
+            generator=gen(),
+            shuffle=True,
+            pad=2,
+            drop_last=drop_last,
+        )
         assert len(loader) == (3 if drop_last else 4)
         orders = []
         for _ in range(2):
@@ -210,13 +184,25 @@ def test_batches_do_not_depend_on_how_many_are_gathered_at_once(shuffle, pad, fl
         batches = []
         for per_gather in (1, 2, 16):
             monkeypatch.setattr(D.DeviceLoader, "GATHER_BATCHES", per_gather)
-            loader = D.DeviceLoader(images, torch.arange(100), (0.5,) * 3, (0.25,) * 3, batch_size=16,
-                                    generator=gen(), shuffle=shuffle, pad=pad, flip=flip, drop_last=drop_last)
+            loader = D.DeviceLoader(
+                images,
+                torch.arange(100),
+                (0.5,) * 3,
+                (0.25,) * 3,
+                batch_size=16,
+                generator=gen(),
+                shuffle=shuffle,
+                pad=pad,
+                flip=flip,
+                drop_last=drop_last,
+            )
             batches.append(list(loader))
         assert [len(y) for _, y in batches[0]] == [16] * 6 + ([] if drop_last else [4])
         for other in batches[1:]:
             assert len(other) == len(batches[0])
-            assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches[0], other))
+            assert all(
+                torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches[0], other)
+            )
 
 
 def test_same_generator_state_same_batches():
@@ -287,8 +273,11 @@ def test_cifar_image_folder(cifar_tree):
     u = to_uint8(x, CIFAR10_MEAN, CIFAR10_STD)
     kinds = []
     for img, label in zip(u, y):
-        hits = [(i, k) for i in (lbl == label).nonzero().flatten().tolist()
-                for k in (allowed[i] == img).flatten(1).all(1).nonzero().flatten().tolist()]
+        hits = [
+            (i, k)
+            for i in (lbl == label).nonzero().flatten().tolist()
+            for k in (allowed[i] == img).flatten(1).all(1).nonzero().flatten().tolist()
+        ]
         assert hits, "augmented image is not a window of a training image of its class"
         kinds.append(hits[0][1])
     assert any(k >= 81 for k in kinds) and any(k < 81 for k in kinds)
@@ -296,43 +285,15 @@ def test_cifar_image_folder(cifar_tree):
     # channels_last: same values, NHWC memory (3 channels, so the two layouts differ).
     cl = D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8), CPU, gen(), channels_last=True)
     (xa, _), (xb, _) = next(iter(data.train)), next(iter(cl.train))
-    assert xa.is_contiguous() and xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
-    assert torch.equal(xb, next(iter(D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8),
-                                                 CPU, gen()).train))[0])
-
-
-def test_cifar_cache_written_and_reused(cifar_tree, monkeypatch):
-    root, written = cifar_tree
-    c = cfg(dataset="cifar10", data_dir=str(root), batch_size=8)
-    first = epoch(D.load_data(c, CPU, gen()).test)
-    assert (root / ".lsq_cache_train.pt").is_file() and (root / ".lsq_cache_test.pt").is_file()
-    assert not [p for p in os.listdir(root) if p.endswith(".tmp")]
-
-    decode = D._decode_folder
-    calls = []
-    monkeypatch.setattr(D, "_decode_folder", lambda *a: calls.append(a[0]) or decode(*a))
-    again = D.load_data(c, CPU, gen())
-    assert calls == [] and all(torch.equal(a, b) for a, b in zip(first, epoch(again.test)))
-
-    # A new image makes the train cache stale (its class folder is newer than the cache).
-    new = root / "train" / "class0" / "extra.png"
-    new.write_bytes(encode_png(written["train"][0][0]).numpy().tobytes())
-    later = time.time() + 5
-    os.utime(root / "train" / "class0", (later, later))
-    assert D.load_data(c, CPU, gen()).train_size == 31
-    assert calls == [str(root / "train")]
-
-
-def test_cifar_cache_outside_read_only_folder(cifar_tree, monkeypatch, tmp_path_factory):
-    root, _ = cifar_tree
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(root) else real_access(p, m))
-    D.load_data(cfg(dataset="cifar10", data_dir=str(root)), CPU, gen())
-    assert not (root / ".lsq_cache_train.pt").exists()
-    (key,) = os.listdir(home / ".cache" / "lsq")
-    assert sorted(os.listdir(home / ".cache" / "lsq" / key)) == [".lsq_cache_test.pt", ".lsq_cache_train.pt"]
+    assert (
+        xa.is_contiguous() and xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
+    )
+    assert torch.equal(
+        xb,
+        next(iter(D.load_data(cfg(dataset="cifar10", data_dir=str(root), batch_size=8), CPU, gen()).train))[
+            0
+        ],
+    )
 
 
 def test_cifar_in_torchvisions_format(tmp_path, monkeypatch):
@@ -349,8 +310,10 @@ def test_cifar_in_torchvisions_format(tmp_path, monkeypatch):
         images = torch.randint(0, 256, (2 * len(files), 3, 32, 32), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, 10, (len(images),), generator=g)
         for i, name in enumerate(files):
-            rows = images[2 * i:2 * i + 2].flatten(1).numpy()
-            (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": labels[2 * i:2 * i + 2].tolist()}))
+            rows = images[2 * i : 2 * i + 2].flatten(1).numpy()
+            (folder / name).write_bytes(
+                pickle.dumps({"data": rows, "labels": labels[2 * i : 2 * i + 2].tolist()})
+            )
         written[split] = images, labels
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     # these files are not the real ones, whose MD5 sums torchvision checks
@@ -378,8 +341,15 @@ def test_cifar_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         D.load_data(cfg(dataset="cifar100", data_dir=str(empty)), CPU, gen())
     msg = str(e.value)
-    for part in ("'data_dir'", str(empty), "cifar-100-python", "torchvision format", "ImageFolder",
-                 "no network here", "CIFAR-100"):
+    for part in (
+        "'data_dir'",
+        str(empty),
+        "cifar-100-python",
+        "torchvision format",
+        "ImageFolder",
+        "no network here",
+        "CIFAR-100",
+    ):
         assert part in msg, (part, msg)
 
     few = tmp_path / "few"
@@ -392,9 +362,20 @@ def test_cifar_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="torchvision's format"):
         D.load_data(cfg(dataset="cifar10", data_dir=str(broken)), CPU, gen())
 
+    large = tmp_path / "large"
+    write_tree(large, {"train": 1, "test": 1}, [f"c{i}" for i in range(10)], size=40)
+    with pytest.raises(ConfigError, match=r"ImageFolder image .*large.*\(3, 40, 40\); allowed: 3x32x32"):
+        D.load_data(cfg(dataset="cifar10", data_dir=str(large)), CPU, gen())
 
-@pytest.mark.parametrize("content, why", [(b"not an image", "Unsupported image file"), (b"", "an empty file"),
-                                           (b"\x89PNG\r\n\x1a\n truncated", "")])
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"not an image", "Unsupported image file"),
+        (b"", "an empty file"),
+        (b"\x89PNG\r\n\x1a\n truncated", ""),
+    ],
+)
 def test_cifar_image_that_cannot_be_decoded_is_named(cifar_tree, content, why, capsys):
     """A corrupt or empty image: one error naming the file (lsq.train: exit 2), not a RuntimeError
     or ValueError traceback from the decoder."""
@@ -403,7 +384,10 @@ def test_cifar_image_that_cannot_be_decoded_is_named(cifar_tree, content, why, c
     root, _ = cifar_tree
     bad = root / "train" / "class4" / "0001.png"
     bad.write_bytes(content)
-    with pytest.raises(ConfigError, match=rf"ImageFolder image {re.escape(str(bad))}: cannot be decoded \({why}.*\); allowed: an image"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"ImageFolder image {re.escape(str(bad))}: cannot be decoded \({why}.*\); allowed: an image",
+    ):
         D.load_data(cfg(dataset="cifar10", data_dir=str(root)), CPU, gen())
     assert main(["--dataset", "cifar10", "--data_dir", str(root), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
@@ -414,7 +398,13 @@ def test_cifar_image_that_cannot_be_decoded_is_named(cifar_tree, content, why, c
 def test_imagenet_image_folder(tmp_path):
     write_tree(tmp_path, {"train": 3, "val": 2}, ["n01", "n02"], size=64, fmt="jpg")
     data = D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path), workers=0, batch_size=4), CPU, gen())
-    assert (data.num_classes, data.in_channels, data.image_size, data.train_size, data.test_size) == (2, 3, 224, 6, 4)
+    assert (data.num_classes, data.in_channels, data.image_size, data.train_size, data.test_size) == (
+        2,
+        3,
+        224,
+        6,
+        4,
+    )
     assert len(data.train) == 1  # 6 // 4, last partial batch dropped
     x, y = next(iter(data.train))
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and x.device == CPU
@@ -434,7 +424,9 @@ def test_imagenet_image_that_cannot_be_decoded_is_named(tmp_path, workers):
     write_tree(tmp_path, {"train": 2, "val": 1}, ["n01", "n02"], size=64, fmt="jpg")
     bad = tmp_path / "val" / "n02" / "0000.jpg"
     bad.write_bytes(b"not a JPEG")
-    data = D.load_data(cfg(dataset="imagenet", data_dir=str(tmp_path), workers=workers, batch_size=2), CPU, gen())
+    data = D.load_data(
+        cfg(dataset="imagenet", data_dir=str(tmp_path), workers=workers, batch_size=2), CPU, gen()
+    )
     with pytest.raises(ConfigError) as e:
         epoch(data.test)
     assert str(e.value).startswith(f"ImageFolder image {bad}: cannot be decoded (cannot identify image file")
@@ -457,7 +449,9 @@ def test_trials_that_download_at_once_take_turns(tmp_path, monkeypatch):
         return "data"
 
     monkeypatch.setattr(D, "_torchvision_cifar", fake_download)
-    threads = [threading.Thread(target=D._download, args=("cifar10", str(tmp_path)), name=f"t{i}") for i in range(3)]
+    threads = [
+        threading.Thread(target=D._download, args=("cifar10", str(tmp_path)), name=f"t{i}") for i in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

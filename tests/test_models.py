@@ -18,11 +18,13 @@ def count_layers(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------- CIFAR ResNets
-@pytest.mark.parametrize("name,n", [("resnet8", 1), ("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9)])
+@pytest.mark.parametrize(
+    "name,n", [("resnet8", 1), ("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9)]
+)
 def test_cifar_resnet_depth_and_forward(name, n):
     torch.manual_seed(0)
     model = build_model(name, 10)
-    assert count_layers(model) == 6 * n + 2 == int(name[len("resnet"):])
+    assert count_layers(model) == 6 * n + 2 == int(name[len("resnet") :])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(m.kernel_size == (3, 3) for m in convs)  # option A: no 1x1 projection shortcuts
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -166,7 +168,9 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, small_state):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"hello, not a checkpoint\n"], ids=["random", "empty", "text"])
+@pytest.mark.parametrize(
+    "content", [os.urandom(4096), b"", b"hello, not a checkpoint\n"], ids=["random", "empty", "text"]
+)
 def test_non_checkpoint_file_is_a_config_error(tmp_path, content):
     path = tmp_path / "junk.bin"
     path.write_bytes(content)

@@ -12,9 +12,27 @@ from ray import tune  # noqa: E402
 from lsq.config import TrialConfig  # noqa: E402
 from lsq.trainable import CHECKPOINT_FILE, LAYERS_FILE, deployment, train_lsq  # noqa: E402
 
-CFG = {"dataset": "digits", "model": "resnet20", "w_bits": 4, "a_bits": 4, "epochs": 3,
-       "lr": 0.1, "batch_size": 128, "seed": 3}
-METRICS = ("epoch", "top1", "top5", "loss", "train_loss", "best_top1", "lr", "epoch_seconds", "images_per_second")
+CFG = {
+    "dataset": "digits",
+    "model": "resnet20",
+    "w_bits": 4,
+    "a_bits": 4,
+    "epochs": 3,
+    "lr": 0.1,
+    "batch_size": 128,
+    "seed": 3,
+}
+METRICS = (
+    "epoch",
+    "top1",
+    "top5",
+    "loss",
+    "train_loss",
+    "best_top1",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
+)
 
 
 # the workers cannot import this test module: ship crash_once by value
@@ -57,8 +75,12 @@ def fit(config, markers, storage):
     tuner = tune.Tuner(
         tune.with_resources(crash_once, {"cpu": 1}),
         param_space={**config, "_marker": tune.grid_search(markers)},
-        run_config=tune.RunConfig(name="fit", storage_path=str(storage), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+        run_config=tune.RunConfig(
+            name="fit",
+            storage_path=str(storage),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
     )
     results = tuner.fit()
     assert not results.errors, results.errors
@@ -116,7 +138,9 @@ def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path, 
     assert history(crashed) == history(straight)
 
 
-@pytest.mark.parametrize("assigned, threads", [({"CPU": 1.0}, 1), ({"CPU": 2.0, "GPU": 1.0}, 2), ({"CPU": 0.5}, 1)])
+@pytest.mark.parametrize(
+    "assigned, threads", [({"CPU": 1.0}, 1), ({"CPU": 2.0, "GPU": 1.0}, 2), ({"CPU": 0.5}, 1)]
+)
 def test_a_trial_trains_with_as_many_threads_as_it_has_cpus(monkeypatch, assigned, threads):
     """Two 1-CPU trials on 2 cores must not each start 2 threads (they would fight for the cores)."""
     from lsq.trainable import _threads
@@ -155,8 +179,10 @@ def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
     with pytest.warns(UserWarning) as said:
         restore(fresh, latest)
     assert fresh.epoch == 1
-    assert [str(w.message).split(":")[0] for w in said] == [f"skipping checkpoint {folders[1]}",
-                                                          f"resumed from the older checkpoint {folders[0]} (epoch 1)"]
+    assert [str(w.message).split(":")[0] for w in said] == [
+        f"skipping checkpoint {folders[1]}",
+        f"resumed from the older checkpoint {folders[0]} (epoch 1)",
+    ]
 
     (folders[0] / CHECKPOINT_FILE).write_bytes(b"truncated")
     fresh = Trainer(cfg)
@@ -164,7 +190,10 @@ def test_restore_falls_back_to_an_older_checkpoint_then_to_epoch_0(tmp_path):
         restore(fresh, latest)
     assert fresh.epoch == 0
     assert "is unreadable" in str(said[0].message) and len(said) == 3
-    assert str(said[-1].message) == f"no readable checkpoint for this trial (latest: {folders[1]}); restarting from epoch 0"
+    assert (
+        str(said[-1].message)
+        == f"no readable checkpoint for this trial (latest: {folders[1]}); restarting from epoch 0"
+    )
 
 
 def test_restore_with_the_newest_corrupt_takes_the_next_newest_not_the_oldest(tmp_path):
@@ -195,8 +224,10 @@ def test_restore_with_the_newest_corrupt_takes_the_next_newest_not_the_oldest(tm
         restore(fresh, tune.Checkpoint.from_directory(str(folders[2])))
     assert (fresh.epoch, fresh.best_top1) == (2, 20.0)
     assert torch.equal(fresh.model.fc.bias, weights[2])
-    assert [str(w.message).split(":")[0] for w in said] == [f"skipping checkpoint {folders[2]}",
-                                                          f"resumed from the older checkpoint {folders[1]} (epoch 2)"]
+    assert [str(w.message).split(":")[0] for w in said] == [
+        f"skipping checkpoint {folders[2]}",
+        f"resumed from the older checkpoint {folders[1]} (epoch 2)",
+    ]
 
 
 def test_deployment_check_runs_unless_the_config_turns_it_off(tmp_path):
