@@ -9,7 +9,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 import numpy as np
 import pandas as pd
@@ -28,12 +28,7 @@ _TUNE = {"trial_id": "trial_id", "status": "status", "folder": "relative_logdir"
 _EXPORT = {None: "–", True: "ok", False: "FAILED"}  # the deployment check's outcome, as a table cell
 
 
-@dataclass
-class Report:
-    folder: str
-    results: pd.DataFrame
-    table_md: str
-    files: list[str]
+Report = namedtuple("Report", "folder results table_md files")  # what build_report wrote
 
 
 def tune_trials(st: Storage) -> list[dict]:
@@ -75,9 +70,8 @@ def _last_error(st: Storage, folder: str) -> str | None:
     lines = [ln.strip() for ln in (st.read_text(folder, "error.txt") or "").splitlines() if ln.strip()]
     failures = max((int(m[1]) for ln in lines if (m := re.match(r"Failure # (\d+)", ln))), default=0)
     errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b.*:", ln)] or lines[-1:]
-    if not errors:
-        return None
-    return f"{errors[-1]} ({count(failures, 'failure')})" if failures else errors[-1]
+    suffix = f" ({count(failures, 'failure')})" if failures else ""
+    return errors[-1] + suffix if errors else None
 
 
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
@@ -120,11 +114,9 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
         "status": status,
         "epochs_done": done,
         "best_top1": max((float(r["top1"]) for r in epochs), default=math.nan),
-        "final_top1": float(last.get("top1", math.nan)),
         "best_top5": max((float(r["top5"]) for r in epochs if "top5" in r), default=math.nan),
-        "final_top5": float(last.get("top5", math.nan)),
-        "int_top1": last.get("int_top1"),
-        "export_ok": last.get("export_ok"),
+        **{f"final_{k}": float(last.get(k, math.nan)) for k in ("top1", "top5")},
+        **{k: last.get(k) for k in ("int_top1", "export_ok")},
         "gpu_hours": wall * gpu / 3600.0,
         "wall_seconds": wall,
         "error": failed or crash or (f"export check: {export_failed}" if export_failed else None),
@@ -136,8 +128,7 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
 
 
 def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(one row per trial, one row per trial x layer, sweep meta). `live`: a driver may be running the
-    sweep, so unfinished trials are RUNNING, not INTERRUPTED."""
+    """(a row per trial, a row per trial and layer, meta); `live`: unfinished trials RUNNING, not INTERRUPTED."""
     st = Storage(experiment)
     meta = read_meta(experiment)
     trials = {t["trial_id"]: t for t in tune_trials(st) if t["trial_id"]}
@@ -147,11 +138,9 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
             trial_id = next((r["trial_id"] for r in trial_results(st, name) if r.get("trial_id")), name)
             trials.setdefault(trial_id, {"trial_id": trial_id, "status": None, "folder": name, "name": name})
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
-    records, layers = [], []
-    for t in trials.values():
-        record, rows = _trial(st, {"config": {}, **t}, gpu, live)
-        records.append(record)
-        layers += rows
+    collected = [_trial(st, {"config": {}, **t}, gpu, live) for t in trials.values()]
+    records = [record for record, _ in collected]
+    layers = [row for _, rows in collected for row in rows]
     df = pd.DataFrame.from_records(records, columns=TrialConfig.keys() + RESULT_COLUMNS)
     df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
     df[["w_bits", "a_bits"]] = df[["w_bits", "a_bits"]].astype("Int64")
@@ -201,19 +190,15 @@ def count(n: int, noun: str) -> str:
 
 
 def _varied(df: pd.DataFrame, exclude=()) -> list[str]:
-    """The config keys that take more than one value in `df`."""
     return [k for k in TrialConfig.keys() if k not in exclude and df[k].nunique(dropna=False) > 1]
-
-
-def _bits(w: int | None, a: int | None) -> str:
-    return "FP32" if w is None and a is None else f"W{w or 32}A{a or 32}"
 
 
 def notes(cfg: TrialConfig) -> str:
     """The first and last layers' bits, as the presets resolve them."""
     if cfg.is_fp32:
         return "full precision"
-    first, last = _bits(*cfg.end_bits("first")), _bits(*cfg.end_bits("last"))
+    ends = [cfg.end_bits(end) for end in ("first", "last")]
+    first, last = ("FP32" if w is None and a is None else f"W{w or 32}A{a or 32}" for w, a in ends)
     return f"first & last layers: {first}" if first == last else f"first layer: {first}; last layer: {last}"
 
 
@@ -230,7 +215,7 @@ def headline_extra(df: pd.DataFrame) -> list[str]:
 
 
 def _acc_cell(group: pd.DataFrame, seeded: bool) -> str:
-    """Final top-1; with seeds the mean ± std over the finished trials, and n."""
+    """Final top-1; with seeds the mean ± std over the finished trials, and n; else how far it got."""
     done = group.loc[group["status"] == "TERMINATED", "final_top1"].astype(float)
     if seeded and len(done):
         others = group.loc[group["status"] != "TERMINATED", "status"].value_counts()
@@ -239,10 +224,6 @@ def _acc_cell(group: pd.DataFrame, seeded: bool) -> str:
     r = group.iloc[0]
     if r["status"] == "TERMINATED":
         return _fmt(r["final_top1"])
-    if r["status"] in ("FAILED", "ERROR"):
-        return f"{r['status'].lower()}: {_short(_plain(r['error']) or 'no reason recorded', 100)}"
-    if r["status"] == "PENDING":
-        return "pending"
     return f"{_fmt(r['final_top1'])} ({r['status'].lower()}, {r['epochs_done']}/{r['epochs']} epochs)"
 
 
@@ -300,52 +281,44 @@ def render_layers(layers: pd.DataFrame) -> str:
 
 
 def plot_series(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """What accuracy_vs_bits.png shows: label -> mean and std of final top-1 over seeds by body bits.
-    A line per first/last policy and per key that varies at the same bits; W4A8 apart from W4A4;
-    W32A* by their activation bits; FP32 one level (bits NaN)."""
+    """label -> mean and std of final top-1 over seeds by body bits: a line per first/last policy, per
+    activation bits apart from the weights' and per key varied at the same bits; FP32 at bits NaN."""
     done = df[df["final_top1"].notna()]
     cell = ["w_bits", "a_bits", "first", "last"]
     # a key that only moves with the bits (weight decay by bits) stays within one line
-    spread = done.groupby(cell, dropna=False).nunique(dropna=False).max() if len(done) else {}
+    spread = done.groupby(cell, dropna=False).nunique(dropna=False).max()
     other = [k for k in _varied(done, exclude=(*cell, "seed")) if spread[k] > 1]
     points = []
     for _, row in done.iterrows():
         w, a = _plain(row["w_bits"]), _plain(row["a_bits"])
         policy = row["first"] if row["first"] == row["last"] else f"{row['first']}/{row['last']}"
         acts = "" if a == w else ", weights FP32" if w is None else f", activations {_cell(a, 'a_bits')}"
-        label = f"first/last {policy}{acts}"
-        label = "FP32" if w is None and a is None else label
+        label = "FP32" if w is None and a is None else f"first/last {policy}{acts}"
         label += "".join(f", {k} {_cell(row[k], k)}" for k in other)
         points.append((label, w or a, row["final_top1"]))
-    table = pd.DataFrame(points, columns=["label", "bits", "top1"], dtype=object)
-    return {
-        label: g.groupby("bits", dropna=False)["top1"].agg(["mean", "std"]).astype(float).fillna({"std": 0.0})
-        for label, g in table.groupby("label", sort=False)
-    }
+    table = pd.DataFrame(points, columns=["label", "bits", "top1"])
+    stats = (
+        table.groupby(["label", "bits"], sort=False, dropna=False)["top1"].agg(["mean", "std"]).fillna(0.0)
+    )
+    return {label: s.droplevel(0).sort_index() for label, s in stats.groupby(level=0, sort=False)}
 
 
 def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
     """Final top-1 against the body's bits (`plot_series`), FP32 dashed; the legend below the axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     series = plot_series(df)
     fig = Figure(figsize=(6.4, 4.2 + 0.2 * len(series)), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, s in series.items():
         if s.index.isna().all():
-            mean = s["mean"].iloc[0]
-            ax.axhline(mean, linestyle="--", color="gray", label=f"{label}: {mean:.2f}")
+            ax.axhline(s["mean"].iloc[0], linestyle="--", color="gray", label=label)
         else:
-            yerr = s["std"] if s["std"].any() else None
-            ax.errorbar(s.index.astype(int), s["mean"], yerr=yerr, marker="o", capsize=3, label=label)
+            ax.errorbar(s.index.astype(int), s["mean"], yerr=s["std"], marker="o", capsize=3, label=label)
     ax.set(xlabel="bits of the body (weights; activations where weights are FP32)", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
     if series:
         fig.legend(loc="outside lower center", fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
     png = io.BytesIO()
     fig.savefig(png, format="png")
     return png.getvalue()
@@ -356,13 +329,11 @@ def build_report(experiment: str, reports_dir: str, name: str | None = None, liv
     df, layers, meta = collect(experiment, live)
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
-    table = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    written = {"results.parquet": buf.getvalue(), "results.csv": df.to_csv(index=False), "table.md": table}
+    written = {"results.parquet": df.to_parquet(index=False), "results.csv": df.to_csv(index=False)}
+    written["table.md"] = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)
     if len(layers):
         written.update({"layers.csv": layers.to_csv(index=False), "layers.md": render_layers(layers)})
     written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
     for file, data in written.items():
         atomic_write(os.path.join(folder, file), data)
-    return Report(folder, df, table, [os.path.join(folder, f) for f in written])
+    return Report(folder, df, written["table.md"], [os.path.join(folder, f) for f in written])

@@ -261,7 +261,7 @@ def test_table_md_original_style_with_seeds(experiment, tmp_path):
         "ResNet-20",
         "3 epochs, wd 1e-4, batch 128",
         "first & last layers: W8A8",
-        "pending",
+        "– (pending, 0/3 epochs)",
     )
     assert "3 cells identical after normalization" in table and "A hand-made sweep." in table
     # the detailed table: every varied key, one row per trial
