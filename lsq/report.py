@@ -283,7 +283,7 @@ def render_layers(layers: pd.DataFrame) -> str:
 def plot_series(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """label -> mean and std of final top-1 over seeds by body bits: a line per first/last policy, per
     activation bits apart from the weights' and per key varied at the same bits; FP32 at bits NaN."""
-    done = df[df["final_top1"].notna()]
+    done = df[df["status"] == "TERMINATED"]  # as in the headline: stopped or failed trials would mislead
     cell = ["w_bits", "a_bits", "first", "last"]
     # a key that only moves with the bits (weight decay by bits) stays within one line
     spread = done.groupby(cell, dropna=False).nunique(dropna=False).max()
@@ -317,6 +317,7 @@ def plot_accuracy_vs_bits(df: pd.DataFrame) -> bytes:
             ax.errorbar(s.index.astype(int), s["mean"], yerr=s["std"], marker="o", capsize=3, label=label)
     ax.set(xlabel="bits of the body (weights; activations where weights are FP32)", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     if series:
         fig.legend(loc="outside lower center", fontsize=7)
     png = io.BytesIO()

@@ -373,6 +373,11 @@ def test_layers_and_plot(experiment, tmp_path):
         md, "conv1", "conv", "8", "8", "0.01", "0.05", "0.001"
     )
     assert "## 001_FP32" not in md  # nothing quantized: only in layers.csv
+    # the plot, as the headline, shows finished trials only: 94 ± sqrt(2) for FP32's 93 and 95, W4A4's 88
+    assert series(rep.results) == {
+        "FP32": {None: (94.0, pytest.approx(math.sqrt(2)))},
+        "first/last w8a8": {4: (88.0, 0.0)},
+    }
     png = (Path(rep.folder) / "accuracy_vs_bits.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
