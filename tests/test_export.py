@@ -24,11 +24,8 @@ from lsq.export import (
     deploy_model,
     deployment_check,
     export_onnx,
-    full_fp32_matmul,
     load_trained,
     main,
-    onnx_session,
-    passes,
 )
 from lsq.files import atomic_write
 from lsq.layers import QConv2d, QLinear
@@ -137,13 +134,7 @@ def test_integer_inference_agrees_with_fake_quant(int_figures):
     assert r["integer_layers"] == 20 and r["float_layers"] == []
     assert agreement_ok(r, "int")
     assert abs(r["int_top1"] - r["fake_top1"]) <= 0.5
-    # same input, same layer: integer vs fake-quant output differ by fp32 accumulation noise only
-    assert r["int_layer_rel_diff"] <= 1e-5
-    # end to end: nearly every image's logits match to 1e-4 of the logit scale (the rest had an
-    # activation that fp32 noise moved across a rounding boundary)
-    assert r["int_logits_match"] >= 95.0
     assert r["int_max_abs_acc"] < 2**31  # an int32 accumulator suffices
-    assert passes(r, "int") is True
 
 
 def test_onnx_carries_the_learned_steps_and_int_codes(check, trained):
@@ -185,11 +176,7 @@ def test_onnx_carries_the_learned_steps_and_int_codes(check, trained):
 def test_onnxruntime_agrees_with_fake_quant(check):
     r, _, _ = check
     assert agreement_ok(r, "onnx") and abs(r["onnx_top1"] - r["fake_top1"]) <= 0.5
-    assert r["onnx_logits_match"] >= 95.0
-    # every quantizer in onnxruntime gives exactly round(clip(x/s)) of its own input
-    assert r["onnx_quantizers"] == 20 and r["onnx_codes_checked"] > 10**5 and r["onnx_code_mismatch"] == 0
-    assert r["onnx_weights_exact"] is True
-    assert r["export_ok"] is True and r["export_reason"] is None
+    assert r["int_ok"] is True and r["export_ok"] is True and r["export_reason"] is None
 
 
 def test_w2a2_clips_to_two_bits_inside_int8(trained, tmp_path):
@@ -218,7 +205,9 @@ def test_w2a2_clips_to_two_bits_inside_int8(trained, tmp_path):
     proto.graph.output.extend(onnx.ValueInfoProto(name=n.output[0]) for n in watched)
     probe = tmp_path / "probe.onnx"
     onnx.save(proto, str(probe))
-    sess = onnx_session(str(probe))
+    import onnxruntime
+
+    sess = onnxruntime.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     names = [n.output[0] for n in watched]
     seen = {k: [] for k in names}
     for x, _ in trainer.data.test:
@@ -232,8 +221,6 @@ def test_w2a2_clips_to_two_bits_inside_int8(trained, tmp_path):
     r = compare_paths(model, trainer.data.test, str(path))
     assert r["float_layers"] == ["conv1 (input FP32)"] and r["integer_layers"] == 19
     assert agreement_ok(r, "int") and agreement_ok(r, "onnx")
-    assert r["int_layer_rel_diff"] <= 1e-5
-    assert r["onnx_quantizers"] == 19 and r["onnx_code_mismatch"] == 0 and r["onnx_weights_exact"]
 
 
 @pytest.mark.parametrize("n, allowed", [(360, 1), (1999, 1), (2000, 2), (10000, 10)])
@@ -318,16 +305,23 @@ def test_integer_forward_takes_float64_products_where_fp32_sums_could_round(
     assert torch.equal(y, (acc * (float(layer.a_scale) * float(layer.w_scale))).float())
 
 
-def test_integer_products_leave_fp32_where_matmul_precision_is_lowered():
+def test_integer_products_leave_fp32_where_matmul_precision_is_lowered(monkeypatch):
     """fp32 products are exact only in full fp32: with TF32/bf16 matmuls allowed, float64."""
-    x = torch.zeros(1)
+    conv = QConv2d(4, 4, 3, padding=1, bias=False, w_bits=4, a_bits=4)
+    x = torch.rand(2, 4, 6, 6)
+    init_steps(conv, x)
+    layer = DeployLayer(conv, "int")
+    dtypes = []
+    real_gemm = layer.gemm
+    monkeypatch.setattr(layer, "gemm", lambda x, w, dtype: dtypes.append(dtype) or real_gemm(x, w, dtype))
     before = torch.get_float32_matmul_precision()
     try:
-        assert full_fp32_matmul(x)
+        layer(x)
         torch.set_float32_matmul_precision("high")
-        assert not full_fp32_matmul(x)
+        layer(x)
     finally:
         torch.set_float32_matmul_precision(before)
+    assert dtypes == [torch.float32, torch.float64]
 
 
 def test_fp32_model_exports_without_quantizers(trained, tmp_path):
@@ -339,69 +333,19 @@ def test_fp32_model_exports_without_quantizers(trained, tmp_path):
     assert counts == {"QuantizeLinear": 0, "DequantizeLinear": 0, "Clip": 0}
     r = compare_paths(model, trainer.data.test, str(tmp_path / "fp32.onnx"))
     assert r["integer_layers"] == 0 and r["int_top1"] is None and r["int_agreement"] is None
-    assert r["onnx_agreement"] == 100.0 and r["onnx_rel_logit_diff"] <= 1e-5
+    assert r["onnx_agreement"] == 100.0
 
 
-class _ShuffledLogits:
-    """An onnxruntime session whose logits come out rolled by one class for every `every`-th
-    image: the end-to-end disagreement that folding batch norms can cause in float layers (or,
-    every third image, a gross error), on demand."""
-
-    def __init__(self, session, every):
-        self.session, self.every = session, every
-
-    def run(self, names, feed):
-        outs = self.session.run(names, feed)
-        if names != ["logits"]:  # the per-quantizer code check: as it is
-            return outs
-        out = outs[0].copy()
-        out[:: self.every] = out[:: self.every, [*range(1, out.shape[1]), 0]]
-        return [out]
-
-
-@pytest.mark.parametrize(
-    "policy,every,fallback",
-    [(BitPolicy(None, 8), 90, True), (BitPolicy(None, 8), 3, False), (BitPolicy(4, 4), 90, False)],
-    ids=["W32A8, 1 % off", "W32A8, 33 % off", "W4A4, 1 % off"],
-)
-def test_float_layers_are_judged_without_the_batch_norm_fold(
-    trained, tmp_path, monkeypatch, policy, every, fallback
-):
-    """onnxruntime's ConvBNFusion folds the batch norm of every float-weight conv into its
-    weights (digits W32A8: classes agreed on 98.9 % with it, 100 % without). Where a model has
-    float layers and misses the class agreement with the fold by no more than such flips do, it
-    is judged again with that one optimization off, and the folded agreement is reported; a
-    gross disagreement, or a model of integer layers, gets no second chance."""
+def test_float_layers_pass_without_the_batch_norm_fold(trained, tmp_path):
+    """onnxruntime's ConvBNFusion folds the batch norm of every float-weight conv into its weights, a
+    float rounding change that flips classes near ties in a W32A8 model: the check runs without it."""
     needs_export_extra()
-    import lsq.export as E
-
     _, trainer, _ = trained
-    model = requantized(trainer, policy)
-    images, _ = next(iter(trainer.data.test))
+    model = requantized(trainer, BitPolicy(None, 8))
     path = str(tmp_path / "m.onnx")
-    export_onnx(model, path, images)
-    real = E.onnx_session
-    opened = []
-
-    def session(onnx_path, fold_batch_norms=True):
-        if isinstance(onnx_path, str):  # (the code check opens its own, from bytes)
-            opened.append(fold_batch_norms)
-        if not fold_batch_norms or not isinstance(onnx_path, str):
-            return real(onnx_path, fold_batch_norms=fold_batch_norms)
-        # The "folded" session is the unfolded one with every `every`-th image's class changed:
-        # exactly that many flips, whatever the fold itself flips in this model (measured: none
-        # of the 360 images when this test runs alone, 4 after the module's other tests; with
-        # those, 4 rolled images fell below FOLD_FLOOR).
-        return _ShuffledLogits(real(onnx_path, fold_batch_norms=False), every)
-
-    monkeypatch.setattr(E, "onnx_session", session)
+    export_onnx(model, path, next(iter(trainer.data.test))[0])
     r = compare_paths(model, trainer.data.test, path)
-    assert opened == ([True, False] if fallback else [True])
-    if fallback:
-        assert r["onnx_folded_agreement"] == pytest.approx(100 * (1 - 4 / 360))  # the 4 rolled images
-        assert r["onnx_agreement"] >= AGREEMENT_TARGET and passes(r, "onnx")
-    else:
-        assert r["onnx_folded_agreement"] is None and not passes(r, "onnx")
+    assert r["integer_layers"] == 2 and agreement_ok(r, "onnx")
 
 
 def test_without_onnxruntime_export_ok_is_none(trained, monkeypatch, capsys):
@@ -486,7 +430,7 @@ def test_check_catches_an_export_without_the_clip(trained, tmp_path, monkeypatch
     path = tmp_path / "no_clip.onnx"
     export_onnx(model, str(path), next(iter(trainer.data.test))[0])
     r = compare_paths(model, trainer.data.test, str(path))
-    assert r["onnx_code_mismatch"] > 0 and passes(r, "onnx") is False
+    assert not agreement_ok(r, "onnx")
 
 
 def _refused(argv, capsys, *needles):
