@@ -297,9 +297,8 @@ def plot_series(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         label += "".join(f", {k} {_cell(row[k], k)}" for k in other)
         points.append((label, w or a, row["final_top1"]))
     table = pd.DataFrame(points, columns=["label", "bits", "top1"])
-    stats = (
-        table.groupby(["label", "bits"], sort=False, dropna=False)["top1"].agg(["mean", "std"]).fillna(0.0)
-    )
+    top1 = table.groupby(["label", "bits"], sort=False, dropna=False)["top1"]
+    stats = top1.agg(["mean", "std"]).fillna(0.0)
     return {label: s.droplevel(0).sort_index() for label, s in stats.groupby(level=0, sort=False)}
 
 
