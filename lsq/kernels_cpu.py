@@ -47,29 +47,16 @@ double lsq_backward(const float *restrict v, const float *restrict grad, float *
     return sum;
 }
 
-/* A saved v_hat = k * s as its integer k, one byte each, and back as the same float32 k * s. */
-void lsq_encode(const float *restrict v, void *restrict codes, int64_t n, float s, int is_signed, int threads) {
-    if (is_signed) {
-        int8_t *c = codes;
-        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
-        for (int64_t i = 0; i < n; i++) c[i] = (int8_t)nearbyintf(v[i] / s);
-    } else {
-        uint8_t *c = codes;
-        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
-        for (int64_t i = 0; i < n; i++) c[i] = (uint8_t)nearbyintf(v[i] / s);
-    }
+/* A saved v_hat = k * s as its integer k, one byte each (int8 and uint8 share the bits of
+   k mod 256), and back as the same float32 k * s. */
+void lsq_encode(const float *restrict v, uint8_t *restrict codes, int64_t n, float s, int threads) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+    for (int64_t i = 0; i < n; i++) codes[i] = (uint8_t)(int)nearbyintf(v[i] / s);
 }
 
-void lsq_decode(const void *restrict codes, float *restrict out, int64_t n, float s, int is_signed, int threads) {
-    if (is_signed) {
-        const int8_t *c = codes;
-        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
-        for (int64_t i = 0; i < n; i++) out[i] = (float)c[i] * s;
-    } else {
-        const uint8_t *c = codes;
-        #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
-        for (int64_t i = 0; i < n; i++) out[i] = (float)c[i] * s;
-    }
+void lsq_decode(const int8_t *restrict k, float *restrict out, int64_t n, float s, int is_signed, int threads) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
+    for (int64_t i = 0; i < n; i++) out[i] = (float)(is_signed ? k[i] : (uint8_t)k[i]) * s;
 }
 """
 
@@ -77,26 +64,27 @@ void lsq_decode(const void *restrict codes, float *restrict out, int64_t n, floa
 def build_library():
     """Compile C_SOURCE (or reuse the cached library) and load it. The cache is keyed by the
     source, the compiler, its flags and the CPU, since -march=native code must not run elsewhere."""
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    if not (cc := shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")):
         raise RuntimeError("no C compiler found")
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    home = os.environ.get("LSQ_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lsq")
+    cache = os.environ.get("LSQ_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lsq")
     errors = []
     # -fno-trapping-math lets the backward's selects vectorize without AVX-512 masks; same values.
     for flags in (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], ["-O3", "-fno-trapping-math"]):
         key = hashlib.sha1("\0".join([C_SOURCE, cc, *flags, platform.machine(), cpu]).encode()).hexdigest()
-        for folder in (home, tempfile.gettempdir()):
-            path = os.path.join(folder, f"lsq_kernels_{key[:16]}.so")
+        # Only this user's folders: the cache, else a fresh private one. Never a fixed path in the
+        # shared temporary folder, where another user could have placed a library first.
+        for folder in (cache, None):
             try:
+                path = os.path.join(folder or tempfile.mkdtemp(prefix="lsq-kernels-"), f"lsq_{key[:16]}.so")
                 if not os.path.exists(path):
                     compile_library(cc, flags, path)
                 return load(path)
-            except OSError as e:  # e.g. a read-only home: try the next folder
-                errors.append(f"{folder}: {e}")
+            except OSError as e:  # e.g. a read-only home: a private folder next
+                errors.append(f"{folder or 'a temporary folder'}: {e}")
             except subprocess.CalledProcessError as e:  # these flags do not work here (no OpenMP)
                 errors.append(f"{cc} {' '.join(flags)}: {(e.stderr or '').strip()[-300:]}")
                 break
@@ -117,18 +105,16 @@ def compile_library(cc: str, flags: list[str], path: str) -> None:
 def load(path: str):
     lib = ctypes.CDLL(path)
     f32, i64, ptr, i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.lsq_forward.argtypes, lib.lsq_forward.restype = [ptr, ptr, i64, f32, f32, f32, i32], None
+    lib.lsq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]  # (void: the int it returns is unused)
     lib.lsq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, i32]
     lib.lsq_backward.restype = ctypes.c_double
-    for f in (lib.lsq_encode, lib.lsq_decode):
-        f.argtypes, f.restype = [ptr, ptr, i64, f32, i32, i32], None
+    lib.lsq_encode.argtypes = [ptr, ptr, i64, f32, i32]
+    lib.lsq_decode.argtypes = [ptr, ptr, i64, f32, i32, i32]
     return lib
 
 
 class CpuKernels:
-    """The fast path's interface for dense float32 CPU tensors: the C loops over their storage.
-    A small weight's call is mostly the Python around the loop, so it stays lean: the step is
-    read as a Python float and its gradient made in one op."""
+    """The fast path's interface for dense float32 CPU tensors: the C loops over their storage."""
 
     def __init__(self):
         self.lib = build_library()
@@ -136,31 +122,25 @@ class CpuKernels:
     def accepts(self, v: torch.Tensor) -> bool:
         return v.device.type == "cpu" and v.dtype == torch.float32 and dense(v)
 
-    @staticmethod
-    def step_value(step) -> float:
-        """float(step.clamp_min(STEP_EPS)); a NaN step stays NaN (max keeps its first argument)."""
-        return max(step.item(), STEP_EPS)
-
-    def run(self, name: str, *args):
-        """lib.<name>(*args, threads), each tensor passed as its data pointer."""
+    def run(self, name: str, *args):  # lib.<name>(*args, threads), a tensor as its data pointer
         args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
         return getattr(self.lib, name)(*args, torch.get_num_threads())
 
     def forward(self, v, step, qn, qp):
         out = torch.empty_like(v)  # v's strides: both loops walk the storage in order
-        self.run("lsq_forward", v, out, v.numel(), self.step_value(step), qn, qp)
+        self.run("lsq_forward", v, out, v.numel(), max(step.item(), STEP_EPS), qn, qp)  # (NaN stays NaN)
         return out
 
     def backward(self, v, step, grad, qn, qp, g):
         if grad.dtype != v.dtype or grad.stride() != v.stride():
             grad = torch.empty_like(v).copy_(grad)
-        grad_v = torch.empty_like(v)
-        total = self.run("lsq_backward", v, grad, grad_v, v.numel(), self.step_value(step), qn, qp)
+        grad_v, s = torch.empty_like(v), max(step.item(), STEP_EPS)
+        total = self.run("lsq_backward", v, grad, grad_v, v.numel(), s, qn, qp)
         return grad_v, torch.full(step.shape, total * g, dtype=step.dtype)  # g * the double sum, rounded once
 
     def encode(self, v, s, signed):
         k = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8)  # v's strides
-        self.run("lsq_encode", v, k, v.numel(), float(s), int(signed))
+        self.run("lsq_encode", v, k, v.numel(), float(s))
         return k
 
     def decode(self, k, s):

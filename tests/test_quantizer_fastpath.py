@@ -197,6 +197,32 @@ def test_without_a_compiler_the_eager_path_takes_over(monkeypatch, tmp_path, see
     assert torch.equal(out, run(v, torch.ones_like(v), 4, True, S, fast=False)[0])
 
 
+def test_without_a_usable_cache_the_library_is_built_in_a_private_folder(monkeypatch, tmp_path):
+    """Never loaded from a path another user could have written first (a fixed name in the shared
+    temporary folder): built by this process in a fresh folder that only this user can write."""
+    import os
+    import tempfile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LSQ_KERNEL_DIR", str(blocker / "kernels"))  # under a file: makedirs fails
+    monkeypatch.setattr(kernels_cpu.shutil, "which", lambda name: "/usr/bin/cc")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shared temporary folder, here
+    built, loaded = [], []
+
+    def compile_library(cc, flags, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # as the real one starts
+        open(path, "w").close()
+        built.append(path)
+
+    monkeypatch.setattr(kernels_cpu, "compile_library", compile_library)
+    monkeypatch.setattr(kernels_cpu, "load", loaded.append)
+    kernels_cpu.build_library()
+    folder = os.path.dirname(loaded[0])
+    assert loaded == built[-1:] and folder != tempfile.gettempdir()
+    assert os.stat(folder).st_uid == os.getuid() and os.stat(folder).st_mode & 0o077 == 0
+
+
 def test_the_cuda_triton_kernels_follow_the_paper():
     """lsq/kernels_cuda.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
     Triton's interpreter on the CPU): forward and grad_v against the paper's formulas at every
