@@ -96,9 +96,8 @@ class LsqFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         v, step = ctx.saved_tensors
-        backward = (
-            torch.ops.lsq.backward if ctx.opaque and torch.compiler.is_compiling() else quantize_backward
-        )
+        opaque = ctx.opaque and torch.compiler.is_compiling()
+        backward = torch.ops.lsq.backward if opaque else quantize_backward
         grad_v, grad_step = backward(v, step, grad, ctx.qn, ctx.qp, ctx.g)
         return grad_v, grad_step, None, None, None, None
 
@@ -114,8 +113,6 @@ class LsqQuantizer(nn.Module):
 
     def __init__(self, bits: int | None, signed: bool, kind: str, grad_scale_n="per_sample", grad_scale=True):
         super().__init__()
-        if bits is not None and not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in 2..8 or None, not {bits!r}")
         self.bits, self.signed, self.kind = bits, signed, kind
         self.grad_scale_n, self.grad_scale = grad_scale_n, grad_scale
         if bits is None:
@@ -140,27 +137,21 @@ class LsqQuantizer(nn.Module):
         if not self.signed and bool((v < 0).any()):
             warnings.warn(f"unsigned {self.kind} quantizer sees negative inputs; they will clip to 0")
         step = 2 * v.detach().abs().float().mean() / math.sqrt(self.qp)
+        what = f"the step size of a {self.bits}-bit {self.kind} quantizer"
         if not math.isfinite(value := float(step)):
-            raise ValueError(
-                f"cannot initialize the step size of a {self.bits}-bit {self.kind} quantizer: 2 * mean(|v|) / "
-                f"sqrt(Qp) = {value} (its {self.kind} holds NaN or infinite values)"
-            )
-        if value == 0.0:
-            warnings.warn(
-                f"{self.kind} quantizer initialized from all-zero values: its step size starts at {STEP_EPS:g} "
-                "and every value it quantizes clips until the gradient raises it"
-            )
+            formula = f"2 * mean(|v|) / sqrt(Qp) = {value}"
+            raise ValueError(f"cannot initialize {what}: {formula} (its {self.kind} holds NaN or inf)")
+        if value == 0.0:  # every value clips until the gradient raises the step
+            warnings.warn(f"{what} initialized from all-zero values starts at {STEP_EPS:g}")
         self.step.copy_(step)
         self.initialized.fill_(True)
         self._init_known = True
 
     def prepare(self, v: torch.Tensor) -> None:
         """Initialize the step from v if v is the first non-empty training batch."""
-        if not self._init_known:
-            if bool(self.initialized):
-                self._init_known = True
-            elif self.training and v.numel():  # an empty batch has no mean: the next one initializes
-                self.init_step(v)
+        # (an empty batch has no mean: the next one initializes)
+        if not self._init_known and not self.is_initialized() and self.training and v.numel():
+            self.init_step(v)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
@@ -195,10 +186,8 @@ def fast_path_on() -> bool:
         value = os.environ.get("LSQ_FAST_PATH", "")
         word = value.strip().lower() or "on"
         if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(
-                f"environment variable LSQ_FAST_PATH={value!r}: allowed: 1, true, yes, on or 0, false, no, off "
-                "(any case), or unset"
-            )
+            allowed = "1, true, yes, on or 0, false, no, off (any case), or unset"
+            raise ValueError(f"environment variable LSQ_FAST_PATH={value!r}: allowed: {allowed}")
         FAST_PATH = word in ("1", "true", "yes", "on")
     return FAST_PATH
 
