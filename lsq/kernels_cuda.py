@@ -8,8 +8,7 @@ import triton.language as tl
 
 from .quantizer import STEP_EPS, codes, dense, eager_backward, eager_forward
 
-BLOCK = 1024  # elements per program of the elementwise kernels
-SUM_BLOCK = 1024  # partial sums per iteration of the step gradient's final sum
+BLOCK = 1024  # elements per program; partial sums per iteration of the step gradient's final sum
 
 
 @triton.jit
@@ -28,15 +27,14 @@ def _step(step_ptr, eps):
 
 
 @triton.jit
-def _lsq_forward(v_ptr, out_ptr, step_ptr, eps, n, qn, qp, BLOCK: tl.constexpr):
-    """v_hat = round(clip(v/s, -Qn, Qp)) * s   (eq. 1-2)"""
+def _lsq_forward(v_ptr, out_ptr, step_ptr, eps, n, qn, qp, BLOCK: tl.constexpr, CODES: tl.constexpr):
+    """v_hat = round(clip(v/s, -Qn, Qp)) * s (eq. 1-2); with CODES, the integer k = round(clip(v/s)) alone"""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = _step(step_ptr, eps)
     x = tl.math.div_rn(tl.load(v_ptr + offs, mask=mask).to(tl.float32), s)
-    x = tl.where(x < -qn, -qn, x)
-    x = tl.where(x > qp, qp, x)
-    tl.store(out_ptr + offs, (_round_half_even(x) * s).to(out_ptr.dtype.element_ty), mask=mask)
+    k = _round_half_even(tl.where(x < -qn, -qn, tl.where(x > qp, qp, x)))  # (NaN passes, as in torch.clamp)
+    tl.store(out_ptr + offs, (k if CODES else k * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -55,22 +53,13 @@ def _lsq_backward(v_ptr, grad_ptr, grad_v_ptr, partial_ptr, step_ptr, eps, n, qn
 
 
 @triton.jit
-def _lsq_step_grad(partial_ptr, out_ptr, blocks, g, SUM_BLOCK: tl.constexpr):
+def _lsq_step_grad(partial_ptr, out_ptr, blocks, g, BLOCK: tl.constexpr):
     """grad_step = g * sum(partial sums), in one program and a fixed order"""
-    acc = tl.zeros([SUM_BLOCK], dtype=tl.float32)
-    for start in range(0, blocks, SUM_BLOCK):
-        offs = start + tl.arange(0, SUM_BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, blocks, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < blocks, other=0.0)
     tl.store(out_ptr, (tl.sum(acc, axis=0) * g).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _lsq_encode(v_ptr, codes_ptr, s_ptr, n, BLOCK: tl.constexpr):
-    """k = round(v_hat / s), one byte each (the int8 or uint8 of codes_ptr)"""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.math.div_rn(tl.load(v_ptr + offs, mask=mask).to(tl.float32), tl.load(s_ptr))
-    tl.store(codes_ptr + offs, _round_half_even(x).to(codes_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,17 +72,18 @@ def _lsq_decode(codes_ptr, out_ptr, s_ptr, n, BLOCK: tl.constexpr):
 
 
 class TritonKernels:
-    """The fast path's interface (as kernels_cpu.CpuKernels) for dense tensors below 2^31 elements
-    on the current device; `step` the step parameter (clamped here), `s` an already clamped one."""
+    """The fast path's interface (as kernels_cpu.CpuKernels) for dense tensors below 2^31 elements on
+    the current device; `step` the step parameter (clamped here), `s` an already clamped one."""
 
     def accepts(self, v: torch.Tensor) -> bool:
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
         current = v.device.type != "cuda" or v.device.index == torch.cuda.current_device()
         return v.dtype in dtypes and dense(v) and v.numel() < 2**31 and current
 
-    def forward(self, v, step, qn, qp):
-        out, n = torch.empty_like(v), v.numel()  # v's strides
-        _lsq_forward[(triton.cdiv(n, BLOCK),)](v, out, step, STEP_EPS, n, float(qn), float(qp), BLOCK=BLOCK)
+    def forward(self, v, step, qn, qp, out=None):
+        out = torch.empty_like(v) if out is None else out  # v's strides
+        grid, codes = (triton.cdiv(v.numel(), BLOCK),), out.dtype in (torch.int8, torch.uint8)
+        _lsq_forward[grid](v, out, step, STEP_EPS, v.numel(), float(qn), float(qp), BLOCK=BLOCK, CODES=codes)
         return out
 
     def backward(self, v, step, grad, qn, qp, g):
@@ -103,13 +93,12 @@ class TritonKernels:
         grad_v, grad_step = torch.empty_like(v), torch.empty_like(step)
         sums = torch.empty(blocks, device=v.device, dtype=torch.float32)
         _lsq_backward[(blocks,)](v, grad, grad_v, sums, step, STEP_EPS, n, float(qn), float(qp), BLOCK=BLOCK)
-        _lsq_step_grad[(1,)](sums, grad_step, blocks, float(g), SUM_BLOCK=SUM_BLOCK)
+        _lsq_step_grad[(1,)](sums, grad_step, blocks, float(g), BLOCK=BLOCK)
         return grad_v, grad_step
 
-    def encode(self, v, s, signed):
-        k, n = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8), v.numel()  # v's strides
-        _lsq_encode[(triton.cdiv(n, BLOCK),)](v, k, s, n, BLOCK=BLOCK)
-        return k
+    def encode(self, v, s, signed):  # k = round(v_hat / s) into int8 or uint8, by the forward kernel
+        k = torch.empty_like(v, dtype=torch.int8 if signed else torch.uint8)  # v's strides
+        return self.forward(v, s, 128 if signed else 0, 127 if signed else 255, out=k)
 
     def decode(self, k, s):
         out, n = torch.empty_like(k, dtype=torch.float32), k.numel()
