@@ -1,5 +1,4 @@
-"""TrialConfig: every key of a trial, its type, default and allowed values. A mistake raises
-`ConfigError` naming the key, the value and what is allowed. Bits: 2..8, or None (or 32) for FP32."""
+"""TrialConfig: every key of a trial, its type, default and allowed values; a mistake is a ConfigError."""
 
 from __future__ import annotations
 
@@ -12,14 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MODELS = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")  # the ones with model-zoo weights
+MODELS = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", *TORCHVISION_MODELS)
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's own format
 
 
 def data_layout(dataset: str, root: str) -> str | None:
-    """The layout of `dataset` in `root`, from its folders alone: "torchvision" (CIFAR's own
-    format), "imagefolder" (train/ and test/, ImageNet's train/ and val/) or None."""
+    """The layout of `dataset` in `root`, from its folders alone: "torchvision" (CIFAR's own format),
+    "imagefolder" (train/ and test/; ImageNet: train/ and val/) or None."""
     has = lambda *names: all(os.path.isdir(os.path.join(root, n)) for n in names)  # noqa: E731
     if dataset in CIFAR_FOLDERS and has(CIFAR_FOLDERS[dataset]):
         return "torchvision"
@@ -27,7 +27,7 @@ def data_layout(dataset: str, root: str) -> str | None:
 
 
 def data_missing(dataset: str, root: str) -> str | None:
-    """What `root` lacks for `dataset`: None where `data_layout` finds one, else what was looked for."""
+    """What `root` lacks for `dataset` (what was looked for), or None."""
     if dataset == "digits" or data_layout(dataset, root):
         return None
     if dataset in CIFAR_FOLDERS:
@@ -55,14 +55,47 @@ class ConfigError(ValueError):
     """A user's mistake in a config, a search space or a command line. Printed without traceback."""
 
 
-def not_a_file(path: str) -> str:
-    """Why `path`, which os.path.isfile refused, is not a checkpoint file."""
-    if not os.path.isdir(path):
-        return "no such file"
-    inside = os.path.join(path, "checkpoint.pt")  # a sweep trial's checkpoint folder holds one
-    return "is a folder, not a file" + (
-        f"; it holds the checkpoint file {inside}" if os.path.isfile(inside) else ""
-    )
+def did_you_mean(value: Any, allowed) -> str:
+    """' (did you mean 'x'?)' for the allowed value closest to a mistyped one, else ''."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _bad(where: str, key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{where}: key '{key}' = {value!r}: {why}")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bits(key: str, value: Any, where: str) -> int | None:
+    lo, hi = BIT_RANGE
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "fp32", "32")):
+        return None
+    if not (is_number(value) and value in (32, *range(lo, hi + 1))):
+        raise _bad(where, key, value, f"bits must be in {lo}..{hi}, or None/32 for FP32")
+    return None if value == 32 else int(value)
+
+
+def resolve_end(spec: str, w_bits: int | None, a_bits: int | None, key: str = "end") -> tuple:
+    """(weight bits, activation bits) of an end layer given its preset and the body's bits."""
+    spec = _end(key, spec, "policy")  # a ConfigError for an unknown preset, also when used directly
+    if w_bits is None and a_bits is None:
+        return (None, None)
+    w, a = PRESETS.get(spec) or (None if b == "32" else int(b) for b in _EXPLICIT_END.match(spec).groups())
+    return (w_bits if w == "body" else w, a_bits if a == "body" else a)
+
+
+def _end(key: str, value: Any, where: str) -> str:
+    lo, hi = BIT_RANGE
+    v = value.strip().lower() if isinstance(value, str) else ""
+    m = _EXPLICIT_END.match(v)
+    if v not in PRESETS and not (m and all(b == "32" or lo <= int(b) <= hi for b in m.groups())):
+        why = "bits out of range" if m else f"unknown preset{did_you_mean(v, PRESETS) if v else ''}"
+        allowed = f"a preset ({_ENDS}) or 'wXaY' with X, Y in {lo}..{hi} or 32"
+        raise _bad(where, key, value, f"{why}; allowed: {allowed}")
+    return v
 
 
 def _key(default: Any, help: str, **rules: Any) -> Any:
@@ -78,10 +111,10 @@ class TrialConfig:
     dataset: str = _key("digits", "data set", choices=DATASETS)
     data_dir: str | None = _key(None, "data set folder (not digits)")
     init_from: str | None = _key(None, "FP32 checkpoint path, or 'torchvision' for model-zoo weights")
-    w_bits: int | None = _key(4, "body weight bits; None/32 = FP32", bits=True)
-    a_bits: int | None = _key(4, "body activation bits; None/32 = FP32", bits=True)
-    first: str = _key("w8a8", f"first conv: a preset ({_ENDS}) or explicit wXaY", end=True)
-    last: str = _key("w8a8", f"last linear: a preset ({_ENDS}) or explicit wXaY", end=True)
+    w_bits: int | None = _key(4, "body weight bits; None/32 = FP32", check=_bits)
+    a_bits: int | None = _key(4, "body activation bits; None/32 = FP32", check=_bits)
+    first: str = _key("w8a8", f"first conv: a preset ({_ENDS}) or explicit wXaY", check=_end)
+    last: str = _key("w8a8", f"last linear: a preset ({_ENDS}) or explicit wXaY", check=_end)
     epochs: int = _key(10, "training epochs", min=1)
     lr: float = _key(0.01, "peak learning rate", min=0.0, exclusive=True)
     wd: float = _key(1e-4, "weight decay", min=0.0)
@@ -93,22 +126,13 @@ class TrialConfig:
     warmup_epochs: int = _key(0, "linear LR warm-up epochs", min=0)
     batch_size: int = _key(128, "training batch size", min=1)
     seed: int = _key(0, "random seed", min=0)
-    grad_scale_n: str = _key(
-        "per_sample", "N in the step-size gradient scale 1/sqrt(N*Qp)", choices=("per_sample", "numel")
-    )
+    grad_scale_n: str = _key("per_sample", "N in g = 1/sqrt(N*Qp)", choices=("per_sample", "numel"))
     grad_scale: bool = _key(True, "scale the step-size gradient (False: g = 1)")
     step_wd: bool = _key(False, "apply weight decay to step sizes too")
     workers: int = _key(4, "DataLoader workers (ImageNet only)", min=0)
     device: str = _key("auto", "training device", choices=("auto", "cpu", "cuda"))
-    compile: str = _key(
-        "none",
-        "torch.compile mode (reduce-overhead: CUDA graphs too); eager if the first step's gradients disagree",
-        choices=("none", "default", "reduce-overhead"),
-    )
-    amp: bool = _key(
-        True, "CUDA: bf16 autocast (a layer sees k*s up to |k|/256 of a step off); false: float32"
-    )
-    # a sweep's trials only: `python -m lsq.train` has `python -m lsq.export` for it
+    compile: str = _key("none", "torch.compile mode", choices=("none", "default", "reduce-overhead"))
+    amp: bool = _key(True, "CUDA: bf16 autocast (false: float32)")
     deploy_check: bool = _key(True, "check integer inference and ONNX export (not ImageNet)", sweep_only=True)
 
     @classmethod
@@ -132,24 +156,19 @@ class TrialConfig:
 
     def _check_cross(self, where: str) -> None:
         if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it when the trial starts
-            raise ConfigError(
-                f"{where}: key 'nesterov' = True needs momentum > 0 (momentum = 0); "
-                "allowed: nesterov false, or a momentum in (0, 1]"
-            )
+            raise _bad(where, "nesterov", True, "needs momentum > 0; allowed: false, or a momentum in (0, 1]")
         if self.dataset != "digits" and not self.data_dir:
-            raise ConfigError(
-                f"{where}: key 'data_dir' is required for dataset '{self.dataset}' (only 'digits' is embedded)"
-            )
+            msg = f"{where}: key 'data_dir' is required for dataset '{self.dataset}' (only digits is bundled)"
+            raise ConfigError(msg)
         if self.init_from and self.init_from != "torchvision" and not os.path.isfile(self.init_from):
-            raise ConfigError(
-                f"{where}: key 'init_from' = {self.init_from!r}: {not_a_file(self.init_from)} "
-                "(allowed: a path to an FP32 checkpoint, or 'torchvision')"
-            )
-        if self.init_from == "torchvision" and self.model not in ("resnet18", "resnet34", "resnet50"):
-            raise ConfigError(
-                f"{where}: key 'init_from' = 'torchvision' needs a torchvision model "
-                f"(resnet18, resnet34, resnet50), not {self.model!r}"
-            )
+            inside = os.path.join(self.init_from, "checkpoint.pt")  # what a sweep trial's folder holds
+            why = "is a folder, not a file" if os.path.isdir(self.init_from) else "no such file"
+            why += f"; it holds the checkpoint file {inside}" if os.path.isfile(inside) else ""
+            allowed = "(allowed: a path to an FP32 checkpoint, or 'torchvision')"
+            raise _bad(where, "init_from", self.init_from, f"{why} {allowed}")
+        if self.init_from == "torchvision" and self.model not in TORCHVISION_MODELS:
+            why = f"needs a torchvision model ({', '.join(TORCHVISION_MODELS)}), not {self.model!r}"
+            raise _bad(where, "init_from", self.init_from, why)
 
     @property
     def is_fp32(self) -> bool:
@@ -174,85 +193,27 @@ class TrialConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
 
 
-def did_you_mean(value: Any, allowed) -> str:
-    """' (did you mean 'x'?)' for the allowed value closest to a mistyped one, else ''."""
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _bad(where: str, key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{where}: key '{key}' = {value!r}: {why}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _bits(key: str, value: Any, where: str) -> int | None:
-    lo, hi = BIT_RANGE
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "fp32", "32")):
-        return None
-    if not _number(value) or int(value) != value:
-        raise _bad(where, key, value, f"expected bits {lo}..{hi}, or None/32 for FP32")
-    if int(value) not in (32, *range(lo, hi + 1)):
-        raise _bad(where, key, int(value), f"bits must be in {lo}..{hi}, or None/32 for FP32")
-    return None if value == 32 else int(value)
-
-
-def resolve_end(spec: str, w_bits: int | None, a_bits: int | None, key: str = "end") -> tuple:
-    """(weight bits, activation bits) of an end layer given its preset and the body's bits."""
-    spec = _end(key, spec, "policy")  # a ConfigError for an unknown preset, also when used directly
-    if w_bits is None and a_bits is None:
-        return (None, None)
-    w, a = PRESETS.get(spec) or (None if b == "32" else int(b) for b in _EXPLICIT_END.match(spec).groups())
-    return (w_bits if w == "body" else w, a_bits if a == "body" else a)
-
-
-def _end(key: str, value: Any, where: str) -> str:
-    lo, hi = BIT_RANGE
-    allowed = f"a preset ({_ENDS}) or explicit 'wXaY' with X, Y in {lo}..{hi} or 32"
-    if not isinstance(value, str):
-        raise _bad(where, key, value, f"expected {allowed}")
-    v = value.strip().lower()
-    m = _EXPLICIT_END.match(v)
-    if v not in PRESETS and not m:
-        raise _bad(where, key, value, f"unknown preset{did_you_mean(v, PRESETS)}; allowed: {allowed}")
-    for bits in m.groups() if m else ():
-        if int(bits) != 32 and not lo <= int(bits) <= hi:  # name the whole value the user wrote
-            raise _bad(where, key, value, f"bits {bits} out of range; allowed: {allowed}")
-    return v
-
-
 def coerce(key: str, value: Any, where: str = "config") -> Any:
     """Check and convert one value for one key. Raises ConfigError naming key, value, allowed."""
     if key not in _FIELDS:
         hint = did_you_mean(key, _FIELDS)
         raise ConfigError(f"{where}: unknown key '{key}'{hint}; allowed keys: {', '.join(_FIELDS)}")
     meta, tp = _FIELDS[key].metadata, str(_FIELDS[key].type)
-    if meta.get("bits"):
-        return _bits(key, value, where)
-    if meta.get("end"):
-        return _end(key, value, where)
+    if "check" in meta:  # bits and first/last
+        return meta["check"](key, value, where)
     if value is None and "None" in tp:
         return None
-    if value is None:
-        raise _bad(where, key, value, f"expected {tp.replace(' | None', ' or None')}")
-    if tp == "bool":
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            value = value.lower() in ("true", "yes", "1")
-        if not isinstance(value, bool):
-            raise _bad(where, key, value, "expected true or false")
-        return value
-    if tp in ("int", "float"):
-        kind = int if tp == "int" else float
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = kind(value)
-        if not _number(value) or not isinstance(value, (kind, int)):
-            raise _bad(where, key, value, f"expected {'an integer' if kind is int else 'a finite number'}")
-        value = kind(value)
-    elif not isinstance(value, str):
-        raise _bad(where, key, value, "expected a string")
+    if tp == "bool" and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        value = value.lower() in ("true", "yes", "1")
+    if tp in ("int", "float") and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = int(value) if tp == "int" else float(value)
+    ok = {"bool": isinstance(value, bool), "int": is_number(value) and isinstance(value, int)}
+    ok = {**ok, "float": is_number(value)}.get(tp, isinstance(value, str))
+    if not ok:
+        kind = {"bool": "true or false", "int": "an integer", "float": "a finite number"}.get(tp, "a string")
+        raise _bad(where, key, value, f"expected {kind}")
+    value = float(value) if tp == "float" else value
     if "choices" in meta and value not in meta["choices"]:
         hint = did_you_mean(value, meta["choices"])
         raise _bad(where, key, value, f"unknown {key}{hint}; allowed: {', '.join(meta['choices'])}")

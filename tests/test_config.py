@@ -46,8 +46,10 @@ def test_fp32_body_is_fp32_baseline():
     assert cfg.end_bits("first") == (None, None) and cfg.end_bits("last") == (None, None)
 
 
-@pytest.mark.parametrize("w_bits, a_bits, label", [(4, 8, "W4A8"), (8, 4, "W8A4"), (2, 3, "W2A3"),
-                                                    (3, None, "W3A32"), (None, 2, "W32A2")])
+@pytest.mark.parametrize(
+    "w_bits, a_bits, label",
+    [(4, 8, "W4A8"), (8, 4, "W8A4"), (2, 3, "W2A3"), (3, None, "W3A32"), (None, 2, "W32A2")],
+)
 def test_label_names_weight_bits_then_activation_bits(w_bits, a_bits, label):
     """The tables' label is 'W<weight bits>A<activation bits>', 32 standing for FP32 on one side:
     with unequal bits, 4-bit weights and 8-bit activations are W4A8, never A8W4 or W8A4."""
@@ -78,11 +80,22 @@ def test_non_positive_lr_rejected(lr):
     assert "'lr'" in msg and repr(float(lr)) in msg
 
 
-@pytest.mark.parametrize("key,value", [
-    ("epochs", "ten"), ("epochs", 2.5), ("epochs", True), ("lr", "fast"), ("lr", float("nan")),
-    ("wd", [1e-4]), ("nesterov", "maybe"), ("model", 20), ("batch_size", None),
-    ("first", 8), ("last", None),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("epochs", "ten"),
+        ("epochs", 2.5),
+        ("epochs", True),
+        ("lr", "fast"),
+        ("lr", float("nan")),
+        ("wd", [1e-4]),
+        ("nesterov", "maybe"),
+        ("model", 20),
+        ("batch_size", None),
+        ("first", 8),
+        ("last", None),
+    ],
+)
 def test_wrong_type_rejected(key, value):
     msg = error({key: value})
     assert f"'{key}'" in msg and repr(value) in msg
@@ -102,22 +115,28 @@ def test_strings_from_a_command_line_are_converted():
 
 
 # ------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("key,value,suggestion", [
-    ("model", "resnt20", "resnet20"),
-    ("model", "resnet_18", "resnet18"),
-    ("dataset", "cifar1", "cifar10"),
-    ("dataset", "digit", "digits"),
-    ("first", "w8_a_fp3", "w8_a_fp32"),
-    ("last", "w8a8x", "w8a8"),
-    ("first", "fp3", "fp32"),
-])
+@pytest.mark.parametrize(
+    "key,value,suggestion",
+    [
+        ("model", "resnt20", "resnet20"),
+        ("model", "resnet_18", "resnet18"),
+        ("dataset", "cifar1", "cifar10"),
+        ("dataset", "digit", "digits"),
+        ("first", "w8_a_fp3", "w8_a_fp32"),
+        ("last", "w8a8x", "w8a8"),
+        ("first", "fp3", "fp32"),
+    ],
+)
 def test_unknown_choice_did_you_mean(key, value, suggestion):
     msg = error({key: value})
     assert f"'{key}'" in msg and value in msg
     assert f"did you mean '{suggestion}'" in msg
 
 
-@pytest.mark.parametrize("key,suggestion", [("w_bit", "w_bits"), ("epoch", "epochs"), ("learning_rat", None), ("datset", "dataset")])
+@pytest.mark.parametrize(
+    "key,suggestion",
+    [("w_bit", "w_bits"), ("epoch", "epochs"), ("learning_rat", None), ("datset", "dataset")],
+)
 def test_unknown_key_did_you_mean(key, suggestion):
     msg = error({key: 1})
     assert f"'{key}'" in msg
@@ -131,10 +150,19 @@ def test_explicit_end_bits_out_of_range(spec):
     assert "'first'" in msg and spec in msg
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("body", (4, 3)), ("fp32", (None, None)), ("w_body_a_fp32", (4, None)),
-    ("w8_a_fp32", (8, None)), ("w8a8", (8, 8)), ("w4a8", (4, 8)), ("W2A32", (2, None)), (" w8a8 ", (8, 8)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("body", (4, 3)),
+        ("fp32", (None, None)),
+        ("w_body_a_fp32", (4, None)),
+        ("w8_a_fp32", (8, None)),
+        ("w8a8", (8, 8)),
+        ("w4a8", (4, 8)),
+        ("W2A32", (2, None)),
+        (" w8a8 ", (8, 8)),
+    ],
+)
 def test_end_presets_resolve(spec, expected):
     cfg = TrialConfig.from_dict({"w_bits": 4, "a_bits": 3, "first": spec, "last": spec})
     assert cfg.end_bits("first") == expected and cfg.end_bits("last") == expected
