@@ -12,9 +12,8 @@ from torch import nn
 from .quantizer import STEP_EPS, LsqQuantizer, dense, derivatives, fast_path, quantize
 
 
-# The op saves its quantized input and weight for backward: in QAT a float copy of every activation
-# more than FP32 keeps. As v_hat = k * s with an integer k, the copy is kept as k (1 byte) and
-# rebuilt for backward as the same k * s (and the same bf16 cast under autocast), bit for bit.
+# The op saves its quantized input and weight for backward, a float copy more than FP32 keeps: as
+# v_hat = k * s, it is kept as k (1 byte) and rebuilt as the same k * s (and bf16 cast), bit for bit.
 def to_codes(v_hat: torch.Tensor, s: torch.Tensor, signed: bool) -> torch.Tensor:
     """k = round(v_hat / s) as int8 (uint8 for unsigned ranges), exact for a float32 v_hat = k * s
     and for a bfloat16 one with |k| <= 127 (`compactable` allows no more)."""
@@ -45,20 +44,16 @@ def save_as_codes(*pairs):
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # first: nothing below is traceable
         return contextlib.nullcontext()
     # the hooks live with every saved tensor until backward, so they hold no tensor: only addresses
-    targets = [(q, out.dtype, out.untyped_storage().data_ptr()) for q, out in pairs if compactable(q, out)]
+    targets = {(out.untyped_storage().data_ptr(), out.dtype): q for q, out in pairs if compactable(q, out)}
     if not targets:
         return contextlib.nullcontext()
     outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (None, None)
 
     def pack(t):
-        s = None  # None: t as autograd gave it (e.g. autocast's bf16 copy of a float32 weight)
-        ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
-        for q, out_dtype, out_ptr in targets:
-            if ptr == out_ptr and dtype == out_dtype:
-                s = q.step.detach().clamp_min(STEP_EPS)  # the forward's s
-                t = to_codes(t.detach(), s, q.signed)  # in t's layout: elementwise ops keep strides
-                break
-        return s, dtype, (outer_pack(t) if outer_pack else t)
+        q = targets.get((t.untyped_storage().data_ptr(), t.dtype))  # None: t as autograd gave it
+        s = None if q is None else q.step.detach().clamp_min(STEP_EPS)  # the forward's s
+        kept = t if q is None else to_codes(t.detach(), s, q.signed)  # (codes in t's layout)
+        return s, t.dtype, (outer_pack(kept) if outer_pack else kept)
 
     def unpack(packed):
         s, dtype, t = packed
@@ -79,9 +74,8 @@ def _weight_grad(grad_y, inp, kernel: tuple, geometry: tuple, bias: bool):
 
 class ImageConv(torch.autograd.Function):
     """conv2d(x_hat, w_hat, bias) for an input x that needs no gradient (the image). By the conv's
-    linearity the step's gradient (eq. 3) sum(dL/dx_hat * dx_hat/ds) = sum(w_hat * wgrad(ds, dL/dy)),
-    so backward takes it from the weight gradient of [x_hat, ds] stacked, not the costly input
-    gradient. Under bf16 autocast the ds half runs in float32: bf16 would lose 1-4 % in cancellations."""
+    linearity the step's gradient (eq. 3) sum(dL/dx_hat * dx_hat/ds) = sum(w_hat * wgrad(ds, dL/dy)):
+    a weight gradient, not the costly input gradient; in float32 under bf16 autocast (cancellations)."""
 
     @staticmethod
     def forward(ctx, x, step, w_hat, bias, geometry: tuple, qn: int, qp: int, g: float):
@@ -95,20 +89,16 @@ class ImageConv(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, step, w_hat = ctx.saved_tensors
         c, kernel, dtype = x.shape[1], w_hat.shape[2:], ctx.dtype
-        x_hat = quantize(x, step, ctx.qn, ctx.qp).to(dtype)  # the forward's, recomputed
         ds = derivatives(x, step.clamp_min(STEP_EPS), ctx.qn, ctx.qp)[1]  # float32
-        grad_y = grad_y.to(dtype)
         wide = dtype in (torch.float32, torch.float64)  # else bf16 / fp16: the ds half in float32
+        grad_y, grad_w, grad_b = grad_y.to(dtype), None, None
         want_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]  # not for a frozen weight and bias
-        grad_w = grad_b = None
-        if want_w and wide:  # one call for x_hat and ds, stacked
-            stacked = torch.cat([x_hat, ds.to(dtype)], 1)
-            both, grad_b = _weight_grad(grad_y, stacked, kernel, ctx.geometry, ctx.has_bias)
-            grad_w, grad_ds = both[:, :c].to(w_hat.dtype), both[:, c:]
-        else:
-            if want_w:
-                grad_w, grad_b = _weight_grad(grad_y, x_hat, kernel, ctx.geometry, ctx.has_bias)
-                grad_w = grad_w.to(w_hat.dtype)
+        if want_w:
+            x_hat = quantize(x, step, ctx.qn, ctx.qp).to(dtype)  # the forward's, recomputed
+            inp = torch.cat([x_hat, ds.to(dtype)], 1) if wide else x_hat  # stacked: one pass over dL/dy
+            grad_w, grad_b = _weight_grad(grad_y, inp, kernel, ctx.geometry, ctx.has_bias)
+            grad_w, grad_ds = grad_w[:, :c].to(w_hat.dtype), grad_w[:, c:]
+        if not (want_w and wide):
             up = grad_y if wide else grad_y.float()
             grad_ds, _ = _weight_grad(up, ds.to(up.dtype), kernel, ctx.geometry, False)
         grad_step = (grad_ds * w_hat.to(dtype).to(grad_ds.dtype)).sum() * ctx.g  # w_hat as the conv used it
