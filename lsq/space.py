@@ -213,19 +213,20 @@ def _grid(section: Any, where) -> list[list[tuple[tuple, dict]]]:
     for axis, values in _shape(section, dict, where, "grid", empty=False).items():
         if not isinstance(values, list) or not values:
             raise _refuse(where, ("grid", axis), values, "a non-empty list ('fixed' holds single values)")
+        named = ("grid", axis)
         if axis in TrialConfig.keys():
             rows = [(("grid",), {axis: v}) for v in values]
         elif any(isinstance(v, dict) for v in values):  # a named axis of partial configs
-            rows = [
-                (("grid", axis, i), _shape(v, dict, where, "grid", axis, i)) for i, v in enumerate(values)
-            ]
+            rows = [((*named, i), _shape(v, dict, where, *named, i)) for i, v in enumerate(values)]
         else:
             hint = did_you_mean(axis, TrialConfig.keys())
             allowed = "a config key with a list of values, or an axis name with a list of mappings"
             raise ConfigError(f"{where('grid', axis)}: unknown key '{axis}'{hint}; allowed: {allowed}")
-        for at, k in [(at, k) for at, row in rows for k in row if set_by.setdefault(k, axis) != axis]:
-            both = f"grid axes '{set_by[k]}' and '{axis}' both set key '{k}'"  # the later would win
-            raise ConfigError(f"{where(*at, k)}: {both}; allowed: each key in one axis")
+        for at, row in rows:
+            for k in row:
+                if set_by.setdefault(k, axis) != axis:  # the later axis would override the earlier
+                    both = f"grid axes '{set_by[k]}' and '{axis}' both set key '{k}'"
+                    raise ConfigError(f"{where(*at, k)}: {both}; allowed: each key in one axis")
         axes.append(rows)
     return axes
 
