@@ -1,10 +1,6 @@
-"""Bit policies: which bits go where, and `quantize_model` that applies one to an FP32 model.
-
-The body (every conv and linear layer in between) gets `w_bits` / `a_bits`; the first Conv2d and
-the last Linear get a preset of lsq.config (w8a8, the paper's choice, by default) or explicit
-bits. An FP32 body is the FP32 baseline: the whole model stays FP32. The first layer's input, a
-normalized image, is signed; every other follows a ReLU and is unsigned.
-"""
+"""Bit policies and `quantize_model`: the body's layers get `w_bits` / `a_bits`, the first Conv2d and
+the last Linear a preset of lsq.config (w8a8, the paper's, by default) or explicit bits; an FP32 body
+keeps the whole model FP32. The first layer's input (an image) is signed; the others follow a ReLU."""
 
 from __future__ import annotations
 
@@ -37,7 +33,7 @@ class BitPolicy:
 
 
 def quantize_model(
-    model: nn.Module, policy: BitPolicy, grad_scale_n: str = "per_sample", grad_scale: bool = True
+    model: nn.Module, policy: BitPolicy, grad_scale_n="per_sample", grad_scale=True
 ) -> nn.Module:
     """Swap every Conv2d/Linear for its quantized twin (keeping FP32 weights), in place."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
@@ -90,19 +86,13 @@ def describe(model: nn.Module):
             continue
         wq, aq = getattr(m, "w_quant", fp32), getattr(m, "a_quant", fp32)
         w = w_hat = m.weight.float()
+        row = {"layer": name, "kind": "conv" if isinstance(m, nn.Conv2d) else "linear", "w_bits": wq.bits}
+        row.update(a_bits=aq.bits, a_signed=None, w_step=None, a_step=None)
         if wq.bits is not None:
-            w_hat = eager_forward(w, wq.step.clamp_min(STEP_EPS), wq.qn, wq.qp)
-        rows.append(
-            {
-                "layer": name,
-                "kind": "conv" if isinstance(m, nn.Conv2d) else "linear",
-                "w_bits": wq.bits,
-                "a_bits": aq.bits,
-                "a_signed": aq.signed if aq.bits is not None else None,
-                "w_step": float(wq.step) if wq.bits is not None else None,
-                "a_step": float(aq.step) if aq.bits is not None else None,
-                "w_rel_mse": float(((w_hat - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30)),
-            }
-        )
+            w_hat, row["w_step"] = eager_forward(w, wq.step.clamp_min(STEP_EPS), wq.qn, wq.qp), float(wq.step)
+        if aq.bits is not None:
+            row["a_signed"], row["a_step"] = aq.signed, float(aq.step)
+        row["w_rel_mse"] = float(((w_hat - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+        rows.append(row)
     table = pd.DataFrame(rows, dtype=object)  # object columns keep None (FP32) as None, not NaN
     return table.astype({"layer": str, "kind": str, "w_rel_mse": float})
