@@ -6,13 +6,9 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import sys
-import threading
 
 from .config import ConfigError, data_missing
 from .space import Space
-
-STORAGE_TIMEOUT_S = 30.0
 
 
 def check_address(address: str) -> tuple[str, int] | None:
@@ -86,43 +82,20 @@ def check_inputs(space: Space, local: bool) -> list[str]:
 
 
 def check_storage(storage: str, write: bool = True) -> None:
-    """A local --storage must lie in a folder this user can write in (write=False: any path will do);
-    a URI must name storage pyarrow reaches within STORAGE_TIMEOUT_S (without a network some cloud
-    clients retry for many minutes without a word)."""
-    local = storage[len("file://") :] if storage.startswith("file://") else None
-    if "://" not in storage or local:
+    """A local --storage lies in a folder this user can write in (write=False: any path will do);
+    a URI names storage that pyarrow reaches."""
+    local = storage.removeprefix("file://")
+    if "://" not in local:
         if write:
-            check_folder("--storage", local or storage, " or a URI such as s3://bucket/runs", given=storage)
+            check_folder("--storage", local, " or a URI such as s3://bucket/runs", given=storage)
         return
-    outcome = []
-    probe = threading.Thread(target=lambda: outcome.append(probe_storage(storage)), daemon=True)
-    probe.start()
-    probe.join(min(3.0, STORAGE_TIMEOUT_S))
-    if probe.is_alive():
-        print(
-            f"waiting for --storage {storage} to answer (at most {STORAGE_TIMEOUT_S:g} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        probe.join(max(0.0, STORAGE_TIMEOUT_S - 3.0))
-    if not outcome:
-        raise ConfigError(
-            f"--storage {storage}: no answer in {STORAGE_TIMEOUT_S:g} s. Is the network up, and are "
-            "the bucket's name and this machine's credentials right?"
-        )
-    if outcome[0] is not None:
-        raise ConfigError(f"--storage {storage}: cannot use it ({outcome[0]})")
-
-
-def probe_storage(uri: str) -> str | None:
     import pyarrow.fs as pafs
 
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = pafs.FileSystem.from_uri(storage)
         fs.get_file_info(root)
     except Exception as e:
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-    return None
+        raise ConfigError(f"--storage {storage}: cannot use it ({type(e).__name__}: {e})") from None
 
 
 def check_folder(flag: str, path: str, or_else: str = "", given: str | None = None) -> None:

@@ -154,23 +154,17 @@ def new_tuner(plan: Plan, trainable):
 def record(plan: Plan) -> dict:
     """sweep.json: what a resume keeps, and what the report says of the sweep."""
     space = plan.space
-    return {
-        "name": plan.name,
-        "description": space.description,
-        "space": os.path.abspath(space.path),
-        "trials": len(space.trials),
-        "cells": space.cells,
-        "seeds": space.seeds,
-        "merged": [m.describe(space.trials[m.kept]) for m in space.merged],
-        "resources": plan.resources,
-        "max_failures": plan.max_failures,
-        "max_concurrent": plan.max_concurrent,
-        "tensorboard": plan.tensorboard,
-        "early_stopping": space.early_stopping,
-        "overrides": space.overrides,
-        "command": resume_command(plan.argv, resume=False),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta = {
+        key: getattr(plan, key)
+        for key in ("name", "resources", "max_failures", "max_concurrent", "tensorboard")
     }
+    meta |= {
+        key: getattr(space, key) for key in ("description", "cells", "seeds", "early_stopping", "overrides")
+    }
+    meta["merged"] = [m.describe(space.trials[m.kept]) for m in space.merged]
+    meta["command"] = resume_command(plan.argv, resume=False)
+    meta["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return meta | {"space": os.path.abspath(space.path), "trials": len(space.trials)}
 
 
 def finish(plan: Plan) -> int:
