@@ -22,6 +22,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import _common  # noqa: E402, F401  (puts the repository on sys.path)
+
 from lsq import quantizer as Q  # noqa: E402
 from lsq.kernels_cuda import TritonKernels  # noqa: E402
 
@@ -33,13 +34,22 @@ def self_check() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     k = TritonKernels()
     failures = 0
-    for bits, signed, dtype, channels_last in [(4, False, torch.float32, False), (4, True, torch.float32, True),
-                                               (2, True, torch.bfloat16, False), (8, False, torch.float32, False)]:
-        qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    for bits, signed, dtype, channels_last in [
+        (4, False, torch.float32, False),
+        (4, True, torch.float32, True),
+        (2, True, torch.bfloat16, False),
+        (8, False, torch.float32, False),
+    ]:
+        qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         gen = torch.Generator().manual_seed(bits)
         s = 0.25  # a power of two: v / s is exact, so every element must match
-        units = torch.cat([torch.arange(-qn - 3, qp + 3.01, 0.5), torch.randn(3000, generator=gen) * (qn + qp),
-                           torch.tensor([float("nan"), float("inf"), -float("inf")])])
+        units = torch.cat(
+            [
+                torch.arange(-qn - 3, qp + 3.01, 0.5),
+                torch.randn(3000, generator=gen) * (qn + qp),
+                torch.tensor([float("nan"), float("inf"), -float("inf")]),
+            ]
+        )
         per_image = 3 * 16 * 16
         v = torch.cat([units * s, torch.zeros(-len(units) % per_image)]).reshape(-1, 3, 16, 16)
         v = v.to(dtype).to(device)
@@ -56,18 +66,29 @@ def self_check() -> int:
         ref_gv = (g * inside).to(dtype).double()
         ds = torch.where(inside, x.round() - x, torch.where(x <= -qn, -float(qn), float(qp)))
         finite = torch.isfinite(x)
-        bad = int((~torch.eq(out.double().cpu(), ref_out) & ~(out.double().cpu().isnan() & ref_out.isnan())).sum())
-        bad += int((~torch.eq(grad_v.double().cpu(), ref_gv) & ~(grad_v.double().cpu().isnan() & ref_gv.isnan())).sum())
+        bad = int(
+            (~torch.eq(out.double().cpu(), ref_out) & ~(out.double().cpu().isnan() & ref_out.isnan())).sum()
+        )
+        bad += int(
+            (
+                ~torch.eq(grad_v.double().cpu(), ref_gv) & ~(grad_v.double().cpu().isnan() & ref_gv.isnan())
+            ).sum()
+        )
         # the step gradient over the finite elements only (NaN makes the whole sum NaN, as eager)
-        _, gs_finite = k.backward(torch.where(torch.isfinite(v), v, torch.zeros_like(v)), st, grad.to(dtype), qn, qp, 1.0)
+        _, gs_finite = k.backward(
+            torch.where(torch.isfinite(v), v, torch.zeros_like(v)), st, grad.to(dtype), qn, qp, 1.0
+        )
         ref_finite = float((g * torch.where(finite, ds, torch.zeros_like(ds))).sum())
         rel = abs(float(gs_finite) - ref_finite) / max(abs(ref_finite), 1e-6)
         nan_ok = bool(torch.isnan(grad_s))  # v holds a NaN: the step gradient is NaN, as in eager
         ok = bad == 0 and rel < 1e-5 and nan_ok
         failures += not ok
-        print(f"{bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]}{' channels_last' if channels_last else ''} "
-              f"on {device}: {bad} elements differ from the paper, step gradient rel. err {rel:.1e}, "
-              f"NaN step gradient with a NaN input: {nan_ok} -> {'ok' if ok else 'FAILED'}", flush=True)
+        print(
+            f"{bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]}{' channels_last' if channels_last else ''} "
+            f"on {device}: {bad} elements differ from the paper, step gradient rel. err {rel:.1e}, "
+            f"NaN step gradient with a NaN input: {nan_ok} -> {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
     failures += check_step(k, device) + check_codes(k, device) + check_lsq_function(k, device)
     failures += check_image_conv(device)
     if device == "cuda":  # in the interpreter this would take minutes, and its bf16 cast is not the GPU's
@@ -100,9 +121,11 @@ def check_step(k: TritonKernels, device: str) -> int:
             rel = abs(float(grad_step) - ref_gs) / max(abs(ref_gs), 1e-6)
         ok = same and rel < 1e-5 and grad_step.shape == step.shape
         failures += not ok
-        print(f"step {value:g} on {device}: forward and grad_v as with step.clamp_min(STEP_EPS) {same}, "
-              f"g * step gradient rel. err {rel:.1e}, shape {tuple(grad_step.shape)} -> {'ok' if ok else 'FAILED'}",
-              flush=True)
+        print(
+            f"step {value:g} on {device}: forward and grad_v as with step.clamp_min(STEP_EPS) {same}, "
+            f"g * step gradient rel. err {rel:.1e}, shape {tuple(grad_step.shape)} -> {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
     return failures
 
 
@@ -112,8 +135,12 @@ def check_codes(k: TritonKernels, device: str) -> int:
     failures = 0
     gen = torch.Generator().manual_seed(0)
     steps = (torch.rand(20, generator=gen) * 0.2 + 1e-3).tolist()
-    for signed, dtype, bits in [(True, torch.float32, 8), (False, torch.float32, 8),
-                                (True, torch.bfloat16, 7), (False, torch.bfloat16, 7)]:
+    for signed, dtype, bits in [
+        (True, torch.float32, 8),
+        (False, torch.float32, 8),
+        (True, torch.bfloat16, 7),
+        (False, torch.bfloat16, 7),
+    ]:
         qn, qp = Q.qrange(bits, signed)
         ints = torch.arange(-qn, qp + 1, dtype=torch.float32).repeat(3)
         bad = 0
@@ -126,8 +153,11 @@ def check_codes(k: TritonKernels, device: str) -> int:
             bad += codes.dtype != (torch.int8 if signed else torch.uint8)
         ok = bad == 0
         failures += not ok
-        print(f"codes {bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]} on {device}, "
-              f"{len(steps)} step sizes: {bad} codes or rebuilt values wrong -> {'ok' if ok else 'FAILED'}", flush=True)
+        print(
+            f"codes {bits} bits {'signed' if signed else 'unsigned'} {str(dtype)[6:]} on {device}, "
+            f"{len(steps)} step sizes: {bad} codes or rebuilt values wrong -> {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
     return failures
 
 
@@ -141,8 +171,11 @@ def check_lsq_function(k: TritonKernels, device: str) -> int:
             if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
                 # the GPU's float32 -> bfloat16 store rounds to nearest even, as torch does; the
                 # interpreter truncates, so it cannot stand in for the GPU here
-                print("LsqFunction bfloat16: not checked in Triton's interpreter, whose float32-to-bfloat16 "
-                      "cast truncates (a GPU's rounds to nearest even, as torch's does)", flush=True)
+                print(
+                    "LsqFunction bfloat16: not checked in Triton's interpreter, whose float32-to-bfloat16 "
+                    "cast truncates (a GPU's rounds to nearest even, as torch's does)",
+                    flush=True,
+                )
                 continue
             gen = torch.Generator().manual_seed(1)
             v = (torch.randn(4, 8, 12, 12, generator=gen) * 2).to(dtype).to(device)
@@ -160,9 +193,12 @@ def check_lsq_function(k: TritonKernels, device: str) -> int:
             rel = abs(float(s1) - float(s2)) / max(abs(float(s2)), 1e-6)
             ok = torch.equal(o1, o2) and torch.equal(g1, g2) and rel < 1e-5
             failures += not ok
-            print(f"LsqFunction {str(dtype)[6:]} on {device}, fast path vs eager path: forward equal "
-                  f"{torch.equal(o1, o2)}, grad_v equal {torch.equal(g1, g2)}, step gradient rel. err {rel:.1e} "
-                  f"-> {'ok' if ok else 'FAILED'}", flush=True)
+            print(
+                f"LsqFunction {str(dtype)[6:]} on {device}, fast path vs eager path: forward equal "
+                f"{torch.equal(o1, o2)}, grad_v equal {torch.equal(g1, g2)}, step gradient rel. err {rel:.1e} "
+                f"-> {'ok' if ok else 'FAILED'}",
+                flush=True,
+            )
     finally:
         Q.FAST_PATH = True
         Q.KERNELS.clear()
@@ -201,12 +237,18 @@ def check_model(k: TritonKernels, device: str) -> int:
     (l1, g1), (l2, g2) = results
     weights = [n for n in g2 if not n.endswith(".step")]
     differ = [n for n in weights if not torch.equal(g1[n], g2[n])]
-    step_err = max(float((g1[n] - g2[n]).abs().max() / g2[n].abs().max().clamp_min(1e-12))
-                   for n in g2 if n.endswith(".step"))
+    step_err = max(
+        float((g1[n] - g2[n]).abs().max() / g2[n].abs().max().clamp_min(1e-12))
+        for n in g2
+        if n.endswith(".step")
+    )
     ok = torch.equal(l1, l2) and not differ and step_err < 1e-4
-    print(f"W4A4 resnet20 training step on {device}, bf16 autocast, channels_last: loss equal {torch.equal(l1, l2)}, "
-          f"{len(differ)} of {len(weights)} weight gradients differ{(' (' + ', '.join(differ[:3]) + ')') if differ else ''}, "
-          f"step gradients max rel. err {step_err:.1e} -> {'ok' if ok else 'FAILED'}", flush=True)
+    print(
+        f"W4A4 resnet20 training step on {device}, bf16 autocast, channels_last: loss equal {torch.equal(l1, l2)}, "
+        f"{len(differ)} of {len(weights)} weight gradients differ{(' (' + ', '.join(differ[:3]) + ')') if differ else ''}, "
+        f"step gradients max rel. err {step_err:.1e} -> {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
     return 0 if ok else 1
 
 
@@ -226,7 +268,9 @@ def check_image_conv(device: str) -> int:
     x = (torch.randn(16, 3, 64, 64, generator=gen) * 1.2).to(device)
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        layer = QConv2d(3, 64, 7, stride=2, padding=3, bias=False, w_bits=8, a_bits=8, a_signed=True).to(device)
+        layer = QConv2d(3, 64, 7, stride=2, padding=3, bias=False, w_bits=8, a_bits=8, a_signed=True).to(
+            device
+        )
         layer.image_conv_devices = (device,)  # the CPU too, where it is not used by default
         allow_tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = dtype != torch.float32
@@ -254,9 +298,12 @@ def check_image_conv(device: str) -> int:
         w_err = float((layer.weight.grad.double().cpu() - w_ref).abs().max() / w_ref.abs().max())
         ok = err < 1e-4 * abs(ref) + 1e-6 * scale and w_err < (1e-5 if dtype == torch.float32 else 1e-2)
         failures += not ok
-        print(f"image conv (7x7/2, 8-bit image) on {device}, {'bf16 autocast' if dtype != torch.float32 else 'float32'}: "
-              f"step gradient rel. err {rel:.1e} ({err / scale:.1e} of its terms' absolute sum), weight gradient "
-              f"{w_err:.1e} -> {'ok' if ok else 'FAILED'}", flush=True)
+        print(
+            f"image conv (7x7/2, 8-bit image) on {device}, {'bf16 autocast' if dtype != torch.float32 else 'float32'}: "
+            f"step gradient rel. err {rel:.1e} ({err / scale:.1e} of its terms' absolute sum), weight gradient "
+            f"{w_err:.1e} -> {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
     return failures
 
 

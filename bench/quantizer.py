@@ -33,8 +33,8 @@ import warnings
 
 import numpy as np
 import torch
-
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, sync, table  # noqa: I001
+
 from lsq import quantizer as Q
 from lsq.kernels_cpu import CpuKernels
 
@@ -151,10 +151,16 @@ class _CompiledKernels:
         from torch._inductor import config
 
         # Triton's x / y is an approximate division unless asked for eager's IEEE rounding.
-        options = ({"eager_numerics.division_rounding": True} if hasattr(config, "eager_numerics")
-                   else {"emulate_divison_rounding": True} if hasattr(config, "emulate_divison_rounding")
-                   else {})
-        self.compiled = {f: torch.compile(f, dynamic=True, options=options) for f in (Q.eager_forward, Q.eager_backward)}
+        options = (
+            {"eager_numerics.division_rounding": True}
+            if hasattr(config, "eager_numerics")
+            else {"emulate_divison_rounding": True}
+            if hasattr(config, "emulate_divison_rounding")
+            else {}
+        )
+        self.compiled = {
+            f: torch.compile(f, dynamic=True, options=options) for f in (Q.eager_forward, Q.eager_backward)
+        }
 
     def accepts(self, v: torch.Tensor) -> bool:
         return v.device.type == "cuda" and v.is_floating_point()
@@ -180,9 +186,12 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 30 CPU, 50 CUDA)")
     p.add_argument("--shapes", help="comma-separated indices into the shape list (default: all)")
-    p.add_argument("--options", action="store_true",
-                   help="also time the options explored: eager path, eager + saved mask, torch.compile, "
-                        "the C loop (CPU)")
+    p.add_argument(
+        "--options",
+        action="store_true",
+        help="also time the options explored: eager path, eager + saved mask, torch.compile, "
+        "the C loop (CPU)",
+    )
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,13 +241,17 @@ def main():
                 Q.FAST_PATH = fast_path  # read in forward and in backward
                 f().backward(up)
                 Q.FAST_PATH = True
+
             return run
 
-        fns = {k: call(lambda f=f: f.apply(vl, sl, qn, qp, g), fast_path=k != "ours, eager path")
-               for k, f in impls.items()}
+        fns = {
+            k: call(lambda f=f: f.apply(vl, sl, qn, qp, g), fast_path=k != "ours, eager path")
+            for k, f in impls.items()
+        }
         fns["reference"] = call(lambda: reference(vl, sl, qn, qp, g))
-        fns["fused"] = call(lambda: torch._fake_quantize_learnable_per_tensor_affine(
-            vl, sl.reshape(1), zero, -qn, qp, g))
+        fns["fused"] = call(
+            lambda: torch._fake_quantize_learnable_per_tensor_affine(vl, sl.reshape(1), zero, -qn, qp, g)
+        )
         fns["none"] = call(lambda: vl * 1)
         fns["empty"] = call(lambda: EmptyFunction.apply(vl, sl, qn, qp, g))
         runs = interleaved(fns, rounds, 3, device, inner)
@@ -251,22 +264,28 @@ def main():
         row = {"shape": f"{name} {'x'.join(map(str, shape))}", "bits": f"{bits}{'s' if signed else 'u'}"}
         row.update({f"{k} ms": ms(t) for k, t in times.items()})
         rows.append(row)
-        ratio_rows.append({
-            "shape": row["shape"],
-            "ours / fused": ratio("ours", "fused"),
-            "ours / reference": ratio("ours", "reference"),
-            "ours / none": ratio("ours", "none"),
-            "empty / fused": ratio("empty", "fused"),
-            **{f"{k} / fused": ratio(k, "fused") for k in impls if k != "ours"},
-            "elements != paper": bad,
-            "step grad rel. err": f"{gs_err:.1e}",
-        })
+        ratio_rows.append(
+            {
+                "shape": row["shape"],
+                "ours / fused": ratio("ours", "fused"),
+                "ours / reference": ratio("ours", "reference"),
+                "ours / none": ratio("ours", "none"),
+                "empty / fused": ratio("empty", "fused"),
+                **{f"{k} / fused": ratio(k, "fused") for k in impls if k != "ours"},
+                "elements != paper": bad,
+                "step grad rel. err": f"{gs_err:.1e}",
+            }
+        )
         print(row, ratio_rows[-1], flush=True)
 
-    body = (f"fast path: {path}; medians of {rounds} interleaved rounds"
-            f"{f' of {inner} calls each' if inner > 1 else ''}, ms per fwd+bwd call.\n\n"
-            + table(rows) + "\n\nRatios (median of per-round ratios; target: ours / fused <= 0.6):\n\n" + table(ratio_rows)
-            + ("\n" + compile_note if compile_note else ""))
+    body = (
+        f"fast path: {path}; medians of {rounds} interleaved rounds"
+        f"{f' of {inner} calls each' if inner > 1 else ''}, ms per fwd+bwd call.\n\n"
+        + table(rows)
+        + "\n\nRatios (median of per-round ratios; target: ours / fused <= 0.6):\n\n"
+        + table(ratio_rows)
+        + ("\n" + compile_note if compile_note else "")
+    )
     record(f"Quantizer fwd+bwd per call ({device.type})", device, body, append=not args.no_append)
 
 

@@ -29,8 +29,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
 from _common import interleaved, median, ms, paired_ratio, pick_device, record, sync, table  # noqa: I001
+
 from lsq import quantizer as Q
 from lsq.layers import QConv2d
 from lsq.models import TORCHVISION, build_model
@@ -53,13 +53,16 @@ def known(name: str) -> bool:
 def num_classes(model_name: str) -> int:
     return 1000 if model_name in TORCHVISION else 10  # ImageNet / CIFAR-10
 
+
 def parse_specs(p: argparse.ArgumentParser, models: str, configs: str) -> tuple[list, list[str]]:
     """--models (model:batch:image_size, comma-separated) and --configs (names in BITS, a quantized
     one optionally with -dgrad), checked."""
     unknown = [c for c in configs.split(",") if not known(c)]
     if unknown:
-        p.error(f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)}; a quantized one "
-                f"with {DGRAD}, e.g. w4a4{DGRAD})")
+        p.error(
+            f"--configs: {', '.join(unknown)} unknown (allowed: {', '.join(BITS)}; a quantized one "
+            f"with {DGRAD}, e.g. w4a4{DGRAD})"
+        )
     specs = []
     for spec in models.split(","):
         parts = spec.split(":")
@@ -80,19 +83,25 @@ def batch(model_name: str, n: int, size: int, device: torch.device) -> tuple[tor
 class Setup:
     """A model in one config, its optimizer, and a step like Trainer.train_one_epoch's."""
 
-    def __init__(self, name, model_name, bits, x, y, device, compile_mode=None, bf16=False, channels_last=None):
+    def __init__(
+        self, name, model_name, bits, x, y, device, compile_mode=None, bf16=False, channels_last=None
+    ):
         torch.manual_seed(0)
         model = build_model(model_name, num_classes(model_name))
         if bits is not None:
             quantize_model(model, BitPolicy(bits, bits))  # first/last: w8a8
-            if name.removesuffix(" compiled").endswith(DGRAD):  # the image's quantizer and conv each on their own
+            if name.removesuffix(" compiled").endswith(
+                DGRAD
+            ):  # the image's quantizer and conv each on their own
                 for m in model.modules():
                     if isinstance(m, QConv2d):
                         m.image_conv_devices = ()
         cuda = device.type == "cuda"
         if channels_last is None:  # the trainer's layout
             channels_last = uses_channels_last(device, model_name)
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.model = model.to(
+            device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         if bits is not None:
             init_steps(self.model, x)
         self.opt = torch.optim.SGD(param_groups(self.model, 1e-4), lr=0.01, momentum=0.9)
@@ -154,8 +163,12 @@ def _cpu_allocated_peak(step) -> int:
     The CPU's counterpart of torch.cuda.max_memory_allocated; exact, unlike the process's RSS."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export_memory_timeline is deprecated in favour of CUDA-only tools
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                    record_shapes=True, with_stack=True) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof:
             step()
         path = os.path.join(tmp, "timeline.json")
         prof.export_memory_timeline(path, device="cpu")
@@ -190,18 +203,31 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--models", default="resnet20:128:32,resnet18:32:64",
-                   help="comma-separated model:batch:image_size")
-    p.add_argument("--configs", default="fp32,w8a8,w4a4,w2a2",
-                   help=f"from {', '.join(BITS)}; a quantized one with {DGRAD} (e.g. w4a4{DGRAD}) takes the image's "
-                        "step gradient through the first conv's input gradient (on CUDA the path lsq.layers.ImageConv "
-                        "replaced; on the CPU the trainer's own)")
-    p.add_argument("--compile", default="", help="configs to also time under torch.compile(model), e.g. fp32,w4a4")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
-                   help="torch.compile mode for --compile (reduce-overhead: CUDA graphs too)")
+    p.add_argument(
+        "--models", default="resnet20:128:32,resnet18:32:64", help="comma-separated model:batch:image_size"
+    )
+    p.add_argument(
+        "--configs",
+        default="fp32,w8a8,w4a4,w2a2",
+        help=f"from {', '.join(BITS)}; a quantized one with {DGRAD} (e.g. w4a4{DGRAD}) takes the image's "
+        "step gradient through the first conv's input gradient (on CUDA the path lsq.layers.ImageConv "
+        "replaced; on the CPU the trainer's own)",
+    )
+    p.add_argument(
+        "--compile", default="", help="configs to also time under torch.compile(model), e.g. fp32,w4a4"
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead"],
+        help="torch.compile mode for --compile (reduce-overhead: CUDA graphs too)",
+    )
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 10 CPU, 30 CUDA)")
-    p.add_argument("--bf16", action="store_true",
-                   help="CPU: bf16 autocast as on CUDA (for its saved bytes: the CPU's bf16 times mean little)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="CPU: bf16 autocast as on CUDA (for its saved bytes: the CPU's bf16 times mean little)",
+    )
     p.add_argument("--eager-quantizer", action="store_true", help="LSQ_FAST_PATH=0: the eager quantizer")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args()
@@ -223,10 +249,20 @@ def main():
 
         setups = {c: Setup(c, model_name, config_bits(c), x, y, device, bf16=args.bf16) for c in configs}
         for c in compiled:
-            setups[c + " compiled"] = Setup(c + " compiled", model_name, config_bits(c), x, y, device,
-                                            compile_mode=args.compile_mode, bf16=args.bf16)
-            notes.append(f"{model_name} {c}: torch.compile(mode={args.compile_mode!r})'s first two steps took "
-                         f"{setups[c + ' compiled'].compile_seconds:.1f} s")
+            setups[c + " compiled"] = Setup(
+                c + " compiled",
+                model_name,
+                config_bits(c),
+                x,
+                y,
+                device,
+                compile_mode=args.compile_mode,
+                bf16=args.bf16,
+            )
+            notes.append(
+                f"{model_name} {c}: torch.compile(mode={args.compile_mode!r})'s first two steps took "
+                f"{setups[c + ' compiled'].compile_seconds:.1f} s"
+            )
         for s in setups.values():  # warm-up outside the timed rounds (cudnn.benchmark, allocator)
             s.step()
         runs = interleaved({k: s.step for k, s in setups.items()}, rounds, 2, device)
@@ -242,17 +278,23 @@ def main():
         base = "fp32" if "fp32" in setups else next(iter(setups))
         for k in setups:
             ref = base if "compiled" not in k or base + " compiled" not in setups else base + " compiled"
-            rows.append({
-                "model": f"{model_name} b{n} {size}x{size}",
-                "config": k,
-                "ms / step": ms(t[k]),
-                "images / s": f"{n / t[k]:.0f}",
-                f"time / {ref}": f"{paired_ratio(runs, k, ref):.2f}",
-                "peak MB": mb(peak[k]),
-                "peak ratio": "n/a" if peak[k] is None or peak[ref] is None else f"{peak[k] / peak[ref]:.2f}",
-                "saved MB": mb(saved[k]),
-                "saved ratio": "n/a" if saved[k] is None or saved[ref] is None else f"{saved[k] / saved[ref]:.2f}",
-            })
+            rows.append(
+                {
+                    "model": f"{model_name} b{n} {size}x{size}",
+                    "config": k,
+                    "ms / step": ms(t[k]),
+                    "images / s": f"{n / t[k]:.0f}",
+                    f"time / {ref}": f"{paired_ratio(runs, k, ref):.2f}",
+                    "peak MB": mb(peak[k]),
+                    "peak ratio": "n/a"
+                    if peak[k] is None or peak[ref] is None
+                    else f"{peak[k] / peak[ref]:.2f}",
+                    "saved MB": mb(saved[k]),
+                    "saved ratio": "n/a"
+                    if saved[k] is None or saved[ref] is None
+                    else f"{saved[k] / saved[ref]:.2f}",
+                }
+            )
             print(rows[-1], flush=True)
         del setups
 
@@ -262,11 +304,14 @@ def main():
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
     fast = Q.fast_path(torch.empty(1, device=device))
     amp = "bf16 autocast" if device.type == "cuda" or args.bf16 else "float32"
-    body = (f"Quantizer: {'eager path' if fast is None else type(fast).__name__}; {amp}. Medians of {rounds} "
-            "interleaved rounds; time ratios are medians of per-round ratios against FP32 (compiled configs against "
-            "compiled FP32 where both ran). Targets: W4A4 / FP32 time <= 1.3 (CPU, resnet20 b128), "
-            "<= 1.25 (H100, resnet18); peak memory <= 1.3x FP32.\n\n" + table(rows, cols)
-            + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else ""))
+    body = (
+        f"Quantizer: {'eager path' if fast is None else type(fast).__name__}; {amp}. Medians of {rounds} "
+        "interleaved rounds; time ratios are medians of per-round ratios against FP32 (compiled configs against "
+        "compiled FP32 where both ran). Targets: W4A4 / FP32 time <= 1.3 (CPU, resnet20 b128), "
+        "<= 1.25 (H100, resnet18); peak memory <= 1.3x FP32.\n\n"
+        + table(rows, cols)
+        + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+    )
     record(f"Training step, FP32 vs QAT ({device.type})", device, body, append=not args.no_append)
 
 
