@@ -26,10 +26,8 @@ def loopback_node() -> None:
 
 
 def whole_file_snapshots() -> bool:
-    """Tune copies its experiment snapshot to local storage by writing each file in place, so a
-    driver killed mid-copy leaves files cut short and the next --resume fails on them. Here each
-    file is checked whole, written to a temporary name and renamed over its target (object stores
-    replace whole objects already). Patches `_upload_to_fs_path`."""
+    """Tune copies its snapshot to local storage in place: a driver killed mid-copy leaves files
+    cut short, and --resume fails on them. Each file is now written whole, then renamed over."""
     import pyarrow.fs as pafs
     from ray.train._internal import storage as ray_storage
 
@@ -64,10 +62,8 @@ def whole_file_snapshots() -> bool:
 
 
 def results_survive_a_restart() -> bool:
-    """When a trial restarts, Tune's loggers copy its result.json back from storage over the
-    driver's newer staging copy, losing the epochs reported just before the failure. The copy
-    back is needed only by a new driver, whose staging is empty: skip it where staging has the
-    file. Patches `LoggerCallback._restore_from_remote`."""
+    """A restarted trial's loggers copy result.json back from storage over the driver's newer
+    copy, losing the last epochs it reported. Only a new driver (empty staging) needs that copy."""
     from ray.tune.logger import logger as tune_logger
 
     cls = getattr(tune_logger, "LoggerCallback", None)
@@ -89,9 +85,8 @@ class RestoreFailed(BaseException):
 
 
 def resume_or_stop() -> bool:
-    """Tune's controller catches any error from `resume` and starts the whole sweep again from
-    epoch 0 over its stored results. Here `resume` raises RestoreFailed, a BaseException the
-    catch-all lets through, which the sweep turns into one error. Patches `TuneController.resume`."""
+    """Tune's controller catches any error of `resume` and starts the sweep again from epoch 0
+    over its stored results. RestoreFailed, a BaseException, passes its catch-all instead."""
     from ray.tune.execution.tune_controller import TuneController
 
     resume = getattr(TuneController, "resume", None)
@@ -110,10 +105,8 @@ def resume_or_stop() -> bool:
 
 
 def trials_in_prestarted_workers() -> bool:
-    """Tune gives every trainable the runtime env {"env_vars": {"PL_DISABLE_FORK": "1"}} (for
-    PyTorch Lightning, unused here), and a worker serves only tasks whose runtime env matches its
-    own empty one: each trial waited for a fresh process while the prestarted ones idled. Removes
-    that default from `class_cache.DEFAULT_ENV_VARS`."""
+    """Tune gives every trainable the runtime env PL_DISABLE_FORK=1 (for Lightning), so no trial
+    could run in the workers Ray prestarts with an empty one: each waited for a new process."""
     from ray.tune.execution import class_cache
 
     defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
@@ -124,7 +117,6 @@ def trials_in_prestarted_workers() -> bool:
 
 
 def patch_tune() -> None:
-    """The patches a sweep's driver needs before it builds its Tuner."""
     whole_file_snapshots()
     results_survive_a_restart()
     resume_or_stop()
@@ -134,29 +126,24 @@ def patch_tune() -> None:
 @contextlib.contextmanager
 def lean_local_ray(dashboard: bool):
     """Ray starts its HTTP API server (an open port) and the autoscaler's monitor with every head
-    node, about 1 CPU-second each on a one-machine sweep that uses neither. Skips both during
-    `ray.init` unless --dashboard. Patches `Node.start_api_server` and `Node.start_monitor`."""
+    node: about 1 CPU-second each that a one-machine sweep never uses, unless --dashboard."""
     from ray._private import node
 
     skipped = [n for n in ("start_api_server", "start_monitor") if not dashboard and hasattr(node.Node, n)]
-    originals = {n: node.Node.__dict__.get(n) for n in skipped}
+    originals = {n: getattr(node.Node, n) for n in skipped}
     for n in skipped:
         setattr(node.Node, n, lambda self, **kwargs: None)
     try:
         yield
     finally:
         for n, original in originals.items():
-            if original is None:
-                delattr(node.Node, n)
-            else:
-                setattr(node.Node, n, original)
+            setattr(node.Node, n, original)
 
 
 @contextlib.contextmanager
 def ctrl_c_once_started(ray):
-    """A Ctrl-C inside `ray.init` leaves a half-built core worker that crashes the interpreter at
-    exit (status 139) with Ray's agents left running. Hold it until Ray has started, then shut Ray
-    down and interrupt; a second Ctrl-C interrupts at once. An ignored SIGINT stays ignored."""
+    """A Ctrl-C inside `ray.init` leaves a half-built core worker that crashes the exit (status
+    139) and Ray's agents running: it is held until Ray has started; a second one acts at once."""
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
         yield
@@ -184,8 +171,7 @@ def ctrl_c_once_started(ray):
 
 
 def no_tensorboard():
-    """Tune adds its TensorBoard logger to every run that has none; it imports tensorboardX and so
-    torch in the driver (3-4 s of a sweep's start). This stand-in takes its place."""
+    """Tune adds its TensorBoard logger to every run, importing torch in the driver (3-4 s)."""
     from ray.tune.logger import TBXLoggerCallback
 
     class NoTensorBoard(TBXLoggerCallback):

@@ -270,43 +270,29 @@ def dry_run_text(plan: Plan, gpus: int | None) -> str:
     from .cluster import fit_to
     from .report import count
 
-    space, resources = plan.space, plan.resources
-    scheduler = "FIFO: every trial runs to its last epoch"
-    if space.early_stopping:
-        es = space.early_stopping
-        scheduler = (
-            f"ASHA on {es['metric']} ({es['mode']}), grace period {count(es['grace_period'], 'epoch')}, "
-            f"reduction factor {es['reduction_factor']}"
-        )
-    cpus = os.cpu_count() or 1
+    space, resources, cpus = plan.space, plan.resources, os.cpu_count() or 1
     if gpus is not None:  # what the real run's private Ray will find: its notes and errors, here too
         resources = fit_to(cpus, gpus, resources, space, local=True)
-    at_once = max(1, int(cpus // max(resources["cpu"], 1e-9)))
+    at_once = [cpus // max(resources["cpu"], 1e-9), plan.max_concurrent or cpus]
     if resources["gpu"] and gpus:
-        at_once = min(at_once, max(1, int(gpus // resources["gpu"])))
-    if plan.max_concurrent:
-        at_once = min(at_once, plan.max_concurrent)
+        at_once.append(gpus // resources["gpu"])
     machine = count(cpus, "CPU") + (f", {count(int(gpus), 'GPU')}" if gpus else "")
-    merged = space.cells - len(space.trials)
-    lines = [
-        f"Sweep '{plan.name}' from {space.path}: {count(len(space.trials), 'trial')}"
-        + (f" ({space.cells} cells, {merged} merged)" if merged else ""),
-        "",
-    ]
-    if space.description:
-        lines += [space.description, ""]
+    here = "" if plan.address else f"; on this machine ({machine}) up to {max(1, int(min(at_once)))} at once"
+    scheduler = "FIFO: every trial runs to its last epoch"
+    if es := space.early_stopping:
+        scheduler = (
+            f"ASHA on {es['metric']} ({es['mode']}), grace period {count(es['grace_period'], 'epoch')}"
+        )
+        scheduler += f", reduction factor {es['reduction_factor']}"
     retries = {0: "never", 1: "once"}.get(plan.max_failures, f"up to {plan.max_failures} times")
-    lines += [
-        format_table(space),
-        "",
-        f"resources per trial: {resources_text(resources)}"
-        + ("" if plan.address else f"; on this machine ({machine}) up to {at_once} at once"),
-        f"scheduler: {scheduler}; a crashed trial is retried {retries} from its last checkpoint",
-        f"storage: {plan.experiment}",
-        f"reports: {os.path.join(plan.reports, plan.name)}",
-        "dry run: nothing was started or written",
-    ]
-    return "\n".join(lines)
+    merged = space.cells - len(space.trials)
+    title = f"Sweep '{plan.name}' from {space.path}: {count(len(space.trials), 'trial')}"
+    lines = [title + (f" ({space.cells} cells, {merged} merged)" if merged else ""), ""]
+    lines += [space.description, ""] if space.description else []
+    lines += [format_table(space), "", f"resources per trial: {resources_text(resources)}{here}"]
+    lines += [f"scheduler: {scheduler}; a crashed trial is retried {retries} from its last checkpoint"]
+    lines += [f"storage: {plan.experiment}", f"reports: {os.path.join(plan.reports, plan.name)}"]
+    return "\n".join(lines + ["dry run: nothing was started or written"])
 
 
 def resources_text(resources: dict) -> str:
