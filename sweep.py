@@ -45,12 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--gpus-per-trial", type=float, metavar="N", help="override resources.gpu (0.25: 4 per GPU)"
     )
-    p.add_argument(
-        "--max-failures",
-        type=int,
-        metavar="N",
-        help="retries of a crashed trial (default: the space's, or 2)",
-    )
+    p.add_argument("--max-failures", type=int, metavar="N", help="retries of a crashed trial (default: 2)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and resources; run nothing")
     p.add_argument("--reports", default="reports", metavar="DIR", help="reports go to DIR/<name>/")
     p.add_argument("--report-only", action="store_true", help="rebuild the report of a stored sweep")
@@ -142,20 +137,11 @@ def make_plan(args, argv: list[str], space_path: str, storage: str) -> tuner.Pla
         raise ConfigError(f"--max-failures {max_failures}: allowed: a whole number >= 0")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent}: allowed: a whole number >= 1")
+    flags = ("reports", "max_concurrent", "resume", "address", "tensorboard", "debug")
+    kept = {flag: getattr(args, flag) for flag in flags}
+    experiment = tuner.join(storage, name)
     return tuner.Plan(
-        space=space,
-        name=name,
-        storage=storage,
-        experiment=tuner.join(storage, name),
-        reports=args.reports,
-        resources=resources,
-        max_failures=max_failures,
-        max_concurrent=args.max_concurrent,
-        argv=argv,
-        resume=args.resume,
-        address=args.address,
-        tensorboard=args.tensorboard,
-        debug=args.debug,
+        space, name, storage, experiment, resources=resources, max_failures=max_failures, argv=argv, **kept
     )
 
 
@@ -165,12 +151,11 @@ def dry_run(args, plan: tuner.Plan, exists: bool, running: str | None) -> int:
         stored, space = plan.stored, plan.space
         if "early_stopping" in stored:
             space = dataclasses.replace(space, early_stopping=stored["early_stopping"])
-        shown = dataclasses.replace(
-            plan,
-            space=space,
-            max_failures=stored.get("max_failures", plan.max_failures),
-            max_concurrent=stored.get("max_concurrent"),
-        )
+        kept = {
+            "max_failures": stored.get("max_failures", plan.max_failures),
+            "max_concurrent": stored.get("max_concurrent"),
+        }
+        shown = dataclasses.replace(plan, space=space, **kept)
     print(tuner.dry_run_text(shown, None if args.address else cluster.local_gpus()))
     if args.resume and exists and not running:
         print("resume: the stored sweep's trials continue as they started")

@@ -156,11 +156,8 @@ def ignored_on_resume(args, stored: dict) -> list[str]:
         was = "as it started" if kept is unknown else ("no limit" if kept is None else f"{kept:g}")
         out.append(f"{flag} {given:g} (keeps {was})")
     if args.tensorboard and stored.get("tensorboard") is not True:
-        out.append(
-            "--tensorboard (keeps "
-            + ("no TensorBoard files" if "tensorboard" in stored else "its loggers")
-            + ")"
-        )
+        kept = "no TensorBoard files" if "tensorboard" in stored else "its loggers"
+        out.append(f"--tensorboard (keeps {kept})")
     return out
 
 

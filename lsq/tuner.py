@@ -28,11 +28,11 @@ class Plan:
     name: str
     storage: str  # an absolute local path or a URI
     experiment: str  # storage/name
-    reports: str
     resources: dict
     max_failures: int
-    max_concurrent: int | None
     argv: list[str]
+    reports: str = "reports"
+    max_concurrent: int | None = None
     resume: bool = False
     stored: dict | None = None  # the resumed sweep's sweep.json
     address: str | None = None
