@@ -171,27 +171,22 @@ def finish(plan: Plan) -> int:
     """Write the report once Tune has returned; the exit status from the trials' statuses."""
     from . import report
 
-    unreported = False
     try:
         result = report.build_report(plan.experiment, plan.reports, plan.name, live=False)
-        print_report(result)
-        statuses = result.results["status"]
     except OSError as e:  # the disk is full, the storage went away
-        unreported = True
+        folder = os.path.join(plan.reports, plan.name)
         print(
-            f"error: cannot build the report in {os.path.join(plan.reports, plan.name)} ({e.strerror or e}). The "
-            f"sweep's results stay in {plan.experiment}: the same command with --report-only (and --reports DIR "
-            "for another folder) builds it again",
+            f"error: cannot build the report in {folder} ({e.strerror or e}). The sweep's results stay in "
+            f"{plan.experiment}: the same command with --report-only builds it again",
             file=sys.stderr,
         )
-        try:
-            statuses = report.collect(plan.experiment, live=False)[0]["status"]
-        except Exception:
-            return FAILED
+        return FAILED
+    print_report(result)
+    statuses = result.results["status"]
     if statuses.isin(["INTERRUPTED", "PENDING"]).any():
         print(f"\nThe sweep was interrupted. Resume it with:\n  {resume_command(plan.argv)}")
         return INTERRUPTED
-    return FAILED if unreported or (statuses == "ERROR").any() else OK
+    return FAILED if (statuses == "ERROR").any() else OK
 
 
 def print_report(result) -> None:
