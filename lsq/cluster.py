@@ -14,9 +14,8 @@ from .space import Space
 
 def start_ray(address: str | None, dashboard: bool = False):
     """A private local Ray on 127.0.0.1 with a fresh auth token (default), or the cluster at `address`."""
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = (
-        "0"  # snapshot after every step: a killed driver loses nothing seen
-    )
+    # snapshot after every step: a killed driver loses nothing it has seen
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
     # a diverged trial's last report has no top1: under early stopping Tune would end the sweep for it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic progress table
@@ -30,9 +29,8 @@ def start_ray(address: str | None, dashboard: bool = False):
             os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     else:
         token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-        if "RAY_AUTH_MODE" not in os.environ and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)
-        ):
+        token = os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)
+        if token and "RAY_AUTH_MODE" not in os.environ:
             os.environ["RAY_AUTH_MODE"] = "token"  # Ray sends the token by itself only for address "auto"
         if _loopback_only(address):
             ray_fixes.loopback_node()  # or Ray rewrites 127.0.0.1 to an address the cluster does not answer on
@@ -55,12 +53,8 @@ def start_ray(address: str | None, dashboard: bool = False):
                 ) from None
         else:
             with ray_fixes.lean_local_ray(dashboard):
-                ctx = ray.init(
-                    address="local",
-                    include_dashboard=dashboard,
-                    logging_config=quiet,
-                    _system_config=ray_fixes.KEEP_IDLE_WORKERS,
-                )
+                options = {"include_dashboard": dashboard, "_system_config": ray_fixes.KEEP_IDLE_WORKERS}
+                ctx = ray.init(address="local", logging_config=quiet, **options)
             if dashboard and getattr(ctx, "dashboard_url", None):
                 print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return ray
