@@ -14,14 +14,14 @@
 # Exit status: 0 when every part ran to its end, 1 when one failed or ran out of its time budget.
 #
 # Parts, each with a time budget (together 505 s), the most needed first: (1) the quantizer's
-# Triton kernels (lsq/_triton.py, CUDA's fast path) against the paper's formulas; (2) a FP32
+# Triton kernels (lsq/kernels_cuda.py, CUDA's fast path) against the paper's formulas; (2) a FP32
 # resnet20 CIFAR-10 epoch (also unpacks and decodes the images); (3) compiled training must track
 # eager: 3 epochs of the trainer, eager and compile=reduce-overhead, on CIFAR-10 (train loss and
-# top-1; the trainer also checks its first compiled step against eager and says so; target 5:
+# top-1; target 5:
 # the compiled epoch <= 2 s); (4) the quantizer per call with the options explored (target 2);
 # (5) resnet18 b128 224x224 training steps, FP32 and W4A4, eager and torch.compile with CUDA
 # graphs, the fastest mode for both (target: W4A4 <= 1.25x FP32), and W4A4 with the image's step
-# gradient taken through the first conv's input gradient (w4a4-dgrad: before lsq.layers._ImageConv);
+# gradient taken through the first conv's input gradient (w4a4-dgrad: before lsq.layers.ImageConv);
 # (6) resnet20 b128 steps with the Triton kernels and with the eager quantizer; (7) the W4A4
 # epoch under compile=reduce-overhead with the data path's share.
 # Tables go to stdout and bench/RESULTS.md (and $OUT); part (3) prints its epochs only.
