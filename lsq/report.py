@@ -1,5 +1,4 @@
-"""Reports of a stored experiment (a folder or a pyarrow URI), built from what Tune and the trainable
-left there: no Ray needed, and a partial or interrupted sweep reports too."""
+"""Reports of a stored experiment (folder or pyarrow URI), from storage alone: no Ray; partial sweeps too."""
 
 from __future__ import annotations
 
@@ -18,16 +17,10 @@ from .config import PATH_KEYS, TrialConfig
 from .files import atomic_write
 from .storage import Storage, read_meta, usable_session
 
-RESULT_COLUMNS = (
-    "trial_id trial_name status epochs_done best_top1 final_top1 best_top5 final_top5 int_top1 export_ok "
-    "gpu_hours wall_seconds error checkpoint"
-).split()
-# what the headline table's columns already say; seeds are averaged into one row
-HEADLINE_KEYS = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
+RESULT_COLUMNS = "trial_id trial_name status epochs_done best_top1 final_top1 best_top5 final_top5".split()
+RESULT_COLUMNS += "int_top1 export_ok gpu_hours wall_seconds error checkpoint".split()
 _TUNE = {"trial_id": "trial_id", "status": "status", "folder": "relative_logdir", "name": "custom_trial_name"}
 _EXPORT = {None: "–", True: "ok", False: "FAILED"}  # the deployment check's outcome, as a table cell
-
-
 Report = namedtuple("Report", "folder results table_md files")  # what build_report wrote
 
 
@@ -75,18 +68,15 @@ def _last_error(st: Storage, folder: str) -> str | None:
 
 
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
-    """What became of a trial, from its own results first and Tune's last snapshot second."""
-    if failed:
-        return "FAILED"  # the trainer gave up (e.g. a NaN loss) and said why
-    if finished:
-        return "TERMINATED"
-    if tune_status == "ERROR":
-        return "ERROR"  # crashed more often than max_failures allows
-    if tune_status == "TERMINATED" and started:
-        return "STOPPED"  # early stopping (ASHA) ended it before its last epoch
-    if started or tune_status in ("RUNNING", "PAUSED"):
-        return "RUNNING" if live else "INTERRUPTED"  # --resume continues an interrupted one
-    return "PENDING"
+    """What became of a trial: the first rule that holds, its own results before Tune's last snapshot."""
+    rules = [
+        (failed, "FAILED"),  # the trainer gave up (e.g. a NaN loss) and said why
+        (finished, "TERMINATED"),
+        (tune_status == "ERROR", "ERROR"),  # crashed more often than max_failures allows
+        (tune_status == "TERMINATED" and started, "STOPPED"),  # early stopping ended it before its last epoch
+        (started or tune_status in ("RUNNING", "PAUSED"), "RUNNING" if live else "INTERRUPTED"),
+    ]
+    return next((status for holds, status in rules if holds), "PENDING")
 
 
 def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dict]]:
@@ -102,8 +92,7 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
     epochs = rows[:-1] if failed else rows
     last = epochs[-1] if epochs else {}
     export_failed = last.get("export_reason") if last.get("export_ok") is False else None
-    # the latest reported checkpoint still stored: Tune writes a result line only after its
-    # checkpoint is stored whole, so one that no result names (a full disk mid-copy) is never used
+    # the latest checkpoint that a result names (so stored whole, not cut by a full disk) and storage holds
     stored = {name for name, is_dir in st.listdir(folder) if is_dir} if folder else set()
     named = [r.get("checkpoint_dir_name") for r in epochs]
     checkpoint = next((c for c in reversed(named) if c in stored), None)
@@ -128,7 +117,7 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
 
 
 def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(a row per trial, a row per trial and layer, meta); `live`: unfinished trials RUNNING, not INTERRUPTED."""
+    """(a row per trial, a row per layer, meta); `live`: unfinished trials are RUNNING, not INTERRUPTED."""
     st = Storage(experiment)
     meta = read_meta(experiment)
     trials = {t["trial_id"]: t for t in tune_trials(st) if t["trial_id"]}
@@ -138,13 +127,11 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
             trial_id = next((r["trial_id"] for r in trial_results(st, name) if r.get("trial_id")), name)
             trials.setdefault(trial_id, {"trial_id": trial_id, "status": None, "folder": name, "name": name})
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
-    collected = [_trial(st, {"config": {}, **t}, gpu, live) for t in trials.values()]
+    collected = [_trial(st, {"config": {}, **trials[i]}, gpu, live) for i in sorted(trials)]
     records = [record for record, _ in collected]
     layers = [row for _, rows in collected for row in rows]
     df = pd.DataFrame.from_records(records, columns=TrialConfig.keys() + RESULT_COLUMNS)
-    df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
     df[["w_bits", "a_bits"]] = df[["w_bits", "a_bits"]].astype("Int64")
-    layers.sort(key=lambda row: row["trial_id"])  # in the trials' order; each trial's layers as stored
     return df, pd.DataFrame.from_records(layers), meta
 
 
@@ -153,34 +140,24 @@ def _plain(v):
     return None if pd.isna(v) else v.item() if hasattr(v, "item") else v
 
 
-def _sci(x: float) -> str:
-    """1e-4, 2.5e-5, 0.1: compact, as in the paper's tables."""
-    plain = x == 0 or 1e-3 <= abs(x) < 1e4
-    return f"{x:g}" if plain else np.format_float_scientific(x, trim="-", exp_digits=1)
-
-
-def _cell(v, key: str = "") -> str:
-    """A config value as a table cell; a path by its last two parts (`run1/checkpoint.pt`)."""
+def _cell(v, key: str = "", spec: str = "") -> str:
+    """A value as a table cell: a number by `spec`; else a float as in the paper (1e-4, 0.1), a path by its
+    last two parts."""
     v = _plain(v)
     if v is None:
         return "FP32" if key in ("w_bits", "a_bits") else "–"
+    if spec:
+        return format(v, spec)
     if key in PATH_KEYS:
         return "/".join(str(v).rstrip("/").split("/")[-2:])
-    return _sci(v) if isinstance(v, float) else str(v)
-
-
-def _fmt(x, spec: str = ".2f") -> str:
-    return "–" if _plain(x) is None else format(x, spec)
-
-
-def _short(text, limit: int = 160) -> str:
-    """Long error messages fit a table cell; results.csv keeps them whole."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if isinstance(v, float) and not (v == 0 or 1e-3 <= abs(v) < 1e4):
+        return np.format_float_scientific(v, trim="-", exp_digits=1)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _md(header: list[str], rows: list[list]) -> str:
-    cells = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    """A Markdown table; a cell's line breaks and `|` would break its row."""
+    cells = [[" ".join(str(c).split()).replace("|", "\\|") for c in r] for r in rows]
     return pd.DataFrame(cells, columns=header).to_markdown(index=False, disable_numparse=True)
 
 
@@ -204,13 +181,14 @@ def notes(cfg: TrialConfig) -> str:
 
 def params_text(cfg: TrialConfig, extra=()) -> str:
     """Epochs, weight decay and batch, then the `extra` keys, so that no two rows read the same."""
-    text = f"{count(cfg.epochs, 'epoch')}, wd {_sci(cfg.wd)}, batch {cfg.batch_size}"
+    text = f"{count(cfg.epochs, 'epoch')}, wd {_cell(cfg.wd)}, batch {cfg.batch_size}"
     return text + "".join(f", {k} {_cell(getattr(cfg, k), k)}" for k in extra)
 
 
 def headline_extra(df: pd.DataFrame) -> list[str]:
-    """The varied keys no other headline column shows; data_dir not where it moves with the dataset."""
-    extra = _varied(df, exclude=HEADLINE_KEYS)
+    """The varied keys no headline column shows (seeds are averaged); data_dir where the dataset stays."""
+    shown = ("w_bits", "a_bits", "model", "first", "last", "epochs", "wd", "batch_size", "seed")
+    extra = _varied(df, exclude=shown)
     return [k for k in extra if not (k == "data_dir" and "dataset" in extra)]
 
 
@@ -222,19 +200,18 @@ def _acc_cell(group: pd.DataFrame, seeded: bool) -> str:
         text = f"{done.mean():.2f}" + (f" ± {done.std():.2f}" if len(done) > 1 else "")
         return f"{text} (n={len(done)}" + "".join(f"; {n} {s.lower()}" for s, n in others.items()) + ")"
     r = group.iloc[0]
-    if r["status"] == "TERMINATED":
-        return _fmt(r["final_top1"])
-    return f"{_fmt(r['final_top1'])} ({r['status'].lower()}, {r['epochs_done']}/{r['epochs']} epochs)"
+    progress = f" ({r['status'].lower()}, {r['epochs_done']}/{r['epochs']} epochs)"
+    return _cell(r["final_top1"], spec=".2f") + ("" if r["status"] == "TERMINATED" else progress)
 
 
-def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_layers: bool) -> str:
+def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, files: list[str]) -> str:
+    """table.md: the original project's table (seeds averaged), then every trial, then links to `files`."""
     summary = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [f"# {name}", (meta.get("description") or "").strip()]
     parts.append(f"{count(len(df), 'trial')} ({summary}). Experiment: `{experiment}`. Generated {when}.")
     parts.append(f"Command: `{meta['command']}`" if meta.get("command") else "")
     parts += [(meta.get("note") or "").strip(), "\n".join(f"- {line}" for line in meta.get("merged") or [])]
-
     # the headline: one row per cell, its seeds averaged, in trial order
     keys = [k for k in TrialConfig.keys() if k != "seed"]
     groups = [g for _, g in df.groupby(keys, dropna=False, sort=False)] if len(df) else []
@@ -247,32 +224,27 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, has_l
     parts.append(_md(["Models", "Networks", "Params", "Notes", "Acc@1"], headline))
     over_seeds = ", mean ± std over seeds (n finished trials)" if seeded else ""
     parts.append(f"Acc@1: top-1 accuracy (%) on the test set after the last epoch{over_seeds}.")
-
     varied = _varied(df, exclude=("epochs",))  # the epochs column shows done/total
     header = ["trial", "status", *varied, "epochs", "best top-1", "final top-1", "final top-5", "int top-1"]
-    header += ["export", "wall (s)", "error"]
     rows = [
         [r.trial_name, r.status, *(_cell(getattr(r, k), k) for k in varied), f"{r.epochs_done}/{r.epochs}"]
-        + [_fmt(getattr(r, k)) for k in ("best_top1", "final_top1", "final_top5", "int_top1")]
-        + [_EXPORT[_plain(r.export_ok)], _fmt(r.wall_seconds, ".0f"), _short(_plain(r.error) or "")]
+        + [_cell(getattr(r, k), spec=".2f") for k in ("best_top1", "final_top1", "final_top5", "int_top1")]
+        + [_EXPORT[_plain(r.export_ok)], _cell(r.wall_seconds, spec=".0f"), _plain(r.error) or ""]
         for r in df.itertuples()
     ]
-    parts += ["## Every trial", _md(header, rows)]
+    parts += ["## Every trial", _md([*header, "export", "wall (s)", "error"], rows)]
     off = not df["deploy_check"].astype(bool).all()
     skipped = " Trials with deploy_check=false skip it (–)." if off else ""
-    parts.append(
-        "int top-1: top-1 of integer inference (lsq/export.py). export: the ONNX model "
-        "agrees with the fake-quantized model in onnxruntime." + skipped
-    )
-    layers = ", [layers.md](layers.md) (step sizes and weight error per layer)" if has_layers else ""
-    parts.append(f"Files: [results.csv](results.csv){layers}, [accuracy_vs_bits.png](accuracy_vs_bits.png).")
+    legend = "int top-1: top-1 of integer inference (lsq/export.py). export: the ONNX model agrees with"
+    parts.append(f"{legend} the fake-quantized model in onnxruntime.{skipped}")
+    parts.append("Files: " + ", ".join(f"[{file}]({file})" for file in files) + ".")
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def render_layers(layers: pd.DataFrame) -> str:
     about = "From each trial's latest checkpoint (– where FP32); w_rel_mse = ||ŵ - w||² / ||w||²."
-    out, columns = ["# Per-layer diagnostics", about], ["layer", "kind", "w_bits", "a_bits", "w_step"]
-    columns += ["a_step", "w_rel_mse"]
+    out = ["# Per-layer diagnostics", about]
+    columns = ["layer", "kind", "w_bits", "a_bits", "w_step", "a_step", "w_rel_mse"]
     for _, rows in layers[layers["label"] != "FP32"].groupby("trial_id", sort=False):  # FP32: nothing learned
         first = rows.iloc[0]
         out.append(f"## {first['trial_name']} ({first['label']}, after epoch {first['epoch']})")
@@ -330,10 +302,10 @@ def build_report(experiment: str, reports_dir: str, name: str | None = None, liv
     name = name or meta.get("name") or os.path.basename(experiment.rstrip("/"))
     folder = os.path.join(reports_dir, name)
     written = {"results.parquet": df.to_parquet(index=False), "results.csv": df.to_csv(index=False)}
-    written["table.md"] = render_table(df, meta, name, experiment, has_layers=len(layers) > 0)
     if len(layers):
         written.update({"layers.csv": layers.to_csv(index=False), "layers.md": render_layers(layers)})
     written["accuracy_vs_bits.png"] = plot_accuracy_vs_bits(df)
+    written["table.md"] = render_table(df, meta, name, experiment, list(written))
     for file, data in written.items():
         atomic_write(os.path.join(folder, file), data)
     return Report(folder, df, written["table.md"], [os.path.join(folder, f) for f in written])
