@@ -3,6 +3,7 @@ augmented there by `DeviceLoader`; ImageNet uses torchvision's ImageFolder and D
 draw comes from the trainer's CPU generator, so restoring its state resumes a run bit-identically."""
 
 import contextlib
+import fcntl
 import functools
 import math
 import os
@@ -21,8 +22,6 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 TEST_BATCH = 500  # evaluation batch size for the small sets (at least the training batch size)
@@ -62,7 +61,6 @@ class DeviceLoader:
     def __post_init__(self):
         device, p = self.images.device, self.pad
         self.n, self.c, self.h, self.w = self.images.shape
-        self.labels = self.labels.to(device=device, dtype=torch.int64)
         self.padded = F.pad(self.images, (p,) * 4) if p else self.images
         self.images = self.padded[:, :, p : p + self.h, p : p + self.w]  # a view: one copy is kept
         self.mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -77,29 +75,22 @@ class DeviceLoader:
 
     def __iter__(self):
         g, n, b, p = self.generator, self.n, self.batch_size, self.pad
-        # The whole epoch's draws up front: the generator's state after them does not depend on
-        # how far the epoch is iterated.
+        # The epoch's draws all up front: the generator's next state is the same however far it is iterated.
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        dy = dx = flip = torch.zeros(n, dtype=torch.int64)
-        if p:
-            dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=g)
-        if self.flip:
-            flip = torch.randint(0, 2, (n,), generator=g)
-        plan = torch.stack([order, dy, dx, flip], 1).to(self.padded.device)
+        still = torch.zeros(2, n, dtype=torch.int64)  # no shift, no flip
+        dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=g) if p else still
+        flip = torch.randint(0, 2, (n,), generator=g) if self.flip else still[0]
         count = len(self) * b if self.drop_last else n  # images this epoch
-        for lo in range(0, count, self.GATHER_BATCHES * b):
-            hi = min(lo + self.GATHER_BATCHES * b, count)
-            x, y = self.gather(plan[lo:hi], lo, hi)
-            for k in range(0, hi - lo, b):
-                yield self.normalize(x[k : k + b]), y[k : k + b]
+        plan = torch.stack([order, dy, dx, flip], 1)[:count].to(self.padded.device)
+        for chunk in plan.split(self.GATHER_BATCHES * b):
+            x, y = self.gather(*chunk.unbind(1))
+            for xb, yb in zip(x.split(b), y.split(b)):
+                yield self.normalize(xb), yb
 
-    def gather(self, plan, lo: int, hi: int):
-        """uint8 images and labels lo..hi of the epoch, as `plan` (image, dy, dx, flip) says."""
-        i, y0, x0, f = plan.unbind(1)
+    def gather(self, i, y0, x0, f):
+        """uint8 images i and labels: rows y0 + r, columns x0 + c (x0 + W-1-c where f) of the padded copy."""
         if not (self.pad or self.flip):
-            i = i if self.shuffle else slice(lo, hi)  # in order: a view, no copy
             return self.padded[i], self.labels[i]
-        # image i, all channels, rows y0 + r, columns x0 + c (x0 + W-1-c where flipped)
         cols = torch.where(f.bool()[:, None], self.cols.flip(0), self.cols)
         cols = (x0[:, None] + cols).view(-1, 1, 1, self.w)
         rows = (y0[:, None] + self.rows).view(-1, 1, self.h, 1)
@@ -122,19 +113,18 @@ def _small_data(train, test, mean, std, num_classes, cfg, device, generator, cha
 
 
 @functools.cache
-def digits() -> dict[str, torch.Tensor]:
-    """sklearn's digits as 16x16 uint8 images (bilinear 2x upsampling of the 8x8 originals), split
-    stratified 80/20 the same way for every seed."""
+def digits():
+    """sklearn's digits: (train, test) as 16x16 uint8 images (bilinear 2x upsampling of the 8x8
+    originals) and int64 labels, split stratified 80/20 the same way for every seed."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    x, y = x.round().clamp(0, 255).to(torch.uint8), torch.tensor(d.target, dtype=torch.int64)
-    split = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
-    tr, te = (torch.tensor(i) for i in split)
-    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).round().to(torch.uint8)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=0)
+    return (x[tr], y[tr]), (x[te], y[te])
 
 
 def _missing(cfg, flag: str, what: str, looked: str, extra: str = "") -> ConfigError:
@@ -144,30 +134,17 @@ def _missing(cfg, flag: str, what: str, looked: str, extra: str = "") -> ConfigE
     )
 
 
-def _check_dir(cfg, flag: str) -> str:
-    root = os.path.abspath(os.path.expanduser(cfg.data_dir))
-    if not os.path.isdir(root):
-        why = f"no such folder ({root}); pass {flag}=<folder holding {cfg.dataset}>"
-        raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {why}")
-    return root
-
-
 def _torchvision_cifar(name: str, root: str, download: bool):
     """(train, test) as CPU uint8 (N, 3, 32, 32) images and int64 labels, in torchvision's format."""
     import torchvision  # here: a trial on digits never pays its import
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     sets = [cls(root=root, train=train, download=download) for train in (True, False)]
-    return [
-        (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets
-    ]
+    return [(torch.from_numpy(s.data).movedim(3, 1).contiguous(), torch.tensor(s.targets)) for s in sets]
 
 
 def _download(name: str, root: str):
-    """One download attempt. A sweep's trials start together: a lock lets one download while the
-    others wait, then find the archive complete (torchvision checks its MD5)."""
-    import fcntl
-
+    """One download attempt, under a lock: of the trials that start together, one downloads, the rest wait."""
     with open(os.path.join(root, ".lsq_download.lock"), "a") as lock:
         with contextlib.suppress(OSError):  # a file system without locks: each trial tries alone
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -175,8 +152,7 @@ def _download(name: str, root: str):
 
 
 class BadImageError(ConfigError):
-    """An image that cannot be decoded. From a DataLoader worker its message carries the worker's
-    traceback: only ours, at its end, is kept."""
+    """An undecodable image. From a DataLoader worker, the message ends with ours: only that is kept."""
 
     def __init__(self, message: str):
         super().__init__(message.rpartition("BadImageError: ")[2].strip())
@@ -201,16 +177,12 @@ def _decode_folder(folder: str, classes: list[str]):
     images, labels = [], []
     with warnings.catch_warnings(action="ignore", category=DeprecationWarning):  # (torchvision: TorchCodec)
         for label, name in enumerate(classes):
-            for f in sorted(os.listdir(os.path.join(folder, name))):
-                path = os.path.join(folder, name, f)
-                if not f.lower().endswith(IMAGE_EXTS):
-                    continue
+            d = os.path.join(folder, name)
+            for path in sorted(os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)):
                 try:
-                    with open(path, "rb") as fh:
-                        raw = bytearray(fh.read())
-                    if not raw:  # (torch.frombuffer's own message would be about buffer lengths)
+                    if not os.path.getsize(path):  # (torchvision's own message names its read_file)
                         raise ValueError("an empty file")
-                    image = decode_image(torch.frombuffer(raw, dtype=torch.uint8), mode=ImageReadMode.RGB)
+                    image = decode_image(path, mode=ImageReadMode.RGB)
                 except (OSError, ValueError, RuntimeError) as e:
                     raise _bad_image(path, e) from None
                 if image.shape != (3, 32, 32):
@@ -222,18 +194,17 @@ def _decode_folder(folder: str, classes: list[str]):
     return torch.stack(images), torch.tensor(labels)
 
 
-def _load_cifar(cfg, device, generator, channels_last, flag):
-    name, root = cfg.dataset, _check_dir(cfg, flag)
-    want, human = CIFAR_CLASSES[name], CIFAR_NAMES[name]
+def _load_cifar(cfg, root, device, generator, channels_last, flag):
+    name = cfg.dataset
+    want, human = CIFAR_CLASSES[name], f"CIFAR-{name[5:]}"
     tv_folder, train_dir, test_dir = (os.path.join(root, d) for d in (CIFAR_FOLDERS[name], "train", "test"))
     layout, where = data_layout(name, root), f"key 'data_dir' = {cfg.data_dir!r}"
     if layout == "torchvision":
         try:
             train, test = _torchvision_cifar(name, root, download=False)
         except Exception as e:  # noqa: BLE001 (whatever torchvision raises for a damaged copy)
-            raise ConfigError(
-                f"{where}: {tv_folder} is not a readable {human} in torchvision's format: {e}"
-            ) from None
+            why = f"{tv_folder} is not a readable {human} in torchvision's format: {e}"
+            raise ConfigError(f"{where}: {why}") from None
     elif layout == "imagefolder":
         classes = _classes(train_dir)
         if len(classes) != want or _classes(test_dir) != classes:
@@ -281,8 +252,7 @@ class DeviceDataLoader:
             yield x.to(memory_format=self.fmt, **to), y.to(**to)
 
 
-def _load_imagenet(cfg, device, generator, channels_last, flag):
-    root = _check_dir(cfg, flag)
+def _load_imagenet(cfg, root, device, generator, channels_last, flag):
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     where = f"key 'data_dir' = {cfg.data_dir!r}"
     if data_layout("imagenet", root) is None:
@@ -291,7 +261,7 @@ def _load_imagenet(cfg, device, generator, channels_last, flag):
     import torchvision
     from torchvision import transforms as T
 
-    normalize = T.Normalize(*IMAGENET_STATS)
+    normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's mean and std
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
     try:
@@ -301,13 +271,12 @@ def _load_imagenet(cfg, device, generator, channels_last, flag):
         raise ConfigError(f"{where}: not a usable ImageNet ImageFolder: {e}") from None
     if val.classes != train.classes:
         raise ConfigError(f"{where}: {val_dir} and {train_dir} hold different class folders")
-    b, common = cfg.batch_size, dict(num_workers=cfg.workers, pin_memory=torch.device(device).type == "cuda")
+    b, pin = cfg.batch_size, device.type == "cuda"
+    loader = functools.partial(DataLoader, batch_size=b, num_workers=cfg.workers, pin_memory=pin)
     # Evaluation at the training batch size (TEST_BATCH 224x224 images times the workers' prefetch
     # would be GBs of shared memory), with its own fixed generator: no draw from ours.
-    train_dl = DataLoader(
-        train, b, shuffle=True, drop_last=len(train) >= b, generator=torch.Generator(), **common
-    )
-    val_dl = DataLoader(val, b, generator=torch.Generator().manual_seed(0), **common)
+    train_dl = loader(train, shuffle=True, drop_last=len(train) >= b, generator=torch.Generator())
+    val_dl = loader(val, generator=torch.Generator().manual_seed(0))
     train_dl = DeviceDataLoader(train_dl, device, generator, channels_last)
     val_dl = DeviceDataLoader(val_dl, device, None, channels_last)
     return Data(train_dl, val_dl, len(train.classes), 3, 224, len(train), len(val))
@@ -318,11 +287,13 @@ def load_data(cfg: TrialConfig, device, generator, channels_last=False, data_dir
     `data_dir_flag`: how the command being run sets key 'data_dir', for the error messages."""
     device = torch.device(device)
     if cfg.dataset == "digits":
-        d = digits()
-        x = d["x_train"].float() / 255  # normalized with the training set's own statistics
+        train, test = digits()
+        x = train[0].float() / 255  # normalized with the training set's own statistics
         mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-        train, test = (d["x_train"], d["y_train"]), (d["x_test"], d["y_test"])
         return _small_data(train, test, mean, std, 10, cfg, device, generator, channels_last, pad=2)
-    if cfg.dataset in CIFAR_STATS:
-        return _load_cifar(cfg, device, generator, channels_last, data_dir_flag)
-    return _load_imagenet(cfg, device, generator, channels_last, data_dir_flag)  # (config allows no other)
+    root = os.path.abspath(os.path.expanduser(cfg.data_dir))
+    if not os.path.isdir(root):
+        why = f"no such folder ({root}); pass {data_dir_flag}=<folder holding {cfg.dataset}>"
+        raise ConfigError(f"key 'data_dir' = {cfg.data_dir!r}: {why}")
+    load = _load_cifar if cfg.dataset in CIFAR_STATS else _load_imagenet  # (config allows no other)
+    return load(cfg, root, device, generator, channels_last, data_dir_flag)
