@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import time
 from collections import namedtuple
 
 import numpy as np
@@ -63,8 +62,7 @@ def _last_error(st: Storage, folder: str) -> str | None:
     lines = [ln.strip() for ln in (st.read_text(folder, "error.txt") or "").splitlines() if ln.strip()]
     failures = max((int(m[1]) for ln in lines if (m := re.match(r"Failure # (\d+)", ln))), default=0)
     errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b.*:", ln)] or lines[-1:]
-    suffix = f" ({count(failures, 'failure')})" if failures else ""
-    return errors[-1] + suffix if errors else None
+    return f"{errors[-1]} ({count(failures, 'failure')})" if failures else None
 
 
 def _status(tune_status: str | None, failed: str | None, started: bool, finished: bool, live: bool) -> str:
@@ -96,10 +94,10 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
     stored = {name for name, is_dir in st.listdir(folder) if is_dir} if folder else set()
     named = [r.get("checkpoint_dir_name") for r in epochs]
     checkpoint = next((c for c in reversed(named) if c in stored), None)
+    about = {"trial_id": t["trial_id"], "trial_name": t["name"] or folder}
     record = {
         **cfg.to_dict(),
-        "trial_id": t["trial_id"],
-        "trial_name": t["name"] or folder,
+        **about,
         "status": status,
         "epochs_done": done,
         "best_top1": max((float(r["top1"]) for r in epochs), default=math.nan),
@@ -112,8 +110,7 @@ def _trial(st: Storage, t: dict, gpu: float, live: bool) -> tuple[dict, list[dic
         "checkpoint": st.uri(folder, checkpoint) if checkpoint else None,
     }
     layers = st.read_json(folder, checkpoint, "layers.json") if checkpoint else []
-    about = {"trial_id": t["trial_id"], "trial_name": record["trial_name"], "label": cfg.label()}
-    return record, [{**about, "epoch": done, **layer} for layer in layers or []]
+    return record, [{**about, "label": cfg.label(), "epoch": done, **layer} for layer in layers or []]
 
 
 def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -121,18 +118,15 @@ def collect(experiment: str, live: bool = False) -> tuple[pd.DataFrame, pd.DataF
     st = Storage(experiment)
     meta = read_meta(experiment)
     trials = {t["trial_id"]: t for t in tune_trials(st) if t["trial_id"]}
-    known = {t["folder"] for t in trials.values()}
     for name, is_dir in st.listdir():  # trial folders newer than Tune's snapshot
-        if is_dir and name not in known and st.exists(name, "params.json"):
+        if is_dir and name not in {t["folder"] for t in trials.values()} and st.exists(name, "params.json"):
             trial_id = next((r["trial_id"] for r in trial_results(st, name) if r.get("trial_id")), name)
             trials.setdefault(trial_id, {"trial_id": trial_id, "status": None, "folder": name, "name": name})
     gpu = float((meta.get("resources") or {}).get("gpu") or 0)
     collected = [_trial(st, {"config": {}, **trials[i]}, gpu, live) for i in sorted(trials)]
-    records = [record for record, _ in collected]
-    layers = [row for _, rows in collected for row in rows]
-    df = pd.DataFrame.from_records(records, columns=TrialConfig.keys() + RESULT_COLUMNS)
+    df = pd.DataFrame.from_records([r for r, _ in collected], columns=TrialConfig.keys() + RESULT_COLUMNS)
     df[["w_bits", "a_bits"]] = df[["w_bits", "a_bits"]].astype("Int64")
-    return df, pd.DataFrame.from_records(layers), meta
+    return df, pd.DataFrame.from_records([row for _, rows in collected for row in rows]), meta
 
 
 def _plain(v):
@@ -141,8 +135,7 @@ def _plain(v):
 
 
 def _cell(v, key: str = "", spec: str = "") -> str:
-    """A value as a table cell: a number by `spec`; else a float as in the paper (1e-4, 0.1), a path by its
-    last two parts."""
+    """A table cell: a number by `spec`, else a float as in the paper (1e-4, 0.1), a path's last two parts."""
     v = _plain(v)
     if v is None:
         return "FP32" if key in ("w_bits", "a_bits") else "–"
@@ -162,7 +155,6 @@ def _md(header: list[str], rows: list[list]) -> str:
 
 
 def count(n: int, noun: str) -> str:
-    """`1 epoch`, `8 epochs`."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
@@ -207,9 +199,8 @@ def _acc_cell(group: pd.DataFrame, seeded: bool) -> str:
 def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, files: list[str]) -> str:
     """table.md: the original project's table (seeds averaged), then every trial, then links to `files`."""
     summary = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
-    when = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [f"# {name}", (meta.get("description") or "").strip()]
-    parts.append(f"{count(len(df), 'trial')} ({summary}). Experiment: `{experiment}`. Generated {when}.")
+    parts.append(f"{count(len(df), 'trial')} ({summary}). Experiment: `{experiment}`.")
     parts.append(f"Command: `{meta['command']}`" if meta.get("command") else "")
     parts += [(meta.get("note") or "").strip(), "\n".join(f"- {line}" for line in meta.get("merged") or [])]
     # the headline: one row per cell, its seeds averaged, in trial order
@@ -233,8 +224,7 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, files
         for r in df.itertuples()
     ]
     parts += ["## Every trial", _md([*header, "export", "wall (s)", "error"], rows)]
-    off = not df["deploy_check"].astype(bool).all()
-    skipped = " Trials with deploy_check=false skip it (–)." if off else ""
+    skipped = " Trials with deploy_check=false skip it (–)." if not df.deploy_check.astype(bool).all() else ""
     legend = "int top-1: top-1 of integer inference (lsq/export.py). export: the ONNX model agrees with"
     parts.append(f"{legend} the fake-quantized model in onnxruntime.{skipped}")
     parts.append("Files: " + ", ".join(f"[{file}]({file})" for file in files) + ".")
@@ -242,8 +232,7 @@ def render_table(df: pd.DataFrame, meta: dict, name: str, experiment: str, files
 
 
 def render_layers(layers: pd.DataFrame) -> str:
-    about = "From each trial's latest checkpoint (– where FP32); w_rel_mse = ||ŵ - w||² / ||w||²."
-    out = ["# Per-layer diagnostics", about]
+    out = ["# Layers", "From each trial's latest checkpoint (– where FP32); w_rel_mse = ||ŵ - w||² / ||w||²."]
     columns = ["layer", "kind", "w_bits", "a_bits", "w_step", "a_step", "w_rel_mse"]
     for _, rows in layers[layers["label"] != "FP32"].groupby("trial_id", sort=False):  # FP32: nothing learned
         first = rows.iloc[0]
