@@ -8,7 +8,6 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")  # the ones with model-zoo weights
@@ -18,8 +17,7 @@ CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 
 
 def data_layout(dataset: str, root: str) -> str | None:
-    """The layout of `dataset` in `root`, from its folders alone: "torchvision" (CIFAR's own format),
-    "imagefolder" (train/ and test/; ImageNet: train/ and val/) or None."""
+    """`dataset`'s layout in `root`: "torchvision", "imagefolder" (train/ + test/ or val/) or None."""
     has = lambda *names: all(os.path.isdir(os.path.join(root, n)) for n in names)  # noqa: E731
     if dataset in CIFAR_FOLDERS and has(CIFAR_FOLDERS[dataset]):
         return "torchvision"
@@ -35,17 +33,14 @@ def data_missing(dataset: str, root: str) -> str | None:
     return "no train/ and val/ (ImageFolder, val/ sorted into class folders)"
 
 
-# First/last-layer presets: name -> (weight bits, activation bits, in words); "body": the body's bits.
-_PRESETS = {
-    "body": ("body", "body", "same bits as the body"),
-    "fp32": (None, None, "FP32"),
-    "w_body_a_fp32": ("body", None, "weights at body bits, input FP32"),
-    "w8_a_fp32": (8, None, "weights 8-bit, input FP32"),
-    "w8a8": (8, 8, "8-bit weights and input"),
+# First/last-layer presets: name -> (weight bits, activation bits); "body": the body's bits.
+PRESETS = {
+    "body": ("body", "body"),
+    "fp32": (None, None),
+    "w_body_a_fp32": ("body", None),
+    "w8_a_fp32": (8, None),
+    "w8a8": (8, 8),
 }
-PRESETS = {name: (w, a) for name, (w, a, _) in _PRESETS.items()}
-PRESET_WORDS = {name: words for name, (_, _, words) in _PRESETS.items()}
-BIT_RANGE = (2, 8)
 PATH_KEYS = ("data_dir", "init_from")  # the keys that name a file or folder
 _EXPLICIT_END = re.compile(r"^w(\d+)a(\d+)$")
 _ENDS = ", ".join(PRESETS)
@@ -56,7 +51,6 @@ class ConfigError(ValueError):
 
 
 def did_you_mean(value: Any, allowed) -> str:
-    """' (did you mean 'x'?)' for the allowed value closest to a mistyped one, else ''."""
     close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -70,11 +64,10 @@ def is_number(value: Any) -> bool:
 
 
 def _bits(key: str, value: Any, where: str) -> int | None:
-    lo, hi = BIT_RANGE
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "fp32", "32")):
         return None
-    if not (is_number(value) and value in (32, *range(lo, hi + 1))):
-        raise _bad(where, key, value, f"bits must be in {lo}..{hi}, or None/32 for FP32")
+    if not (is_number(value) and value in (32, *range(2, 9))):
+        raise _bad(where, key, value, "bits must be in 2..8, or None/32 for FP32")
     return None if value == 32 else int(value)
 
 
@@ -88,25 +81,21 @@ def resolve_end(spec: str, w_bits: int | None, a_bits: int | None, key: str = "e
 
 
 def _end(key: str, value: Any, where: str) -> str:
-    lo, hi = BIT_RANGE
     v = value.strip().lower() if isinstance(value, str) else ""
     m = _EXPLICIT_END.match(v)
-    if v not in PRESETS and not (m and all(b == "32" or lo <= int(b) <= hi for b in m.groups())):
+    if v not in PRESETS and not (m and all(b == "32" or int(b) in range(2, 9) for b in m.groups())):
         why = "bits out of range" if m else f"unknown preset{did_you_mean(v, PRESETS) if v else ''}"
-        allowed = f"a preset ({_ENDS}) or 'wXaY' with X, Y in {lo}..{hi} or 32"
+        allowed = f"a preset ({_ENDS}) or 'wXaY' with X, Y in 2..8 or 32"
         raise _bad(where, key, value, f"{why}; allowed: {allowed}")
     return v
 
 
 def _key(default: Any, help: str, **rules: Any) -> Any:
-    """A TrialConfig field: its metadata holds `help` (for the CLIs) and the allowed values."""
-    return field(default=default, metadata={"help": help, **rules})
+    return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrialConfig:
-    """One training run."""
-
     model: str = _key("resnet20", "network", choices=MODELS)
     dataset: str = _key("digits", "data set", choices=DATASETS)
     data_dir: str | None = _key(None, "data set folder (not digits)")
@@ -116,13 +105,13 @@ class TrialConfig:
     first: str = _key("w8a8", f"first conv: a preset ({_ENDS}) or explicit wXaY", check=_end)
     last: str = _key("w8a8", f"last linear: a preset ({_ENDS}) or explicit wXaY", check=_end)
     epochs: int = _key(10, "training epochs", min=1)
-    lr: float = _key(0.01, "peak learning rate", min=0.0, exclusive=True)
+    lr: float = _key(0.01, "peak learning rate", above=0.0)
     wd: float = _key(1e-4, "weight decay", min=0.0)
     momentum: float = _key(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _key(False, "Nesterov momentum")
     schedule: str = _key("cosine", "LR schedule", choices=("cosine", "step"))
     lr_step_size: int = _key(30, "step schedule: epochs per decay", min=1)
-    lr_gamma: float = _key(0.1, "step schedule: decay factor", min=0.0, exclusive=True)
+    lr_gamma: float = _key(0.1, "step schedule: decay factor", above=0.0)
     warmup_epochs: int = _key(0, "linear LR warm-up epochs", min=0)
     batch_size: int = _key(128, "training batch size", min=1)
     seed: int = _key(0, "random seed", min=0)
@@ -141,11 +130,22 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrialConfig":
-        """Validate a plain mapping (from YAML, a CLI or Tune) into a TrialConfig."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping of config keys, got {type(values).__name__}")
+        """Validate a plain mapping (from YAML, a CLI or Tune) into a TrialConfig, cross-checked."""
         cfg = cls(**{k: coerce(k, v, where) for k, v in values.items()})
-        cfg._check_cross(where)
+        if cfg.nesterov and cfg.momentum == 0:  # torch.optim.SGD refuses it when the trial starts
+            raise _bad(where, "nesterov", True, "needs momentum > 0; allowed: false, or a momentum in (0, 1]")
+        if cfg.dataset != "digits" and not cfg.data_dir:
+            msg = f"{where}: key 'data_dir' is required for dataset '{cfg.dataset}' (only digits is bundled)"
+            raise ConfigError(msg)
+        if cfg.init_from and cfg.init_from != "torchvision" and not os.path.isfile(cfg.init_from):
+            inside = os.path.join(cfg.init_from, "checkpoint.pt")  # what a sweep trial's folder holds
+            why = "is a folder, not a file" if os.path.isdir(cfg.init_from) else "no such file"
+            why += f"; it holds the checkpoint file {inside}" if os.path.isfile(inside) else ""
+            allowed = "(allowed: a path to an FP32 checkpoint, or 'torchvision')"
+            raise _bad(where, "init_from", cfg.init_from, f"{why} {allowed}")
+        if cfg.init_from == "torchvision" and cfg.model not in TORCHVISION_MODELS:
+            why = f"needs a torchvision model ({', '.join(TORCHVISION_MODELS)}), not {cfg.model!r}"
+            raise _bad(where, "init_from", cfg.init_from, why)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,72 +154,47 @@ class TrialConfig:
     def replace(self, **changes) -> "TrialConfig":
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
-    def _check_cross(self, where: str) -> None:
-        if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it when the trial starts
-            raise _bad(where, "nesterov", True, "needs momentum > 0; allowed: false, or a momentum in (0, 1]")
-        if self.dataset != "digits" and not self.data_dir:
-            msg = f"{where}: key 'data_dir' is required for dataset '{self.dataset}' (only digits is bundled)"
-            raise ConfigError(msg)
-        if self.init_from and self.init_from != "torchvision" and not os.path.isfile(self.init_from):
-            inside = os.path.join(self.init_from, "checkpoint.pt")  # what a sweep trial's folder holds
-            why = "is a folder, not a file" if os.path.isdir(self.init_from) else "no such file"
-            why += f"; it holds the checkpoint file {inside}" if os.path.isfile(inside) else ""
-            allowed = "(allowed: a path to an FP32 checkpoint, or 'torchvision')"
-            raise _bad(where, "init_from", self.init_from, f"{why} {allowed}")
-        if self.init_from == "torchvision" and self.model not in TORCHVISION_MODELS:
-            why = f"needs a torchvision model ({', '.join(TORCHVISION_MODELS)}), not {self.model!r}"
-            raise _bad(where, "init_from", self.init_from, why)
-
     @property
     def is_fp32(self) -> bool:
         """The FP32 baseline: an FP32 body keeps the whole model FP32, whatever first/last say."""
         return self.w_bits is None and self.a_bits is None
 
     def end_bits(self, end: str) -> tuple[int | None, int | None]:
-        """Resolved (weight bits, activation bits) of the 'first' or 'last' layer."""
         return resolve_end(getattr(self, end), self.w_bits, self.a_bits, end)
 
-    def identity(self) -> tuple:
-        """Equal for two configs that train the same network the same way."""
-        d = self.to_dict()
-        d["first"], d["last"] = self.end_bits("first"), self.end_bits("last")
-        return tuple(sorted(d.items()))
+    def identity(self) -> "TrialConfig":
+        """Equal for two configs that train the same network the same way: first/last as their bits."""
+        return dataclasses.replace(self, first=self.end_bits("first"), last=self.end_bits("last"))
 
     def label(self) -> str:
         """W4A4 / W4A32 / FP32, as in the tables."""
         return "FP32" if self.is_fp32 else f"W{self.w_bits or 32}A{self.a_bits or 32}"
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
-
-
 def coerce(key: str, value: Any, where: str = "config") -> Any:
     """Check and convert one value for one key. Raises ConfigError naming key, value, allowed."""
-    if key not in _FIELDS:
-        hint = did_you_mean(key, _FIELDS)
-        raise ConfigError(f"{where}: unknown key '{key}'{hint}; allowed keys: {', '.join(_FIELDS)}")
-    meta, tp = _FIELDS[key].metadata, str(_FIELDS[key].type)
+    fields = {f.name: f for f in dataclasses.fields(TrialConfig)}
+    if key not in fields:
+        hint = did_you_mean(key, fields)
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}; allowed keys: {', '.join(fields)}")
+    meta, tp = fields[key].metadata, str(fields[key].type)
     if "check" in meta:  # bits and first/last
         return meta["check"](key, value, where)
     if value is None and "None" in tp:
         return None
-    if tp == "bool" and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-        value = value.lower() in ("true", "yes", "1")
-    if tp in ("int", "float") and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = int(value) if tp == "int" else float(value)
+    kinds = {"bool": "true or false", "int": "an integer", "float": "a finite number"}
+    if isinstance(value, str) and tp in kinds:  # a command line's words
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        with contextlib.suppress(ValueError, KeyError):
+            value = {"int": int, "float": float}.get(tp, words.__getitem__)(value.lower())
     ok = {"bool": isinstance(value, bool), "int": is_number(value) and isinstance(value, int)}
-    ok = {**ok, "float": is_number(value)}.get(tp, isinstance(value, str))
-    if not ok:
-        kind = {"bool": "true or false", "int": "an integer", "float": "a finite number"}.get(tp, "a string")
-        raise _bad(where, key, value, f"expected {kind}")
+    if not {**ok, "float": is_number(value)}.get(tp, isinstance(value, str)):
+        raise _bad(where, key, value, f"expected {kinds.get(tp, 'a string')}")
     value = float(value) if tp == "float" else value
     if "choices" in meta and value not in meta["choices"]:
         hint = did_you_mean(value, meta["choices"])
         raise _bad(where, key, value, f"unknown {key}{hint}; allowed: {', '.join(meta['choices'])}")
-    lo, hi, exclusive = meta.get("min"), meta.get("max"), meta.get("exclusive")
-    if lo is not None and (value < lo or (exclusive and value == lo)):
-        raise _bad(where, key, value, f"must be {'>' if exclusive else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise _bad(where, key, value, f"must be <= {hi}")
+    for sign, limit in ((">=", meta.get("min")), (">", meta.get("above")), ("<=", meta.get("max"))):
+        if limit is not None and not {">=": value >= limit, ">": value > limit, "<=": value <= limit}[sign]:
+            raise _bad(where, key, value, f"must be {sign} {limit}")
     return value

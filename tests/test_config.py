@@ -169,11 +169,6 @@ def test_end_presets_resolve(spec, expected):
 
 
 # ------------------------------------------------------------------------------- cross checks
-def test_not_a_mapping():
-    with pytest.raises(ConfigError, match="mapping"):
-        TrialConfig.from_dict(["model", "resnet20"])
-
-
 def test_dataset_needs_data_dir():
     msg = error({"dataset": "cifar10"})
     assert "data_dir" in msg and "cifar10" in msg
