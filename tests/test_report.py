@@ -667,6 +667,16 @@ def test_a_failed_export_check_says_why(tmp_path):
     assert has_row(table, "52.50", "FAILED", "30", f"export check: {reason}"), table
 
 
+def test_a_multiline_error_stays_in_its_row(tmp_path):
+    """An exporter's message over several lines, with a `|`, is one cell in table.md; results.csv keeps it whole."""
+    reason = "exporter failed: shape mismatch\n  a | b\n"
+    last = {**epoch_row("m_00000", 3, 53.0, 30), "export_ok": False, "export_reason": reason}
+    trial = ("m_00000", "001_W4A4_w8a8", config(), "TERMINATED", curve("m_00000", [50.0, 51.0]) + [last])
+    rep = report.build_report(str(stored_sweep(tmp_path, "multiline", [trial])), str(tmp_path / "reports"))
+    assert has_row(rep.table_md, "FAILED", "30", "export check: exporter failed: shape mismatch a \\| b")
+    assert rep.results.loc[0, "error"] == f"export check: {reason}"
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_report_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     """A report on a shared server is for colleagues too: its files get the mode any new file
