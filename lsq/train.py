@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import os
 import sys
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import EXIT_HELP, OK, run_command
-from .config import ConfigError, TrialConfig, coerce
+from .config import ConfigError, TrialConfig
 from .data import CIFAR_CLASSES, DATA_DIR_FLAG, load_data
 from .files import write_problem
 from .models import CIFAR_DEPTHS, build_model, load_error, load_fp32, read_state_dict
@@ -30,20 +29,6 @@ class DivergedError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or a stored one is unreadable or belongs elsewhere."""
-
-
-class SGD(torch.optim.SGD):
-    """torch.optim.SGD without torch.optim's wrappers, which import torch._dynamo (seconds of a start)."""
-
-    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
-    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
-    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
-    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
-    _step = inspect.unwrap(torch.optim.SGD.step)  # (under the profiling hook torch adds as well)
-
-    @torch.no_grad()  # what step's wrapper did besides
-    def step(self, closure=None):
-        return SGD._step(self, closure)
 
 
 def uses_channels_last(device: torch.device, model_name: str) -> bool:
@@ -108,12 +93,9 @@ class Trainer:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)  # eager: state dicts, diagnostics
         use_opaque_backward(self.model, cfg.compile, self.device)
-        self.compiled = None  # or torch.compile of self.model: one graph per batch shape
-        if cfg.compile != "none":
-            self.compiled = torch.compile(self.model, mode=cfg.compile, dynamic=False)
-        self._compiled_ready = False
+        self.compiled = None  # torch.compile of self.model (one graph per batch shape), made by `net`
         groups = param_groups(model, cfg.wd, cfg.step_wd)
-        self.optimizer = SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
         self.autocast = precision(self.device, cfg.amp)
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
@@ -123,26 +105,22 @@ class Trainer:
     def net(self) -> torch.nn.Module:
         """The module that runs a batch: with compile, eager until every step size is initialized
         (initialization reads the data: it would split the graph), then the compiled one."""
-        if self.compiled is not None and not self._compiled_ready:
-            self._compiled_ready = all(q.is_initialized() for q in quantizers(self.model))
-        if self.compiled is None or not self._compiled_ready:
-            return self.model
+        if self.compiled is None:
+            if self.cfg.compile == "none" or not all(q.is_initialized() for q in quantizers(self.model)):
+                return self.model
+            self.compiled = torch.compile(self.model, mode=self.cfg.compile, dynamic=False)
         if self.cfg.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are free
         return self.compiled
-
-    def _backward(self, net, images, labels) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.cross_entropy(net(images), labels)
-        loss.backward()
-        return loss
 
     def train_one_epoch(self) -> float:
         self.model.train()
         total, count = torch.zeros((), device=self.device), 0
         for step, (images, labels) in enumerate(self.data.train):
-            loss = self._backward(self.net, images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = F.cross_entropy(self.net(images), labels)
+            loss.backward()
             self.optimizer.step()
             total, count = total + loss.detach() * len(labels), count + len(labels)
             if step % 50 == 0 and not torch.isfinite(total):  # a sync every 50 steps, not every step
@@ -169,13 +147,12 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             lr, t0 = self.optimizer.param_groups[0]["lr"], time.perf_counter()
             train_loss = self.train_one_epoch()
-            train_seconds = time.perf_counter() - t0
+            speed = self.data.train_size / (time.perf_counter() - t0)  # training images per second
             metrics = self.evaluate()
             self.lr_scheduler.step()
             self.epoch, self.best_top1 = self.epoch + 1, max(self.best_top1, metrics["top1"])
             metrics = {"epoch": self.epoch, **metrics, "train_loss": train_loss, "best_top1": self.best_top1}
-            metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0)
-            metrics["images_per_second"] = self.data.train_size / train_seconds
+            metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0, images_per_second=speed)
             self.history.append(metrics)
             yield metrics
 
@@ -214,16 +191,14 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
-# keys that may differ between a checkpoint and the run that resumes it: where and how, not what
-_RESUMABLE = ("data_dir", "epochs", "workers", "device", "init_from", "compile", "deploy_check")
-
-
 def same_trial(stored: dict | None, cfg: TrialConfig) -> bool:
-    """Whether a checkpoint's config is this trial's; a key it predates counts as its default."""
+    """Whether a checkpoint's config is this trial's: only where and how it runs may differ, not what
+    is trained; a key the checkpoint predates counts as its default."""
+    resumable = ("data_dir", "epochs", "workers", "device", "init_from", "compile", "deploy_check")
     if not isinstance(stored, dict):
         return False
     mine, stored = cfg.to_dict(), {**TrialConfig().to_dict(), **stored}
-    return set(stored) == set(mine) and all(stored[k] == v for k, v in mine.items() if k not in _RESUMABLE)
+    return set(stored) == set(mine) and all(stored[k] == v for k, v in mine.items() if k not in resumable)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -236,11 +211,6 @@ def read_checkpoint(path: str) -> dict:
     missing = [k for k in keys if not (isinstance(state, dict) and k in state)]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a trainer checkpoint (missing {', '.join(missing)})")
-    model, why = state["model"], f"its 'model' is of type {type(state['model']).__name__}"
-    if not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
-        raise CheckpointError(
-            f"checkpoint {path} is not a trainer checkpoint ({why}, not a state dict of tensors)"
-        )
     return state
 
 
@@ -284,8 +254,7 @@ def parse_args(argv=None) -> tuple[TrialConfig, argparse.Namespace]:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrialConfig) if hasattr(args, f.name)}
     if hasattr(args, "bit"):
         values = {"w_bits": args.bit, "a_bits": args.bit, **values}
-    values = {k: coerce(k, _cli_value(k, v), "command line") for k, v in values.items()}
-    return TrialConfig.from_dict(values, where="command line"), args
+    return TrialConfig.from_dict({k: _cli_value(k, v) for k, v in values.items()}, where="command line"), args
 
 
 def _cli_value(key: str, v: str):
@@ -300,37 +269,33 @@ def _cli_value(key: str, v: str):
 
 
 def main(argv=None) -> int:
-    run = types.SimpleNamespace(trainer=None, save=None, saved=False)  # for the Ctrl-C line
+    run = types.SimpleNamespace(trainer=None, save=None)  # for the Ctrl-C line
 
     def body() -> int:
         cfg, args = parse_args(argv)
         threads, run.save = getattr(args, "threads", None), getattr(args, "save", None)
         if threads is not None and threads < 1:  # (torch.set_num_threads raises)
             raise ConfigError(f"--threads {threads}: allowed: a whole number >= 1")
-        problem = run.save is not None and write_problem("--save", run.save)
-        if problem:  # now, not after the training it would throw away
+        if run.save is not None and (problem := write_problem("--save", run.save)):  # now, not after training
             raise ConfigError(problem)
         if threads:
             torch.set_num_threads(threads)
-        say = functools.partial(print, flush=True)
         run.trainer = t = Trainer(cfg, data_dir_flag="--data_dir")
         ends = "first=fp32 last=fp32" if cfg.is_fp32 else f"first={cfg.first} last={cfg.last}"
         images = f"{t.data.train_size} train / {t.data.test_size} test images"
-        say(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({t.device}); {ends}; {images}")
+        print(f"{cfg.label()} {cfg.model} on {cfg.dataset} ({t.device}); {ends}; {images}", flush=True)
         for m in t.epochs():
-            say(format_metrics(m, cfg.epochs))
+            print(format_metrics(m, cfg.epochs), flush=True)
         if run.save is not None:
             os.makedirs(os.path.dirname(os.path.abspath(run.save)), exist_ok=True)
             t.save(run.save)
-            run.saved = True
-            say(f"saved {run.save}")
+            print(f"saved {run.save}")
         return OK
 
     def interrupted() -> str:
-        t, save = run.trainer, run.save
+        t = run.trainer
         done = "before training" if t is None else f"{t.epoch} of {t.cfg.epochs} epochs trained"
-        kept = "" if save is None else f"; saved {save}" if run.saved else f"; nothing saved to {save}"
-        return f"interrupted ({done}){kept}"
+        return f"interrupted ({done})" + ("" if run.save is None else f"; nothing saved to {run.save}")
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     return run_command(body, debug, failures=(CheckpointError, DivergedError), interrupted=interrupted)

@@ -4,9 +4,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -15,7 +12,6 @@ import torch
 from lsq.config import ConfigError, TrialConfig
 from lsq.policy import BitPolicy, describe, init_steps, quantize_model, quantizers
 from lsq.train import (
-    SGD,
     CheckpointError,
     DivergedError,
     Trainer,
@@ -242,67 +238,6 @@ def test_step_sizes_excluded_from_weight_decay():
     assert {id(p) for p in groups[1]["params"]} == steps and groups[1]["weight_decay"] == 0.0
     assert not steps & {id(p) for p in groups[0]["params"]} and groups[0]["weight_decay"] == 1e-4
     assert param_groups(model, wd=1e-4, step_wd=True)[1]["weight_decay"] == 1e-4
-
-
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_steps_and_state_dicts_are_torch_sgd(nesterov):
-    """The trainer's SGD against torch.optim.SGD: bit for bit, with two weight-decay groups and a
-    schedule, and each loads the other's state dict mid-run (old checkpoints hold torch's)."""
-
-    def setup(cls):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-        opt = cls(
-            [
-                {"params": [model[0].weight, model[2].weight], "weight_decay": 1e-2},
-                {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
-            ],
-            lr=0.1,
-            momentum=0.9,
-            nesterov=nesterov,
-        )
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
-
-    def steps(model, opt, sched, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            model(torch.randn(4, 6, generator=g)).square().sum().backward()
-            opt.step()
-            sched.step()
-
-    ours, theirs = setup(SGD), setup(torch.optim.SGD)
-    for seed, (a, b) in enumerate([(ours, theirs), (theirs, ours)]):  # then swap state dicts
-        steps(*a, 3, seed)
-        steps(*b, 3, seed)
-        for p, q in zip(a[0].parameters(), b[0].parameters()):
-            assert torch.equal(p, q) and p.grad_fn is None
-        sd_a, sd_b = a[1].state_dict(), b[1].state_dict()
-        assert repr(sd_a) == repr(sd_b)
-        a[1].load_state_dict(sd_b)
-        b[1].load_state_dict(sd_a)
-    assert ours[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)
-
-
-def test_a_trial_worker_never_imports_torch_dynamo(tmp_path):
-    """Importing torch._dynamo costs a new trial worker about 2 s on 2 cores; torch.optim's
-    wrappers import it on their first call. A trainer without compile, its epoch and its
-    checkpoint round trip must not."""
-    code = (
-        f"import sys; from lsq.config import TrialConfig; from lsq.train import Trainer\n"
-        f"t = Trainer(TrialConfig.from_dict({dict(FAST, epochs=1)!r}))\n"
-        f"next(t.epochs()); t.save({str(tmp_path / 'c.pt')!r}); t.load({str(tmp_path / 'c.pt')!r})\n"
-        f"print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_cifar_resnets_train_in_channels_last_on_the_cpu():
