@@ -1,5 +1,4 @@
-"""Search spaces: a YAML file (format: README) -> validated TrialConfigs, one per cell of variants x grid
-x seeds (defaults < fixed < grid < variant row < --set < seed); cells that are one trial run once."""
+"""A search space file -> a TrialConfig per cell (defaults < fixed < grid < variant < --set < seed)."""
 
 from __future__ import annotations
 
@@ -17,23 +16,20 @@ from tabulate import tabulate
 from .config import PATH_KEYS, ConfigError, TrialConfig, coerce, did_you_mean, is_number
 
 TOP_KEYS = tuple("name description fixed grid variants seeds resources early_stopping max_failures".split())
-RESOURCE_STEP = 0.0001  # Ray's smallest share: a smaller one fails inside Tune, after Ray has started
-RESOURCES = {
-    "cpu": f"a number >= {RESOURCE_STEP:g}",
-    "gpu": f"0, a fraction in {RESOURCE_STEP:g}..1 (shares one card) or a whole number of GPUs",
+RESOURCES = {  # 0.0001 is Ray's smallest share: a smaller one fails inside Tune, after Ray has started
+    "cpu": "a number >= 0.0001",
+    "gpu": "0, a fraction in 0.0001..1 (shares one card) or a whole number of GPUs",
 }
-EARLY_STOPPING = {"metric": "top1", "mode": "max", "grace_period": 1, "reduction_factor": 3}
+ASHA = {"metric": "top1", "mode": None, "grace_period": 1, "reduction_factor": 3}  # early_stopping's defaults
 METRIC_MODES = {"top1": "max", "top5": "max", "loss": "min", "best_top1": "max"}  # the better direction
 SHIPPED_SPACES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
-class Merged:
-    """Cells that normalize to one trial: `kept` runs, `dropped` (their configs as written) do not."""
-
-    kept: int  # index into Space.trials
-    dropped: list[dict]
+class Merged:  # cells that normalize to one trial
+    kept: int  # the one that runs: an index into Space.trials
+    dropped: list[dict]  # the others, their configs as written
     differ_in: list[str]  # keys whose written values differ among the merged cells
 
     def describe(self, trial: TrialConfig) -> str:
@@ -58,7 +54,6 @@ class Space:
     overrides: dict  # the --set values
 
     def points(self) -> list[dict]:
-        """One plain TrialConfig dict per trial: what `train_lsq(config)` receives."""
         return [t.to_dict() for t in self.trials]
 
     def varied_keys(self) -> list[str]:
@@ -66,7 +61,6 @@ class Space:
 
 
 def varied_keys(configs: list[dict]) -> list[str]:
-    """The TrialConfig keys whose value differs between `configs`, in TrialConfig order."""
     return [k for k in TrialConfig.keys() if len({repr(c.get(k)) for c in configs}) > 1]
 
 
@@ -86,14 +80,13 @@ def check_name(name: Any, where: str = "name") -> str:
 
 def read_name(path: str) -> str:
     """Just the sweep name of a space file (for --report-only, which trains nothing)."""
-    doc = _yaml(path, _read(path))
+    doc = _load(path)
     name = doc.get("name") if isinstance(doc, dict) else None
     return check_name(name or os.path.splitext(os.path.basename(path))[0], f"{path} (name)")
 
 
 def load_space(path: str, overrides: list[str] | None = None) -> Space:
-    """Read, validate and expand a search space file. Raises ConfigError on any mistake."""
-    doc, where = _yaml(path, _read(path)), functools.partial(_at, path)
+    doc, where = _load(path), functools.partial(_at, path)
     if not isinstance(doc, dict):
         got = "an empty file" if doc is None else f"a {type(doc).__name__}"
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
@@ -104,10 +97,9 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
     variants = [(("variants", i), _shape(row, dict, where, "variants", i)) for i, row in enumerate(variants)]
     resources = _known(_shape(doc.get("resources"), dict, where, "resources"), RESOURCES, where, "resources")
     resources = {k: check_resource(k, v, where("resources", k)) for k, v in resources.items()}
-    early = early_stopping(doc.get("early_stopping"), where)
-    if not _whole(failures := doc.get("max_failures", 2), 0):
+    if type(failures := doc.get("max_failures", 2)) is not int or failures < 0:
         raise _refuse(where, ("max_failures",), failures, "a whole number >= 0")
-    seeds = list(range(doc["seeds"])) if _whole(doc.get("seeds"), 1) else doc.get("seeds")
+    seeds = list(range(n)) if type(n := doc.get("seeds")) is int and n > 0 else n
     if seeds is not None and not (isinstance(seeds, list) and seeds):
         raise _refuse(where, ("seeds",), seeds, "a count N >= 1 or a list of seeds")
     seeds = seeds and [coerce("seed", s, where("seeds", i)) for i, s in enumerate(seeds)]
@@ -119,18 +111,14 @@ def load_space(path: str, overrides: list[str] | None = None) -> Space:
         for seed in ([{"seed": s} for s in seeds] if seeds else [{}])
     ]
     trials, merged = _trials(cells, where)
-    most = max(t.epochs for t in trials)  # the scheduler's max_t: ASHA asserts grace_period <= max_t
-    if early and early["grace_period"] > most:
-        allowed = f"a whole number of epochs from 1 to {most} (the longest trial's)"
-        raise _refuse(where, ("early_stopping", "grace_period"), early["grace_period"], allowed)
+    early = early_stopping(doc.get("early_stopping"), where, max(t.epochs for t in trials))
     resources = {"cpu": 1, "gpu": 0, **resources}
     description = str(doc.get("description") or "").strip()
     return Space(path, name, description, trials, len(cells), merged, resources, early, failures, seeds, sets)
 
 
 def _trials(cells: list, where) -> tuple[list[TrialConfig], list[Merged]]:
-    """Each cell as one TrialConfig (a mistake named where its key was set), with absolute paths
-    (Ray runs each trial in a folder of its own); cells of equal identity merged."""
+    """Each cell as a TrialConfig (paths absolute: each trial runs in its own folder); equal ones merged."""
     groups = {}  # identity -> [(trial, its config as written)]
     for number, layers in enumerate(cells, start=1):
         if layers[-1][1] and (at := next((at for at, layer in layers[:-1] if "seed" in layer), None)):
@@ -151,8 +139,29 @@ def _trials(cells: list, where) -> tuple[list[TrialConfig], list[Merged]]:
     return [rows[0][0] for rows in groups.values()], merged
 
 
+def _load(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if not glob.glob("*.y*ml", root_dir=folder):  # no space beside it: name the shipped ones
+            folder = SHIPPED_SPACES
+        known = ", ".join(sorted(glob.glob("*.y*ml", root_dir=folder)))
+        raise ConfigError(f"{path}: no such search space file; spaces in {folder}: {known}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, say
+        raise ConfigError(f"{path}: cannot read it ({e}); allowed: a search space file (YAML)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = " ".join(f"{getattr(e, 'problem', None) or e} {getattr(e, 'context', None) or ''}".split())
+        if "constructor for the tag" in problem:
+            safe = "search spaces are read with yaml.safe_load (plain values only)"
+            raise ConfigError(f"{at}: YAML tag {problem.rsplit(' ', 1)[-1]} is not allowed: {safe}") from None
+        raise ConfigError(f"{at}: YAML syntax error: {problem}") from None
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`--set key=value` items -> {key: validated value}. The value is parsed as YAML."""
     out = {}
     for item in items:
         key, eq, raw = (part.strip() for part in item.partition("="))
@@ -169,38 +178,18 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        folder = os.path.dirname(path) or "."
-        if not glob.glob("*.y*ml", root_dir=folder):  # no space beside it: name the shipped ones
-            folder = SHIPPED_SPACES
-        known = ", ".join(sorted(glob.glob("*.y*ml", root_dir=folder)))
-        raise ConfigError(f"{path}: no such search space file; spaces in {folder}: {known}") from None
-    except (OSError, UnicodeDecodeError) as e:  # a folder, say
-        raise ConfigError(f"{path}: cannot read it ({e}); allowed: a search space file (YAML)") from None
-
-
 def _refuse(where, path: tuple, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{where(*path)}: '{_dotted(path)}' = {value!r}: allowed: {allowed}")
-
-
-def _whole(value: Any, lo: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+    return ConfigError(f"{where(*path)}: '{_at('', *path)}' = {value!r}: allowed: {allowed}")
 
 
 def _known(section: dict, allowed, where, *path) -> dict:
-    for key in section:
-        if key not in allowed:
-            hint, allowed = did_you_mean(key, allowed), ", ".join(allowed)
-            raise ConfigError(f"{where(*path, key)}: unknown key '{key}'{hint}; allowed: {allowed}")
+    for key in (key for key in section if key not in allowed):
+        hint = did_you_mean(key, allowed)
+        raise ConfigError(f"{where(*path, key)}: unknown key '{key}'{hint}; allowed: {', '.join(allowed)}")
     return section
 
 
 def _shape(section: Any, kind: type, where, *path, empty: bool = True) -> Any:
-    """`section` ({} or [] where absent) once it is a `kind`, and not empty unless `empty`."""
     if section is not None and not (isinstance(section, kind) and (section or empty)):
         what = ("a " if empty else "a non-empty ") + ("mapping" if kind is dict else "list of mappings")
         raise _refuse(where, path, section, f"{what} of config keys")
@@ -232,29 +221,29 @@ def _grid(section: Any, where) -> list[list[tuple[tuple, dict]]]:
 
 
 def check_resource(key: str, value: Any, where: str) -> float | int:
-    """cpu > 0; gpu >= 0, fractional below 1 (packed onto one card), whole above 1."""
-    least = 0 if key == "gpu" and value == 0 else RESOURCE_STEP
+    least = 0 if key == "gpu" and value == 0 else 0.0001
     if not (is_number(value) and value >= least and (key == "cpu" or value <= 1 or value % 1 == 0)):
         raise ConfigError(f"{where}: resource '{key}' = {value!r}: allowed: {RESOURCES[key]}")
     return int(value) if value % 1 == 0 else float(value)
 
 
-def early_stopping(section: Any, where) -> dict | None:
+def early_stopping(section: Any, where, max_t: int) -> dict | None:
     """The `early_stopping:` section as ASHA's settings (true: the defaults), or None: no ASHA."""
     if section is None or section is False:
         return None
     if section is not True and not isinstance(section, dict):
-        allowed = f"a mapping with keys {', '.join(EARLY_STOPPING)} (or true for the defaults)"
+        allowed = f"a mapping with keys {', '.join(ASHA)} (or true for the defaults)"
         raise _refuse(where, ("early_stopping",), section, allowed)
-    out = {**EARLY_STOPPING, "mode": None, **({} if section is True else section)}
-    metric, rf = _known(out, EARLY_STOPPING, where, "early_stopping")["metric"], out["reduction_factor"]
-    better = METRIC_MODES.get(metric) if isinstance(metric, str) else None
+    out = _known({**ASHA, **({} if section is True else section)}, ASHA, where, "early_stopping")
+    metric, epochs, rf = out["metric"], out["grace_period"], out["reduction_factor"]
+    better = METRIC_MODES.get(str(metric))
     out["mode"] = out["mode"] or better  # a default of max would keep the trials of highest loss
     why = f"{better} (a {'higher' if better == 'max' else 'lower'} {metric} is better)"
+    span = f"from 1 to {max_t} (the longest trial's)" if type(epochs) is int and epochs >= 1 else ">= 1"
     for key, ok, allowed in [
         ("metric", better is not None, ", ".join(METRIC_MODES)),
         ("mode", out["mode"] == better, why),
-        ("grace_period", _whole(out["grace_period"], 1), "a whole number of epochs >= 1"),
+        ("grace_period", type(epochs) is int and 1 <= epochs <= max_t, f"a whole number of epochs {span}"),
         ("reduction_factor", is_number(rf) and rf > 1, "a number > 1"),
     ]:
         if not ok:
@@ -262,33 +251,15 @@ def early_stopping(section: Any, where) -> dict | None:
     return out
 
 
-def _yaml(path: str, text: str) -> Any:
-    """yaml.safe_load of a space file; a syntax error or a tag (!!python/...) is one ConfigError."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = " ".join(f"{getattr(e, 'problem', None) or e} {getattr(e, 'context', None) or ''}".split())
-        if "constructor for the tag" in problem:
-            safe = "search spaces are read with yaml.safe_load (plain values only)"
-            raise ConfigError(f"{at}: YAML tag {problem.rsplit(' ', 1)[-1]} is not allowed: {safe}") from None
-        raise ConfigError(f"{at}: YAML syntax error: {problem}") from None
-
-
-def _dotted(parts: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
-
-
 def _at(path: str, *keys) -> str:
-    """'file (grid.w_bits[2])', or '--set key' for a key of --set."""
+    """'file (grid.w_bits[2])', 'grid.w_bits[2]' for no file, or '--set key' for a key of --set."""
     if keys[:1] == ("--set",):
         return f"--set {keys[-1]}"
-    return f"{path} ({_dotted(keys)})" if keys else path
+    dotted = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+    return f"{path} ({dotted})" if path and keys else path or dotted
 
 
 def format_table(space: Space) -> str:
-    """The trials as a Markdown table, then a note per group of merged cells."""
     shown = ["model", "dataset"]
     shown += [k for k in space.varied_keys() if k not in ("w_bits", "a_bits", "first", "last", *shown)]
     rows = [
