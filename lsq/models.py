@@ -21,14 +21,11 @@ class BasicBlock(nn.Module):
         self.stride, self.pad = stride, cout - cin
 
     def shortcut(self, x):
-        x = x[:, :, :: self.stride, :: self.stride]  # option A: a subsample (a view) and zero channels
-        if self.pad:  # split evenly before and after
-            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return x
+        x = x[:, :, :: self.stride, :: self.stride]  # option A: a subsample (a view), zero channels around it
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2)) if self.pad else x
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -36,20 +33,16 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        stages, cin = [], 16
-        for i, width in enumerate((16, 32, 64)):
-            first = BasicBlock(cin, width, 2 if i else 1)
-            stages.append(nn.Sequential(first, *[BasicBlock(width, width, 1) for _ in range(n - 1)]))
-            cin = width
-        self.layer1, self.layer2, self.layer3 = stages
+        for i, (cin, width, stride) in enumerate([(16, 16, 1), (16, 32, 2), (32, 64, 2)], 1):
+            blocks = [BasicBlock(cin, width, stride), *(BasicBlock(width, width, 1) for _ in range(n - 1))]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -77,9 +70,8 @@ def load_error(e: Exception) -> str:
     if not lines[0].startswith("Weights only load failed"):
         return f"{type(e).__name__}: {lines[0]}"
     detail = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), "the unpickler failed")
-    return (
-        f"refused by weights_only: {detail}" if "GLOBAL" in detail else f"not a PyTorch checkpoint ({detail})"
-    )
+    refused = "GLOBAL" in detail
+    return f"refused by weights_only: {detail}" if refused else f"not a PyTorch checkpoint ({detail})"
 
 
 def read_state_dict(path: str) -> dict:
@@ -95,9 +87,7 @@ def read_state_dict(path: str) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         expected = "a state dict of tensors, or a dict holding one under 'model' or 'state_dict'"
         raise ConfigError(f"{where}: expected {expected}")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # (saved from DataParallel / DDP)
 
 
 def state_mismatch(own: dict, stored: dict) -> str | None:
@@ -113,10 +103,10 @@ def load_fp32(model: nn.Module, init_from: str, name: str = "") -> nn.Module:
     """Load FP32 weights (a file, or 'torchvision' for its pretrained ones) into an FP32 model."""
     where = f"key 'init_from' = {init_from!r}"
     if init_from == "torchvision":
-        import torchvision
-
         try:
-            state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
+            from torchvision.models import get_model_weights
+
+            state = get_model_weights(name).DEFAULT.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 (no network, a proxy, a bad cache: all one message)
             offline = "with no network, download them elsewhere and pass the file's path"
             raise ConfigError(f"{where}: could not fetch {name} weights ({e!r}); {offline}") from None
