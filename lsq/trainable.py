@@ -1,14 +1,10 @@
-"""`train_lsq(config)`: the Ray Tune function trainable, the trainer's one Ray edge.
-
-Each epoch reports the Trainer's metrics and a checkpoint folder: CHECKPOINT_FILE (the trainer's
-checkpoint dict) and LAYERS_FILE (per-layer diagnostics). A restored trial goes on where it was."""
-
-from __future__ import annotations
+"""`train_lsq(config)`: the Ray Tune function trainable, the trainer's one Ray edge. Each epoch reports
+the metrics and a folder: CHECKPOINT_FILE (the trainer's checkpoint), LAYERS_FILE (per-layer diagnostics)."""
 
 import json
 import os
 import tempfile
-import warnings
+from warnings import warn
 
 from ray import tune
 
@@ -54,14 +50,12 @@ def restore(trainer, checkpoint: tune.Checkpoint | None) -> None:
             with candidate.as_directory() as d:
                 trainer.load(os.path.join(d, CHECKPOINT_FILE))
         except (CheckpointError, OSError) as e:
-            warnings.warn(f"skipping checkpoint {candidate.path}: {e}")
+            warn(f"skipping checkpoint {candidate.path}: {e}")
             continue
         if candidate is not checkpoint:
-            warnings.warn(f"resumed from the older checkpoint {candidate.path} (epoch {trainer.epoch})")
+            warn(f"resumed from the older checkpoint {candidate.path} (epoch {trainer.epoch})")
         return
-    warnings.warn(
-        f"no readable checkpoint for this trial (latest: {checkpoint.path}); restarting from epoch 0"
-    )
+    warn(f"no readable checkpoint for this trial (latest: {checkpoint.path}); restarting from epoch 0")
 
 
 def deployment(cfg: TrialConfig, checkpoint_path: str) -> dict:
@@ -100,8 +94,7 @@ def train_lsq(config: dict) -> None:
                 try:  # Ray copies the checkpoint into the sweep's storage here
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
                 except OSError as e:  # storage full, read-only, gone: Tune retries from the last good one
-                    raise CheckpointError(
-                        f"epoch {trainer.epoch}: could not write the checkpoint to the sweep's storage: {e}"
-                    ) from e
+                    why = f"could not write the checkpoint to the sweep's storage: {e}"
+                    raise CheckpointError(f"epoch {trainer.epoch}: {why}") from e
     except DivergedError as e:  # a retry would diverge again: report why, and stop
         tune.report({"epoch": trainer.epoch, "best_top1": trainer.best_top1, "failed_reason": str(e)})
