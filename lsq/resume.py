@@ -141,23 +141,17 @@ def resume_notes(args, space: Space, experiment: str, stored: dict) -> None:
 def ignored_on_resume(args, stored: dict) -> list[str]:
     """Flags given with --resume that differ from what the sweep started with (Tune restores
     resources, retries, the concurrency limit and the loggers), each with the value it keeps."""
-    unknown = object()  # a sweep.json from before the key was recorded
+    if not stored:
+        return []  # no sweep.json: the flags apply
     res = stored.get("resources") or {}
-    flags = [
-        ("--cpus-per-trial", args.cpus_per_trial if res else None, res.get("cpu", unknown)),
-        ("--gpus-per-trial", args.gpus_per_trial if res else None, res.get("gpu", unknown)),
-        ("--max-failures", args.max_failures, stored.get("max_failures", unknown)),
-        ("--max-concurrent", args.max_concurrent, stored.get("max_concurrent", None)),
-    ]
+    kept = {"cpus_per_trial": res.get("cpu"), "gpus_per_trial": res.get("gpu")}
+    kept |= {key: stored.get(key) for key in ("max_failures", "max_concurrent", "tensorboard")}
     out = []
-    for flag, given, kept in flags:
-        if given is None or (kept is not unknown and kept is not None and float(given) == float(kept)):
-            continue
-        was = "as it started" if kept is unknown else ("no limit" if kept is None else f"{kept:g}")
-        out.append(f"{flag} {given:g} (keeps {was})")
-    if args.tensorboard and stored.get("tensorboard") is not True:
-        kept = "no TensorBoard files" if "tensorboard" in stored else "its loggers"
-        out.append(f"--tensorboard (keeps {kept})")
+    for key, value in kept.items():
+        given = getattr(args, key)
+        if given not in (None, False) and given != value:
+            value = "no limit" if value is None else _values([value])
+            out.append(f"--{key.replace('_', '-')} {_values([given])} (keeps {value})")
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
@@ -17,7 +16,7 @@ from .resume import resume_command
 from .space import Space, format_table, trial_name
 
 CHECKPOINTS_TO_KEEP = 2
-HEARTBEAT_S = 120.0
+REPORT_S = 30  # seconds between progress tables
 
 
 @dataclasses.dataclass
@@ -205,59 +204,12 @@ def tune_stop_lines(record) -> bool:
 
 
 def progress_reporter(varied: list[str]):
-    """A compact table (trial, status, epoch, top-1) when something changed; while nothing does (a
-    long epoch), one line every HEARTBEAT_S saying the sweep is at work."""
-    from ray import tune
+    """Tune's table, every REPORT_S: trial, status, epoch, top-1, and the keys that vary."""
+    from ray.tune import CLIReporter
 
     params = [k for k in varied if k not in ("w_bits", "a_bits", "first", "last")]  # those are in the name
-
-    class Progress(tune.ProgressReporter):
-        def __init__(self):
-            self._last, self._last_time, self._changed, self._start = None, 0.0, 0.0, time.time()
-
-        def setup(self, start_time=None, *args, **kwargs):
-            self._start = start_time or self._start
-
-        def should_report(self, trials, done=False):
-            state = [(t.trial_id, t.status, t.last_result.get("epoch")) for t in trials]
-            now = time.time()
-            news = state != self._last and now - self._last_time >= 5
-            if done or news or now - self._last_time >= HEARTBEAT_S:
-                if state != self._last:
-                    self._changed = now
-                self._last, self._last_time = state, now
-                return True
-            return False
-
-        def report(self, trials, done, *sys_info):
-            import pandas as pd
-
-            counts = collections.Counter(t.status for t in trials)
-            head = f"[{clock(time.time() - self._start)}] " + ", ".join(
-                f"{n} {s}" for s, n in sorted(counts.items())
-            )
-            if not done and self._changed < self._last_time:  # the heartbeat: nothing new since the table
-                quiet = clock(self._last_time - self._changed)
-                print(f"{head}: training, no epoch finished in the last {quiet}", flush=True)
-                return
-            rows = []
-            for t in sorted(trials, key=lambda t: t.trial_id):
-                r, c = t.last_result or {}, t.config
-                epoch = f"{r['epoch']}/{c.get('epochs')}" if "epoch" in r else ""
-                rows.append([str(t), t.status, epoch, pct(r.get("top1")), pct(r.get("best_top1"))])
-                rows[-1] += [str(c.get(k)) for k in params]
-            table = pd.DataFrame(rows, columns=["trial", "status", "epoch", "top-1", "best", *params])
-            print(f"{head}\n{table.to_string(index=False)}\n", flush=True)
-
-    return Progress()
-
-
-def clock(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def pct(x) -> str:
-    return "" if x is None else f"{x:.2f}"
+    columns = {"epoch": "epoch", "top1": "top-1", "best_top1": "best"}
+    return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=REPORT_S)
 
 
 def dry_run_text(plan: Plan, gpus: int | None) -> str:

@@ -252,7 +252,7 @@ def test_resume_names_only_the_flags_it_ignores():
     assert resume.ignored_on_resume(changed, stored) == [
         "--cpus-per-trial 4 (keeps 2)",
         "--max-concurrent 3 (keeps 1)",
-        "--tensorboard (keeps no TensorBoard files)",
+        "--tensorboard True (keeps False)",
     ]
     # a sweep.json from before the limit was recorded: Tune had applied none
     older = {"resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
@@ -307,49 +307,12 @@ def test_report_only_reads_a_read_only_sweep(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "reports" / "old" / "table.md").exists()
 
 
-def test_progress_says_the_sweep_is_at_work_during_a_long_epoch(monkeypatch, capsys):
-    """The table is printed when something changes; an ImageNet epoch can take an hour, and in
-    between one line every HEARTBEAT_S says the trials are still training. The progress code's
-    clock is the test's (no waiting, no wall-clock in the assertions)."""
-    import types
-
-    now = [1000.0]
-    monkeypatch.setattr(
-        tuner, "time", types.SimpleNamespace(time=lambda: now[0], gmtime=time.gmtime, strftime=time.strftime)
-    )
-    monkeypatch.setattr(tuner, "HEARTBEAT_S", 90.0)
-    progress = tuner.progress_reporter([])
-    trials = [
-        types.SimpleNamespace(
-            trial_id=f"t{i}",
-            status="RUNNING",
-            last_result={},
-            config={"epochs": 90},
-            __str__=lambda self: "x",
-        )
-        for i in range(2)
-    ]
-    assert progress.should_report(trials)
-    progress.report(trials, False)
-    assert "2 RUNNING" in capsys.readouterr().out
-    assert not progress.should_report(trials)  # nothing new
-    now[0] += 89.0
-    assert not progress.should_report(trials)  # nothing new, and too soon for a heartbeat
-    now[0] += 1.0
-    assert progress.should_report(trials)  # HEARTBEAT_S without news: the heartbeat
-    progress.report(trials, False)
-    line = capsys.readouterr().out
-    assert line == "[00:01:30] 2 RUNNING: training, no epoch finished in the last 00:01:30\n", line
-    trials[0].last_result = {"epoch": 1, "top1": 50.0, "best_top1": 50.0}
-    now[0] += 4.0
-    assert not progress.should_report(trials)  # news, but within 5 s of the last line: it waits
-    now[0] += 1.0
-    assert progress.should_report(trials)
-    progress.report(trials, False)
-    table = capsys.readouterr().out
-    assert table.startswith("[00:01:35] 2 RUNNING\n") and "1/90" in table and "50.00" in table, (
-        table
-    )  # the table again
+def test_progress_table_shows_epoch_top1_and_the_varied_keys():
+    """Tune's progress table, every REPORT_S, with the columns a sweep reads: epoch, top-1, best,
+    and the keys the space varies beyond the bits and first/last already in the trial's name."""
+    progress = tuner.progress_reporter(["w_bits", "lr", "first"])
+    assert progress._metric_columns == {"epoch": "epoch", "top1": "top-1", "best_top1": "best"}
+    assert progress._parameter_columns == ["lr"] and progress._max_report_freqency == tuner.REPORT_S
 
 
 def test_resume_dry_run_shows_the_resources_the_resume_keeps(tmp_path, capsys):
