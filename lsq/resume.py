@@ -115,7 +115,7 @@ def recover_snapshot(path: str, name: str) -> list[str]:
             f"its trials' checkpoints stay in {path}"
         )
     for file in newer:
-        st.rename(file, file + ".cut")
+        st.fs.move(st.join(file), st.join(file + ".cut"))
     # copies a killed driver left unfinished (ray_fixes.whole_file_snapshots)
     tmp = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
     for file, is_dir in st.listdir():

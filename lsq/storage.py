@@ -75,25 +75,12 @@ class Storage:
         data = self.read_bytes(*parts)
         return None if data is None else data.decode("utf-8", errors="replace")
 
-    def rename(self, src: str, dst: str) -> None:
-        self.fs.move(self.join(src), self.join(dst))
-
     def read_json(self, *parts: str):
         text = self.read_text(*parts)
         try:
             return None if text is None else json.loads(text)
         except ValueError:  # cut short by a kill
             return None
-
-    def write_text(self, text: str, *parts: str) -> None:
-        """Write one small file (sweep.json) into the experiment folder."""
-        path = self.join(*parts)
-        if "://" not in self.display:
-            atomic_write(path, text)
-            return
-        self.fs.create_dir(posixpath.dirname(path))
-        with self.fs.open_output_stream(path) as f:  # object stores replace a whole object at once
-            f.write(text.encode("utf-8"))
 
 
 def experiment_exists(path: str) -> bool:
@@ -103,7 +90,13 @@ def experiment_exists(path: str) -> bool:
 
 
 def write_meta(path: str, meta: dict) -> None:
-    Storage(path).write_text(json.dumps(meta, indent=2, default=str), SWEEP_FILE)
+    """Write the sweep's own record, sweep.json, whole (object stores replace a whole object at once)."""
+    st, text = Storage(path), json.dumps(meta, indent=2, default=str)
+    if "://" not in st.display:
+        return atomic_write(st.join(SWEEP_FILE), text)
+    st.fs.create_dir(st.root)
+    with st.fs.open_output_stream(st.join(SWEEP_FILE)) as f:
+        f.write(text.encode("utf-8"))
 
 
 def read_meta(path: str) -> dict:
