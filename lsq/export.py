@@ -1,8 +1,6 @@
 """Deployment check: integer inference, where conv(v_hat_a, v_hat_w) + b = s_a * s_w * conv(q_a, q_w) + b
 (eq. 1-2) runs exactly, and ONNX export (an optional extra) with the learned step sizes."""
 
-from __future__ import annotations
-
 import argparse
 import copy
 import io
@@ -64,13 +62,12 @@ class DeployLayer(nn.Module):
         w, scale = (self.weight, 1.0) if self.w_bits is None else (self.w_codes, float(self.w_scale))
         if self.a_bits is not None:
             x, scale = codes(x, self.a_scale, self.a_qn, self.a_qp), scale * float(self.a_scale)
+        # integer sums are exact in float32 below 2^24 (float64: 2^53), unless matmuls may run in TF32 or bf16
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        fp32_exact = self.is_integer and not tf32 and self.bound < 2**24
+        acc = self.gemm(x, w, torch.float32 if fp32_exact else torch.float64)
         if self.is_integer:
-            # exact in float32 below 2^24 (float64: 2^53), unless matrix products may run in TF32 or bf16
-            tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-            acc = self.gemm(x, w, torch.float64 if tf32 or self.bound >= 2**24 else torch.float32)
             self.max_abs_acc = max(self.max_abs_acc, int(acc.abs().max()))
-        else:
-            acc = self.gemm(x, w, torch.float64)
         y = acc * scale  # one rescale (s_a * s_w is exact in float64), the bias, one rounding
         if self.bias is not None:
             y = y + self.bias.double().view(-1, *([1] * (y.dim() - 2)))
@@ -280,9 +277,8 @@ def check_outputs(checkpoint: str, out: str, json_path: str | None, out_given: b
             default = flag == "--out" and not out_given
             hint = " (the default: the checkpoint's path with .onnx)" if default else ""
             allowed = "another path" + (", given with --out" if default else "")
-            raise ConfigError(
-                f"{flag} {path}{hint}: is the checkpoint being read ({read}); allowed: {allowed}"
-            )
+            what = f"{flag} {path}{hint}: is the checkpoint being read ({read})"
+            raise ConfigError(f"{what}; allowed: {allowed}")
     if json_path is not None and os.path.realpath(json_path) == os.path.realpath(out):
         raise ConfigError(f"--json {json_path}: is also the ONNX file (--out {out}); allowed: another path")
 
@@ -297,20 +293,17 @@ def print_figures(r: dict, out: str) -> None:
     print(f"{trial}: {r['n_images']} test images; float layers: {', '.join(r['float_layers']) or 'none'}")
     if nodes := r["onnx_nodes"]:
         print(f"wrote {out} ({', '.join(f'{count} {op}' for op, count in nodes.items())})")
-    for name, k in (("fake-quant", "fake"), ("integer", "int"), ("onnxruntime", "onnx")):
+    for k in ("fake", "int", "onnx"):  # fake: the fake quant; int: integer inference; onnx: onnxruntime
         top1, agree = r[f"{k}_top1"], r.get(f"{k}_agreement")
-        print(f"{name:<11} top1 {'n/a' if top1 is None else f'{top1:6.2f}'}", end="")
-        print("" if agree is None else f"   classes agree {agree:.2f}%")
-    int_top1 = "n/a" if r["int_top1"] is None else f"{r['int_top1']:.2f}"
-    print(f"int_top1 {int_top1}  int_ok {r['int_ok']}  export_ok {r['export_ok']}")
+        agreed = "" if agree is None else f"  classes agree {agree:.2f}%"
+        print(f"{k}_top1 {'n/a' if top1 is None else f'{top1:.2f}'}{agreed}")
+    print(f"int_ok {r['int_ok']}  export_ok {r['export_ok']}")
     if r["export_reason"]:
         print(r["export_reason"])
 
 
 def main(argv=None) -> int:
-    about = (
-        "Export a trained LSQ checkpoint to ONNX (QDQ, learned step sizes); check it and integer inference."
-    )
+    about = "Export a trained LSQ checkpoint to ONNX (QDQ, learned steps); check it and integer inference."
     p = argparse.ArgumentParser(prog="python -m lsq.export", description=about, epilog=EXIT_HELP)
     p.add_argument("checkpoint", help="a trainer checkpoint (.pt), or a trial's checkpoint_NNNNNN folder")
     p.add_argument("--out", help="ONNX file (default: the checkpoint's with .onnx, or <trial>_<folder>.onnx)")

@@ -82,7 +82,7 @@ def build_library():
                 path = os.path.join(folder or tempfile.mkdtemp(prefix="lsq-kernels-"), f"lsq_{key[:16]}.so")
                 if not os.path.exists(path):
                     compile_library(cc, flags, path)
-                return load(path)
+                return ctypes.CDLL(path)
             except OSError as e:  # e.g. a read-only home: a private folder next
                 errors.append(f"{folder or 'a temporary folder'}: {e}")
             except subprocess.CalledProcessError as e:  # these flags do not work here (no OpenMP)
@@ -102,22 +102,17 @@ def compile_library(cc: str, flags: list[str], path: str) -> None:
         os.replace(lib, path)  # atomic: a concurrent trial sees no half-written library
 
 
-def load(path: str):
-    lib = ctypes.CDLL(path)
-    f32, i64, ptr, i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.lsq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]  # (void: the int it returns is unused)
-    lib.lsq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, i32]
-    lib.lsq_backward.restype = ctypes.c_double
-    lib.lsq_encode.argtypes = [ptr, ptr, i64, f32, i32]
-    lib.lsq_decode.argtypes = [ptr, ptr, i64, f32, i32, i32]
-    return lib
-
-
 class CpuKernels:
     """The fast path's interface for dense float32 CPU tensors: the C loops over their storage."""
 
     def __init__(self):
-        self.lib = build_library()
+        self.lib = lib = build_library()
+        f32, i64, ptr, i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.lsq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]  # (void: the int it returns is unused)
+        lib.lsq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, i32]
+        lib.lsq_backward.restype = ctypes.c_double
+        lib.lsq_encode.argtypes = [ptr, ptr, i64, f32, i32]
+        lib.lsq_decode.argtypes = [ptr, ptr, i64, f32, i32, i32]
 
     def accepts(self, v: torch.Tensor) -> bool:
         return v.device.type == "cpu" and v.dtype == torch.float32 and dense(v)

@@ -1,8 +1,6 @@
 """QConv2d and QLinear: a conv / linear layer that quantizes its weight and its input activation.
 They keep the FP32 layer's `weight` and `bias`, and add `w_quant.step` and `a_quant.step`."""
 
-from __future__ import annotations
-
 import contextlib
 
 import torch
@@ -12,11 +10,9 @@ from torch import nn
 from .quantizer import STEP_EPS, LsqQuantizer, dense, derivatives, fast_path, quantize
 
 
-# The op saves its quantized input and weight for backward, a float copy more than FP32 keeps: as
-# v_hat = k * s, it is kept as k (1 byte) and rebuilt as the same k * s (and bf16 cast), bit for bit.
 def to_codes(v_hat: torch.Tensor, s: torch.Tensor, signed: bool) -> torch.Tensor:
-    """k = round(v_hat / s) as int8 (uint8 for unsigned ranges), exact for a float32 v_hat = k * s
-    and for a bfloat16 one with |k| <= 127 (`compactable` allows no more)."""
+    """k = round(v_hat / s) as int8 (uint8 for unsigned ranges): a saved v_hat = k * s kept in 1 byte,
+    exact for float32 and for bfloat16 with |k| <= 127 (`compactable` allows no more)."""
     fast = fast_path(v_hat)
     if fast is not None:
         return fast.encode(v_hat, s, signed)

@@ -2,8 +2,6 @@
 the last Linear a preset of lsq.config (w8a8, the paper's, by default) or explicit bits; an FP32 body
 keeps the whole model FP32. The first layer's input (an image) is signed; the others follow a ReLU."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -21,30 +19,21 @@ class BitPolicy:
     first: str | tuple = "w8a8"  # a preset name, 'wXaY', or a (w_bits, a_bits) tuple
     last: str | tuple = "w8a8"
 
-    @property
-    def is_fp32(self) -> bool:
-        return self.w_bits is None and self.a_bits is None
-
     def end(self, which: str) -> tuple[int | None, int | None]:
         spec = getattr(self, which)
         if isinstance(spec, tuple):
-            return (None, None) if self.is_fp32 else spec
+            return (None, None) if self.w_bits is None and self.a_bits is None else spec
         return resolve_end(spec, self.w_bits, self.a_bits, which)
 
 
-def quantize_model(
-    model: nn.Module, policy: BitPolicy, grad_scale_n="per_sample", grad_scale=True
-) -> nn.Module:
+def quantize_model(model: nn.Module, policy: BitPolicy, grad_scale_n="per_sample", grad_scale=True):
     """Swap every Conv2d/Linear for its quantized twin (keeping FP32 weights), in place."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
-    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-    first, last = (convs[0] if convs else None), (linears[-1] if linears else None)
+    first = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
+    last = next((n for n, m in reversed(layers) if isinstance(m, nn.Linear)), None)
     opts = {"grad_scale_n": grad_scale_n, "grad_scale": grad_scale}
     for name, layer in layers:
-        if policy.is_fp32:
-            w, a = None, None
-        elif name == first:
+        if name == first:
             w, a = policy.end("first")
         elif name == last:
             w, a = policy.end("last")

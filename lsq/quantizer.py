@@ -15,8 +15,6 @@ Below, the equations in torch ops (the eager path); the fast paths run the same 
 in one pass (kernels_cpu.py: C, kernels_cuda.py: Triton). LSQ_FAST_PATH=0 turns them off.
 """
 
-from __future__ import annotations
-
 import math
 import os
 import warnings
@@ -38,8 +36,8 @@ def codes(v, s, qn: int, qp: int):
 
 
 def eager_forward(v, s, qn: int, qp: int):
-    """v_hat = k * s (eq. 1-2), returned in v's dtype. No in-place op and no `.to()` that returns
-    its own input: under torch.compile (torch 2.11) either one cut the backward off."""
+    """v_hat = k * s (eq. 1-2) in v's dtype. No in-place op and no `.to()` that returns its own
+    input: under torch.compile either one cuts the backward off."""
     v_hat = codes(v, s, qn, qp) * s
     return v_hat if v_hat.dtype == v.dtype else v_hat.to(v.dtype)
 
@@ -148,8 +146,7 @@ class LsqQuantizer(nn.Module):
         self._init_known = True
 
     def prepare(self, v: torch.Tensor) -> None:
-        """Initialize the step from v if v is the first non-empty training batch."""
-        # (an empty batch has no mean: the next one initializes)
+        """Initialize the step from v if v is the first non-empty training batch (an empty one has no mean)."""
         if not self._init_known and not self.is_initialized() and self.training and v.numel():
             self.init_step(v)
 
@@ -168,11 +165,6 @@ class LsqQuantizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._init_known = False  # re-read the loaded flag on the next forward
-
-    def extra_repr(self) -> str:
-        if self.bits is None:
-            return "bits=None (FP32)"
-        return f"bits={self.bits}, signed={self.signed}, kind={self.kind}, range=[-{self.qn}, {self.qp}]"
 
 
 FAST_PATH: bool | None = None  # True/False: on/off; None: LSQ_FAST_PATH decides at the first call

@@ -216,7 +216,7 @@ def test_without_a_usable_cache_the_library_is_built_in_a_private_folder(monkeyp
         built.append(path)
 
     monkeypatch.setattr(kernels_cpu, "compile_library", compile_library)
-    monkeypatch.setattr(kernels_cpu, "load", loaded.append)
+    monkeypatch.setattr(kernels_cpu.ctypes, "CDLL", loaded.append)
     kernels_cpu.build_library()
     folder = os.path.dirname(loaded[0])
     assert loaded == built[-1:] and folder != tempfile.gettempdir()
