@@ -133,7 +133,6 @@ def onnx_missing() -> str | None:
         import onnxruntime  # noqa: F401
     except ImportError as e:
         return f"ONNX export skipped: {e.name or e} is not installed (pip install -r requirements-export.txt)"
-    return None
 
 
 def export_onnx(model: nn.Module, path: str, example: torch.Tensor) -> dict:
@@ -219,8 +218,7 @@ def read_trained(path: str) -> dict:
 
 
 def load_trained(path: str, data_dir: str | None = None) -> tuple[nn.Module, object, TrialConfig, dict]:
-    """(model on the CPU in eval mode, data, config, checkpoint), the model rebuilt by the Trainer
-    from the checkpoint's own config; `data_dir` may point elsewhere than where the trial ran."""
+    """(model on the CPU in eval mode, data, config, checkpoint), built from the checkpoint's own config."""
     state = read_trained(path)
     values = {**state["config"], "init_from": None, "device": "cpu"}  # the checkpoint holds every weight
     if data_dir is not None:
@@ -235,8 +233,7 @@ def load_trained(path: str, data_dir: str | None = None) -> tuple[nn.Module, obj
 
 
 def deployment_check(path: str, data_dir: str | None = None, out: str | None = None) -> dict:
-    """compare_paths' figures for one checkpoint, with int_ok, export_ok and export_reason (why export_ok is
-    None or False). Writes the ONNX file to `out` or a temporary one; ConfigError for unusable input."""
+    """compare_paths' figures, int_ok, export_ok and export_reason (why export_ok is not True)."""
     model, data, cfg, state = load_trained(path, data_dir)
     missing, failed, counts = onnx_missing(), None, None
     with tempfile.TemporaryDirectory(prefix="lsq-export-") as tmp:

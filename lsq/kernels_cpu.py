@@ -47,8 +47,7 @@ double lsq_backward(const float *restrict v, const float *restrict grad, float *
     return sum;
 }
 
-/* A saved v_hat = k * s as its integer k, one byte each (int8 and uint8 share the bits of
-   k mod 256), and back as the same float32 k * s. */
+/* A saved v_hat = k * s as its k in one byte (int8 and uint8 share k mod 256), and back. */
 void lsq_encode(const float *restrict v, uint8_t *restrict codes, int64_t n, float s, int threads) {
     #pragma omp parallel for simd schedule(static) num_threads(threads) if(n >= 32768)
     for (int64_t i = 0; i < n; i++) codes[i] = (uint8_t)(int)nearbyintf(v[i] / s);
@@ -75,8 +74,7 @@ def build_library():
     # -fno-trapping-math lets the backward's selects vectorize without AVX-512 masks; same values.
     for flags in (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], ["-O3", "-fno-trapping-math"]):
         key = hashlib.sha1("\0".join([C_SOURCE, cc, *flags, platform.machine(), cpu]).encode()).hexdigest()
-        # Only this user's folders: the cache, else a fresh private one. Never a fixed path in the
-        # shared temporary folder, where another user could have placed a library first.
+        # the cache, else a fresh private folder: never a fixed shared path another user could fill first
         for folder in (cache, None):
             try:
                 path = os.path.join(folder or tempfile.mkdtemp(prefix="lsq-kernels-"), f"lsq_{key[:16]}.so")
@@ -94,11 +92,9 @@ def build_library():
 def compile_library(cc: str, flags: list[str], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-        src, lib = os.path.join(tmp, "lsq_kernels.c"), os.path.join(tmp, "lsq_kernels.so")
-        with open(src, "w") as f:
-            f.write(C_SOURCE)
-        cmd = [cc, *flags, "-fPIC", "-shared", src, "-o", lib]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        lib = os.path.join(tmp, "lsq_kernels.so")
+        cmd = [cc, *flags, "-fPIC", "-shared", "-x", "c", "-", "-o", lib]  # the source on stdin
+        subprocess.run(cmd, input=C_SOURCE, check=True, capture_output=True, text=True, timeout=120)
         os.replace(lib, path)  # atomic: a concurrent trial sees no half-written library
 
 

@@ -1,5 +1,4 @@
-"""The quantizer's CUDA fast path: the eager path's float32 operations as Triton kernels, one launch
-each (the backward two: per-block sums, then one program adds them in a fixed order). Division is
+"""The quantizer's CUDA fast path: the eager path's float32 operations as Triton kernels. Division is
 IEEE (`div_rn`; Triton's `/` is approximate). bench/_triton_lsq.py checks them against the paper."""
 
 import torch

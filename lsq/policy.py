@@ -70,9 +70,8 @@ def describe(model: nn.Module):
 
     fp32 = LsqQuantizer(None, False, "weight")  # stands in for the quantizers an FP32 layer lacks
     rows = []
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, m in layers:
         wq, aq = getattr(m, "w_quant", fp32), getattr(m, "a_quant", fp32)
         w = w_hat = m.weight.float()
         row = {"layer": name, "kind": "conv" if isinstance(m, nn.Conv2d) else "linear", "w_bits": wq.bits}

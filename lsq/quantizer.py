@@ -81,9 +81,8 @@ def quantize_backward(
 
 
 class LsqFunction(torch.autograd.Function):
-    """v_hat with the paper's gradients for v and s; saves only v and the step. With `opaque`, the
-    backward inside torch.compile is one op (lsq::backward) running the fast kernels, not traced
-    equations: faster under CUDA graphs, slower without (lsq.train.use_opaque_backward)."""
+    """v_hat with the paper's gradients for v and s; saves only v and the step. With `opaque`, the backward
+    under torch.compile is one op (lsq::backward) running the fast kernels (lsq.train.use_opaque_backward)."""
 
     @staticmethod
     def forward(ctx, v, step, qn: int, qp: int, g: float, opaque: bool = False):
@@ -146,7 +145,7 @@ class LsqQuantizer(nn.Module):
         self._init_known = True
 
     def prepare(self, v: torch.Tensor) -> None:
-        """Initialize the step from v if v is the first non-empty training batch (an empty one has no mean)."""
+        """Initialize the step from v if v is the first non-empty training batch (empty: no mean)."""
         if not self._init_known and not self.is_initialized() and self.training and v.numel():
             self.init_step(v)
 
