@@ -442,22 +442,6 @@ def _refused(argv, capsys, *needles):
         assert needle in err, (needle, err)
 
 
-def test_cli_checkpoint_whose_model_is_not_a_state_dict(tmp_path, trained, capsys):
-    path, _, _ = trained
-    state = torch.load(path, weights_only=True)
-    bad = tmp_path / "bad.pt"
-    torch.save({**state, "model": 5}, bad)
-    _refused(
-        [str(bad), "--out", str(tmp_path / "m.onnx")],
-        capsys,
-        f"checkpoint {bad}",
-        "'model' is of type int",
-        "not a state dict",
-    )
-    assert not (tmp_path / "m.onnx").exists()
-
-
-@pytest.mark.parametrize("threads", ["0", "-1"])
 def test_cli_threads_out_of_range(tmp_path, trained, threads, capsys):
     path, _, _ = trained
     _refused(
