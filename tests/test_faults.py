@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import psutil  # noqa: E402
 import pytest
 import ray  # (also puts Ray's bundled psutil on sys.path)
+
+# isort: split
+import psutil
 import torch
 from ray.tune.utils.serialization import TuneFunctionDecoder
 
