@@ -11,8 +11,6 @@ written) -> start a private local Ray, or join --address -> a Tuner whose trials
 configs, each checkpointed every epoch into <storage>/<name>/ -> reports/<name>/.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import os

@@ -1,7 +1,4 @@
-"""What the three commands (sweep.py, lsq.train, lsq.export) share: exit statuses, and an
-exception turned into one `error:` line."""
-
-from __future__ import annotations
+"""What sweep.py, lsq.train and lsq.export share: exit statuses, an exception as one `error:` line."""
 
 import os
 import sys

@@ -1,7 +1,5 @@
 """Starting a private local Ray or joining a cluster, and fitting the trials' resources to it."""
 
-from __future__ import annotations
-
 import os
 import secrets
 import socket

@@ -1,8 +1,6 @@
 """Checks before Ray starts: what a sweep reads and where it writes, so that a mistake costs one
 `error:` line and nothing written, not a cluster start."""
 
-from __future__ import annotations
-
 import os
 import shlex
 import socket

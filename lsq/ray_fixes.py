@@ -4,8 +4,6 @@ Each patches the driver's process only, says what Ray does without it, and does 
 that lacks what it patches. tests/test_sweep.py has a test that fails without each.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import signal

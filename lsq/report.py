@@ -27,8 +27,15 @@ def tune_trials(st: Storage) -> list[dict]:
     """Trials in Tune's latest whole snapshot: trial_id, status, folder, name, config."""
     session, _ = usable_session(st)
     state = st.read_json(f"experiment_state-{session}.json") if session else {}
-    infos = [json.loads(entry[0]) for entry in state.get("trial_data", [])]
-    return [{**{k: i.get(v) for k, v in _TUNE.items()}, "config": i.get("config") or {}} for i in infos]
+    infos = [_json(entry[0]) for entry in state.get("trial_data", [])]
+    return [{**{k: i.get(v) for k, v in _TUNE.items()}, "config": i.get("config") or {}} for i in infos if i]
+
+
+def _json(text: str) -> dict | None:
+    try:
+        return json.loads(text)
+    except ValueError:  # a state Tune cannot rebuild its trials from either: its resume says so
+        return None
 
 
 def row_config(values) -> TrialConfig:

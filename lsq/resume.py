@@ -1,7 +1,5 @@
 """Resuming a sweep: one driver per sweep, Tune's snapshots repaired, and what a resume keeps."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import re

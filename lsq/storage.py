@@ -2,8 +2,6 @@
 reads (s3://...): files, the sweep's own record (sweep.json), and which of Tune's snapshots is whole.
 No Ray here: reports read it after Ray is gone."""
 
-from __future__ import annotations
-
 import io
 import json
 import os

@@ -1,7 +1,5 @@
 """The sweep itself: a plan, the Tuner that runs it with a compact progress table, and the report."""
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import os
