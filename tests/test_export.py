@@ -442,6 +442,7 @@ def _refused(argv, capsys, *needles):
         assert needle in err, (needle, err)
 
 
+@pytest.mark.parametrize("threads", ["0", "-1"])
 def test_cli_threads_out_of_range(tmp_path, trained, threads, capsys):
     path, _, _ = trained
     _refused(
