@@ -223,6 +223,7 @@ def test_without_a_usable_cache_the_library_is_built_in_a_private_folder(monkeyp
     assert os.stat(folder).st_uid == os.getuid() and os.stat(folder).st_mode & 0o077 == 0
 
 
+@pytest.mark.slow  # Triton's interpreter
 def test_the_cuda_triton_kernels_follow_the_paper():
     """lsq/kernels_cuda.py, the fast path on CUDA, through its self-check (bench/_triton_lsq.py; here in
     Triton's interpreter on the CPU): forward and grad_v against the paper's formulas at every

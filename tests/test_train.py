@@ -49,6 +49,7 @@ def w4a4_history():
     return run(W4A4)[1]
 
 
+@pytest.mark.slow  # trains to accuracy
 def test_fp32_learns_digits(fp32_checkpoint):
     _, _, history = fp32_checkpoint
     assert history[-1]["top1"] >= 95.0
@@ -57,6 +58,7 @@ def test_fp32_learns_digits(fp32_checkpoint):
         assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_second"] > 0
 
 
+@pytest.mark.slow  # trains to accuracy
 def test_init_from_w8a8_keeps_fp32_accuracy(fp32_checkpoint):
     """An FP32 state_dict loaded and quantized at W8A8 stays within 1 point of FP32 (no training)."""
     path, fp32, _ = fp32_checkpoint
@@ -107,6 +109,7 @@ def test_init_from_with_nan_weights_is_a_clear_error(tmp_path):
         Trainer(TrialConfig.from_dict({**FAST, "init_from": str(p)}))
 
 
+@pytest.mark.slow  # trains to accuracy
 def test_w4a4_learns_and_resume_is_exact(tmp_path, w4a4_history):
     """Stop after epoch 1, restore into a fresh trainer: the same metrics to the last bit."""
     full = w4a4_history

@@ -92,6 +92,7 @@ def history(result):
     return [{k: r[k] for k in METRICS if k not in ("epoch_seconds", "images_per_second")} for r in rows]
 
 
+@pytest.mark.slow  # a real local Ray
 def test_trainable_reports_checkpoints_and_resumes_exactly(local_ray, tmp_path, monkeypatch):
     # Tune as sweep.py runs it: its state goes to storage after every step, and a restarted
     # trial keeps the result.json this driver wrote. Without the latter, a trial restarted right
