@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import PATH_KEYS, TrialConfig
 from .files import atomic_write
-from .storage import Storage, read_meta, usable_session
+from .storage import Storage, json_or_none, read_meta, usable_session
 
 RESULT_COLUMNS = "trial_id trial_name status epochs_done best_top1 final_top1 best_top5 final_top5".split()
 RESULT_COLUMNS += "int_top1 export_ok gpu_hours wall_seconds error checkpoint".split()
@@ -27,15 +27,8 @@ def tune_trials(st: Storage) -> list[dict]:
     """Trials in Tune's latest whole snapshot: trial_id, status, folder, name, config."""
     session, _ = usable_session(st)
     state = st.read_json(f"experiment_state-{session}.json") if session else {}
-    infos = [_json(entry[0]) for entry in state.get("trial_data", [])]
+    infos = [json_or_none(entry[0]) for entry in state.get("trial_data", [])]
     return [{**{k: i.get(v) for k, v in _TUNE.items()}, "config": i.get("config") or {}} for i in infos if i]
-
-
-def _json(text: str) -> dict | None:
-    try:
-        return json.loads(text)
-    except ValueError:  # a state Tune cannot rebuild its trials from either: its resume says so
-        return None
 
 
 def row_config(values) -> TrialConfig:

@@ -74,11 +74,15 @@ class Storage:
         return None if data is None else data.decode("utf-8", errors="replace")
 
     def read_json(self, *parts: str):
-        text = self.read_text(*parts)
-        try:
-            return None if text is None else json.loads(text)
-        except ValueError:  # cut short by a kill
-            return None
+        return json_or_none(self.read_text(*parts))
+
+
+def json_or_none(text: str | None):
+    """The JSON value of `text`; None for no text or text that is not JSON (a file cut short by a kill)."""
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def experiment_exists(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""The sweep itself: a plan, the Tuner that runs it with a compact progress table, and the report."""
+"""The sweep itself: a plan, the Tuner that runs it with Tune's progress table, and the report."""
 
 import dataclasses
 import logging
@@ -71,10 +71,8 @@ def run_sweep(plan: Plan) -> int:
             f"{resources_text(plan.resources)}; storage {plan.experiment}"
         )
 
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(
-        signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT)
-    )  # a batch scheduler's stop
+    previous = signal.getsignal(signal.SIGTERM)  # a batch scheduler's stop ends the sweep as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
